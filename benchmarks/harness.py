@@ -1,0 +1,76 @@
+"""Shared benchmark plumbing: machine information, timing, and result files."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cetopt._io import atomic_write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+_PACKAGES = ("numpy", "scipy", "torch", "highspy", "PuLP", "cvxpy", "networkx", "scikit-learn")
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and with what a result was measured."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    versions = {}
+    for pkg in _PACKAGES:
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "git_commit": commit,
+        "packages": versions,
+    }
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Run ``fn`` once; return its value and the wall-clock seconds it took."""
+    t0 = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - t0
+
+
+def best_of(fn: Callable[[], Any], repeats: int = 3) -> tuple[Any, float]:
+    """Fastest of ``repeats`` runs (the least disturbed by a noisy machine)."""
+    best, value = float("inf"), None
+    for _ in range(repeats):
+        value, seconds = timed(fn)
+        best = min(best, seconds)
+    return value, best
+
+
+def write_result(name: str, data: dict[str, Any], *, quick: bool = False) -> Path:
+    """Write ``results/<name>.json`` (``<name>.quick.json`` for quick runs) with machine information."""
+    path = RESULTS / (f"{name}.quick.json" if quick else f"{name}.json")
+    return atomic_write_json(path, {"benchmark": name, "quick": quick, "machine": machine_info(), **data})

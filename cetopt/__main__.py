@@ -1,0 +1,5 @@
+import sys
+
+from cetopt.cli import main
+
+sys.exit(main())

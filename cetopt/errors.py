@@ -1,0 +1,83 @@
+"""Named errors. Every error cetopt raises on bad input says which thing is wrong.
+
+All of them derive from :class:`CetoptError` and from the matching builtin (``ValueError``,
+``TypeError``, ...) so ``except ValueError`` keeps working for callers that do not know cetopt.
+"""
+
+from __future__ import annotations
+
+
+class CetoptError(Exception):
+    """Base class of every error cetopt raises on purpose."""
+
+
+class ProblemError(CetoptError, ValueError):
+    """A :class:`cetopt.MILP` is malformed: a shape, a NaN, or a lower bound above its upper bound."""
+
+
+class UnknownSolverError(CetoptError, LookupError):
+    """No solver is registered under the requested name."""
+
+
+class SolverRegistrationError(CetoptError, ValueError):
+    """A solver cannot be registered (bad class, or the name is taken and ``replace`` was not given)."""
+
+
+class SolverUnavailableError(CetoptError, RuntimeError):
+    """The solver is registered but cannot run here (a dependency is missing), or lacks a capability."""
+
+
+class SolverFailedError(CetoptError, RuntimeError):
+    """A solve that a result depends on ended without a usable solution."""
+
+    def __init__(self, message: str, solution=None):
+        super().__init__(message)
+        self.solution = solution
+
+
+class InfeasibleBudgetError(CetoptError, ValueError):
+    """The requested budget is below the smallest size any choice can reach."""
+
+    def __init__(self, message: str, minimum: float):
+        super().__init__(message)
+        self.minimum = minimum
+
+
+class NonFiniteError(CetoptError, ValueError):
+    """An input array holds NaN or infinity where finite numbers are required."""
+
+
+class DataShapeError(CetoptError, ValueError):
+    """Data handed to cetopt does not fit the model (wrong shape, wrong dimension, empty)."""
+
+
+class DomainError(CetoptError, ValueError):
+    """An input domain is malformed (lo > hi, NaN bounds, wrong dimension)."""
+
+
+class UnsupportedLayerError(CetoptError, TypeError):
+    """The model holds a layer that the requested operation cannot handle; the message names it."""
+
+    def __init__(self, message: str, module_name: str | None = None):
+        super().__init__(message)
+        self.module_name = module_name
+
+
+class NoQuantizableLayerError(CetoptError, ValueError):
+    """The model has no layer that the operation could compress."""
+
+
+class UntraceableModelError(CetoptError, RuntimeError):
+    """torch.fx could not trace the model; the message names the module and gives fx's reason."""
+
+    def __init__(self, message: str, module_name: str | None = None):
+        super().__init__(message)
+        self.module_name = module_name
+
+
+class RewriteError(CetoptError, ValueError):
+    """A rewrite decision does not fit the model (unknown layer, index out of range, ...)."""
+
+
+class UnreachableTargetError(CetoptError, ValueError):
+    """A requested rank or sparsity cannot be reached for a layer of this shape."""
