@@ -1,0 +1,165 @@
+"""``SensitivityTable``: predicted loss increase per (layer, bit width), as plain arrays."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cetopt.errors import DataShapeError, NonFiniteError
+
+__all__ = ["SensitivityTable"]
+
+
+def _int_vector(name: str, value, n: int) -> np.ndarray | None:
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    if arr.shape != (n,):
+        raise DataShapeError(f"{name} has shape {arr.shape}, expected ({n},)")
+    if not np.all(np.isfinite(arr.astype(np.float64))) or np.any(arr < 0):
+        raise NonFiniteError(f"{name} must hold finite non-negative numbers")
+    return arr.astype(np.int64)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class SensitivityTable:
+    """Predicted loss increase of quantizing each layer (alone) to each bit width.
+
+    Build one with :func:`cetopt.sensitivity`, or from your own scores with the same keywords.
+
+    Attributes
+    ----------
+    layers : sequence of str
+        Layer names, as in ``model.named_modules()``.
+    bits : sequence of int
+        Candidate bit widths (columns of ``values``), strictly increasing.
+    values : ndarray, shape (len(layers), len(bits))
+        Predicted loss increase per (layer, bits). May be negative (a second-order estimate can
+        predict a gain); must be finite.
+    params : ndarray of int, shape (len(layers),)
+        Weight count per layer.
+    method : str
+        What produced the values (``"cet"``, ``"hutchinson"``, ``"fisher"``, ``"measured"``, or
+        anything for user scores).
+    stderr : ndarray, optional
+        Standard error of each value, for stochastic estimators.
+    channels : ndarray of int, optional
+        Output channels per layer (one float32 scale each when quantized). Default: 1 per layer.
+    macs : ndarray of int, optional
+        Multiply-accumulates per layer for one input, for BOPs budgets.
+    fixed_bytes : ndarray of int, optional
+        Bytes per layer that do not depend on bits (biases kept in float32). Default 0.
+    meta : dict
+        Free-form provenance (probes used, loss at the start, ...).
+    """
+
+    layers: Sequence[str]
+    bits: Sequence[int]
+    values: np.ndarray
+    params: np.ndarray
+    method: str = "user"
+    stderr: np.ndarray | None = None
+    channels: np.ndarray | None = None
+    macs: np.ndarray | None = None
+    fixed_bytes: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        layers = tuple(str(x) for x in self.layers)
+        if len(set(layers)) != len(layers):
+            raise DataShapeError("layer names must be unique")
+        bits = tuple(int(b) for b in self.bits)
+        if not bits or any(b2 <= b1 for b1, b2 in itertools.pairwise(bits)) or bits[0] < 1:
+            raise DataShapeError(f"bits must be positive and strictly increasing, got {bits}")
+        values = np.asarray(self.values, dtype=np.float64)
+        if values.shape != (len(layers), len(bits)):
+            raise DataShapeError(f"values has shape {values.shape}, expected ({len(layers)}, {len(bits)})")
+        bad = ~np.isfinite(values)
+        if bad.any():
+            i, j = map(int, np.argwhere(bad)[0])
+            raise NonFiniteError(
+                f"sensitivity of layer {layers[i]!r} at {bits[j]} bits is {values[i, j]!r}; "
+                "values must be finite"
+            )
+        n = len(layers)
+        params = _int_vector("params", self.params, n)
+        if np.any(params == 0):
+            raise DataShapeError(f"layer {layers[int(np.flatnonzero(params == 0)[0])]!r} has zero parameters")
+        stderr = None
+        if self.stderr is not None:
+            stderr = np.asarray(self.stderr, dtype=np.float64)
+            if stderr.shape != values.shape:
+                raise DataShapeError(f"stderr has shape {stderr.shape}, expected {values.shape}")
+        for name, value in (
+            ("layers", layers),
+            ("bits", bits),
+            ("values", values),
+            ("params", params),
+            ("stderr", stderr),
+            ("channels", _int_vector("channels", self.channels, n)),
+            ("macs", _int_vector("macs", self.macs, n)),
+            ("fixed_bytes", _int_vector("fixed_bytes", self.fixed_bytes, n)),
+        ):
+            object.__setattr__(self, name, value)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def weight_bytes(self) -> np.ndarray:
+        """Bytes of each (layer, bits) option: packed codes, one float32 scale per channel, fixed bytes."""
+        bits = np.asarray(self.bits, dtype=np.float64)
+        channels = np.ones(self.num_layers) if self.channels is None else self.channels.astype(np.float64)
+        fixed = np.zeros(self.num_layers) if self.fixed_bytes is None else self.fixed_bytes.astype(np.float64)
+        return self.params[:, None] * bits[None, :] / 8.0 + (4.0 * channels + fixed)[:, None]
+
+    def fp32_bytes(self) -> float:
+        """Bytes of the same layers in float32 (the reference of compression ratios)."""
+        fixed = 0.0 if self.fixed_bytes is None else float(self.fixed_bytes.sum())
+        return 4.0 * float(self.params.sum()) + fixed
+
+    def subset(self, layers: Sequence[str]) -> SensitivityTable:
+        """The rows of the named layers, in the given order."""
+        index = {name: i for i, name in enumerate(self.layers)}
+        missing = [name for name in layers if name not in index]
+        if missing:
+            raise KeyError(f"layers not in the table: {missing}")
+        rows = np.array([index[name] for name in layers], dtype=int)
+
+        def pick(a):
+            return None if a is None else a[rows]
+
+        return SensitivityTable(
+            layers=list(layers),
+            bits=self.bits,
+            values=self.values[rows],
+            params=self.params[rows],
+            method=self.method,
+            stderr=pick(self.stderr),
+            channels=pick(self.channels),
+            macs=pick(self.macs),
+            fixed_bytes=pick(self.fixed_bytes),
+            meta=dict(self.meta),
+        )
+
+    def to_dict(self) -> dict:
+        """Plain-data form (lists and numbers), e.g. for JSON."""
+        out = {
+            "layers": list(self.layers),
+            "bits": list(self.bits),
+            "values": self.values.tolist(),
+            "params": self.params.tolist(),
+            "method": self.method,
+            "meta": self.meta,
+        }
+        for name in ("stderr", "channels", "macs", "fixed_bytes"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value.tolist()
+        return out
+
+    def __repr__(self) -> str:
+        return f"SensitivityTable(method={self.method!r}, layers={self.num_layers}, bits={list(self.bits)})"

@@ -1,0 +1,133 @@
+"""Per-output-channel symmetric uniform weight quantization with MSE-optimal clipping.
+
+For channel ``c`` with clip ratio ``α_c`` and ``b`` bits:
+
+    s_c = α_c · max|W_c| / (2^(b−1) − 1),   q = clamp(round(W / s_c), −(2^(b−1) − 1), 2^(b−1) − 1),
+    Q_b(W) = s_c · q.
+
+The range is symmetric (restricted): ``b`` bits hold ``2^b − 1`` levels, so zero is exact and
+every value fits a two's-complement ``b``-bit field. ``α_c`` is picked per channel from a grid to
+minimise ``‖Q_b(W_c) − W_c‖²`` (clipping outliers buys resolution for the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cetopt.errors import NonFiniteError
+
+__all__ = ["MAX_BITS", "MIN_BITS", "QuantizedWeight", "fake_quantize", "quantize_weight", "storage_dtype"]
+
+MIN_BITS = 2
+MAX_BITS = 32
+_DEFAULT_GRID = 64
+
+
+def storage_dtype(bits: int) -> torch.dtype:
+    """Smallest torch integer dtype that holds a signed ``bits``-bit value."""
+    if bits <= 8:
+        return torch.int8
+    if bits <= 16:
+        return torch.int16
+    return torch.int32
+
+
+def _check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or int(bits) != bits or not (MIN_BITS <= int(bits) <= MAX_BITS):
+        raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    return int(bits)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Integer codes and per-channel scales of one weight tensor.
+
+    Attributes
+    ----------
+    q : Tensor (integer)
+        Codes, same shape as the weight, in ``[−(2^(b−1) − 1), 2^(b−1) − 1]``.
+    scale : Tensor (float32), shape (out_channels,)
+        Step size per output channel.
+    bits : int
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+
+    def dequantize(self) -> torch.Tensor:
+        """``scale[c] · q[c, ...]`` as float32 (computed in float64 above 16 bits)."""
+        shape = (-1,) + (1,) * (self.q.dim() - 1)
+        work = torch.float64 if self.bits > 16 else torch.float32
+        return (self.q.to(work) * self.scale.to(work).view(shape)).to(torch.float32)
+
+
+def _per_channel_max(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1)
+
+
+@torch.no_grad()
+def quantize_weight(
+    weight: torch.Tensor,
+    bits: int,
+    *,
+    clip_search: bool = True,
+    grid: int = _DEFAULT_GRID,
+    min_ratio: float = 0.3,
+) -> QuantizedWeight:
+    """Quantize ``weight`` per output channel (dim 0).
+
+    Parameters
+    ----------
+    weight : Tensor, shape (out_channels, ...)
+    bits : int
+        2 to 32.
+    clip_search : bool
+        Search the MSE-optimal clip ratio per channel (else clip at max|W|).
+    grid : int
+        Number of clip ratios tried, evenly spaced in ``[min_ratio, 1]``.
+    min_ratio : float
+        Smallest clip ratio tried.
+
+    Raises
+    ------
+    NonFiniteError
+        If ``weight`` holds NaN or infinity.
+    """
+    bits = _check_bits(bits)
+    if weight.dim() < 1 or weight.shape[0] == 0:
+        raise ValueError(f"weight must have at least one output channel, got shape {tuple(weight.shape)}")
+    # Above 16 bits the codes exceed float32's 24-bit mantissa: work in float64 there.
+    work = torch.float64 if bits > 16 else torch.float32
+    w = weight.detach().to(work).reshape(weight.shape[0], -1)
+    if not torch.isfinite(w).all():
+        raise NonFiniteError("weight holds NaN or infinity; cannot quantize it")
+    qmax = 2 ** (bits - 1) - 1
+    wmax = w.abs().amax(dim=1)
+    # Many levels make clipping pointless and the grid search costly; it matters at low bit widths.
+    if clip_search and bits <= 8:
+        ratios = torch.linspace(min_ratio, 1.0, grid, dtype=work)
+        best_err = torch.full_like(wmax, float("inf"))
+        best_ratio = torch.ones_like(wmax)
+        for ratio in ratios:
+            s = (ratio * wmax / qmax).clamp_min(torch.finfo(work).tiny)
+            err = ((torch.clamp(torch.round(w / s[:, None]), -qmax, qmax) * s[:, None] - w) ** 2).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_ratio = torch.where(better, ratio, best_ratio)
+        ratio = best_ratio
+    else:
+        ratio = torch.ones_like(wmax)
+    scale = ratio * wmax / qmax
+    scale = torch.where(wmax > 0, scale, torch.ones_like(scale))  # an all-zero channel: any scale, codes 0
+    q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+    return QuantizedWeight(
+        q=q.to(storage_dtype(bits)).reshape(weight.shape), scale=scale.to(torch.float32), bits=bits
+    )
+
+
+def fake_quantize(weight: torch.Tensor, bits: int, *, clip_search: bool = True) -> torch.Tensor:
+    """``Q_b(W)`` in the weight's own dtype: quantize then dequantize."""
+    return quantize_weight(weight, bits, clip_search=clip_search).dequantize().to(weight.dtype)
