@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 
 import cetopt
-from benchmarks.harness import best_of, timed
+from benchmarks.harness import best_of, timed, with_deadline
 from cetopt.allocation.mck import mck_greedy
 from cetopt.testing.solver_contract import multiple_choice_knapsack
 
@@ -69,21 +69,31 @@ def build_pulp(cost: np.ndarray, weight: np.ndarray, budget: float):
 def solve_pulp(prob, time_limit: float) -> dict:
     import pulp
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=MIP_GAP)
-    _, seconds = timed(lambda: prob.solve(solver))
-    return {
-        "seconds": seconds,
-        "pulp_status": pulp.LpStatus[prob.status],
-        "pulp_sol_status": pulp.LpSolution[prob.sol_status],
-        "objective": pulp.value(prob.objective),
-    }
+    def go():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=MIP_GAP)
+        prob.solve(solver)
+        return {
+            "pulp_status": pulp.LpStatus[prob.status],
+            "pulp_sol_status": pulp.LpSolution[prob.sol_status],
+            "objective": pulp.value(prob.objective),
+        }
+
+    value, seconds, finished = with_deadline(go, deadline(time_limit))
+    return {"seconds": seconds, "finished": finished, **(value or {"status": KILLED})}
 
 
-def _record(sol: cetopt.Solution, seconds: float) -> dict:
+KILLED = "killed: still running at the deadline, past its own time limit"
+
+
+def deadline(time_limit: float) -> float:
+    """Wall-clock allowance of one solve before the benchmark kills it (heuristics may ignore time limits)."""
+    return 2 * time_limit + 60
+
+
+def _record(sol: cetopt.Solution) -> dict:
     row = {
-        "seconds": seconds,
         "status": sol.status.value,
         "objective": sol.objective,
         "bound": sol.bound,
@@ -130,10 +140,11 @@ def one_size(groups: int, family: str, time_limit: float, with_pulp: bool) -> di
     out["solves"] = {}
     for name, kw in runs.items():
         print(f"   {family} L={groups} {name}", flush=True)
-        sol, seconds = timed(
-            lambda kw=kw: cetopt.solve(problem, time_limit=time_limit, mip_gap=MIP_GAP, **kw)
+        value, seconds, finished = with_deadline(
+            lambda kw=kw: _record(cetopt.solve(problem, time_limit=time_limit, mip_gap=MIP_GAP, **kw)),
+            deadline(time_limit),
         )
-        out["solves"][name] = _record(sol, seconds)
+        out["solves"][name] = {"seconds": seconds, "finished": finished, **(value or {"status": KILLED})}
     if with_pulp:
         print(f"   {family} L={groups} pulp build + cbc", flush=True)
         prob, pulp_build_s = timed(lambda: build_pulp(cost, weight, budget))
@@ -146,8 +157,17 @@ def one_size(groups: int, family: str, time_limit: float, with_pulp: bool) -> di
 
 
 def run(quick: bool = False) -> dict:
+    # Load every backend (and PuLP) here, so no forked timing child pays for an import.
+    cetopt.available_solvers()
+    for name in ("highs", "cbc", "cvxpy"):
+        cetopt.get_solver(name)
+    import pulp  # noqa: F401
+
+    from solvers._highs_banner import mute_highs_banner
+
+    mute_highs_banner()
     sizes = [100, 1_000] if quick else [100, 1_000, 10_000, 100_000]
-    time_limit = 20.0 if quick else 300.0
+    time_limit = 20.0 if quick else 120.0
     results = [
         one_size(groups, family, time_limit, with_pulp=True) for family in FAMILIES for groups in sizes
     ]

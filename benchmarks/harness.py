@@ -70,6 +70,40 @@ def best_of(fn: Callable[[], Any], repeats: int = 3) -> tuple[Any, float]:
     return value, best
 
 
+def with_deadline(fn: Callable[[], Any], deadline: float) -> tuple[Any, float, bool]:
+    """Run ``fn`` in a forked child process, killed after ``deadline`` seconds.
+
+    Some solvers do not check their own time limit inside every heuristic; a benchmark must not
+    hang on them. Returns ``(value, seconds, finished)``; ``value`` is ``None`` when killed.
+    ``fn``'s return value must be picklable.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+
+    def target():
+        try:
+            child.send(("ok", fn()))
+        except BaseException as exc:  # report, do not hang the parent
+            child.send(("error", f"{type(exc).__name__}: {exc}"))
+
+    proc = ctx.Process(target=target, daemon=True)
+    t0 = time.perf_counter()
+    proc.start()
+    finished = parent.poll(deadline)
+    seconds = time.perf_counter() - t0
+    if not finished:
+        proc.kill()
+        proc.join()
+        return None, seconds, False
+    kind, value = parent.recv()
+    proc.join()
+    if kind == "error":
+        raise RuntimeError(value)
+    return value, seconds, True
+
+
 def write_result(name: str, data: dict[str, Any], *, quick: bool = False) -> Path:
     """Write ``results/<name>.json`` (``<name>.quick.json`` for quick runs) with machine information."""
     path = RESULTS / (f"{name}.quick.json" if quick else f"{name}.json")
