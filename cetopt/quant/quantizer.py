@@ -18,7 +18,15 @@ import torch
 
 from cetopt.errors import NonFiniteError
 
-__all__ = ["MAX_BITS", "MIN_BITS", "QuantizedWeight", "fake_quantize", "quantize_weight", "storage_dtype"]
+__all__ = [
+    "MAX_BITS",
+    "MIN_BITS",
+    "QuantizedWeight",
+    "dequantize",
+    "fake_quantize",
+    "quantize_weight",
+    "storage_dtype",
+]
 
 MIN_BITS = 2
 MAX_BITS = 32
@@ -34,10 +42,21 @@ def storage_dtype(bits: int) -> torch.dtype:
     return torch.int32
 
 
-def _check_bits(bits: int) -> int:
-    if isinstance(bits, bool) or int(bits) != bits or not (MIN_BITS <= int(bits) <= MAX_BITS):
-        raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
-    return int(bits)
+def _check_bits(bits, channels: int) -> torch.Tensor:
+    """Bit widths as an int64 vector with one entry per output channel."""
+    b = torch.as_tensor(bits)
+    if b.dtype == torch.bool or (b.is_floating_point() and not torch.equal(b, b.round())):
+        raise ValueError(f"bits must be integers, got {bits!r}")
+    b = b.to(torch.int64)
+    if b.dim() == 0:
+        b = b.expand(channels)
+    if b.shape != (channels,):
+        raise ValueError(
+            f"bits must be one integer or one per output channel ({channels}), got shape {tuple(b.shape)}"
+        )
+    if b.numel() and (int(b.min()) < MIN_BITS or int(b.max()) > MAX_BITS):
+        raise ValueError(f"bits must lie in [{MIN_BITS}, {MAX_BITS}], got {int(b.min())}..{int(b.max())}")
+    return b.clone()
 
 
 @dataclass(frozen=True)
@@ -47,21 +66,31 @@ class QuantizedWeight:
     Attributes
     ----------
     q : Tensor (integer)
-        Codes, same shape as the weight, in ``[−(2^(b−1) − 1), 2^(b−1) − 1]``.
+        Codes, same shape as the weight; channel ``c`` fits a signed ``bits[c]``-bit field.
     scale : Tensor (float32), shape (out_channels,)
         Step size per output channel.
-    bits : int
+    bits : Tensor (int16), shape (out_channels,)
+        Bit width per output channel.
     """
 
     q: torch.Tensor
     scale: torch.Tensor
-    bits: int
+    bits: torch.Tensor
+
+    @property
+    def max_bits(self) -> int:
+        return int(self.bits.max()) if self.bits.numel() else 0
 
     def dequantize(self) -> torch.Tensor:
         """``scale[c] · q[c, ...]`` as float32 (computed in float64 above 16 bits)."""
-        shape = (-1,) + (1,) * (self.q.dim() - 1)
-        work = torch.float64 if self.bits > 16 else torch.float32
-        return (self.q.to(work) * self.scale.to(work).view(shape)).to(torch.float32)
+        return dequantize(self.q, self.scale, self.max_bits)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, max_bits: int) -> torch.Tensor:
+    """``scale[c] · q[c, ...]`` as float32; float64 arithmetic when codes exceed 16 bits."""
+    shape = (-1,) + (1,) * (q.dim() - 1)
+    work = torch.float64 if max_bits > 16 else torch.float32
+    return (q.to(work) * scale.to(work).view(shape)).to(torch.float32)
 
 
 def _per_channel_max(weight: torch.Tensor) -> torch.Tensor:
@@ -82,8 +111,8 @@ def quantize_weight(
     Parameters
     ----------
     weight : Tensor, shape (out_channels, ...)
-    bits : int
-        2 to 32.
+    bits : int or sequence of int
+        2 to 32, for the whole tensor or per output channel.
     clip_search : bool
         Search the MSE-optimal clip ratio per channel (else clip at max|W|).
     grid : int
@@ -96,38 +125,38 @@ def quantize_weight(
     NonFiniteError
         If ``weight`` holds NaN or infinity.
     """
-    bits = _check_bits(bits)
     if weight.dim() < 1 or weight.shape[0] == 0:
         raise ValueError(f"weight must have at least one output channel, got shape {tuple(weight.shape)}")
+    bits = _check_bits(bits, weight.shape[0])
+    max_bits = int(bits.max())
     # Above 16 bits the codes exceed float32's 24-bit mantissa: work in float64 there.
-    work = torch.float64 if bits > 16 else torch.float32
+    work = torch.float64 if max_bits > 16 else torch.float32
     w = weight.detach().to(work).reshape(weight.shape[0], -1)
     if not torch.isfinite(w).all():
         raise NonFiniteError("weight holds NaN or infinity; cannot quantize it")
-    qmax = 2 ** (bits - 1) - 1
-    wmax = w.abs().amax(dim=1)
+    qmax = (2.0 ** (bits.to(torch.float64) - 1) - 1).to(work)[:, None]
+    wmax = w.abs().amax(dim=1, keepdim=True)
+    ratio = torch.ones_like(wmax)
     # Many levels make clipping pointless and the grid search costly; it matters at low bit widths.
-    if clip_search and bits <= 8:
-        ratios = torch.linspace(min_ratio, 1.0, grid, dtype=work)
+    searched = (bits <= 8)[:, None]
+    if clip_search and bool(searched.any()):
         best_err = torch.full_like(wmax, float("inf"))
-        best_ratio = torch.ones_like(wmax)
-        for ratio in ratios:
-            s = (ratio * wmax / qmax).clamp_min(torch.finfo(work).tiny)
-            err = ((torch.clamp(torch.round(w / s[:, None]), -qmax, qmax) * s[:, None] - w) ** 2).sum(dim=1)
-            better = err < best_err
+        for candidate in torch.linspace(min_ratio, 1.0, grid, dtype=work):
+            s = (candidate * wmax / qmax).clamp_min(torch.finfo(work).tiny)
+            err = ((torch.clamp(torch.round(w / s), -qmax, qmax) * s - w) ** 2).sum(dim=1, keepdim=True)
+            better = (err < best_err) & searched
             best_err = torch.where(better, err, best_err)
-            best_ratio = torch.where(better, ratio, best_ratio)
-        ratio = best_ratio
-    else:
-        ratio = torch.ones_like(wmax)
+            ratio = torch.where(better, candidate, ratio)
     scale = ratio * wmax / qmax
     scale = torch.where(wmax > 0, scale, torch.ones_like(scale))  # an all-zero channel: any scale, codes 0
-    q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+    q = torch.clamp(torch.round(w / scale), -qmax, qmax)
     return QuantizedWeight(
-        q=q.to(storage_dtype(bits)).reshape(weight.shape), scale=scale.to(torch.float32), bits=bits
+        q=q.to(storage_dtype(max_bits)).reshape(weight.shape),
+        scale=scale.reshape(-1).to(torch.float32),
+        bits=bits.to(torch.int16),
     )
 
 
-def fake_quantize(weight: torch.Tensor, bits: int, *, clip_search: bool = True) -> torch.Tensor:
+def fake_quantize(weight: torch.Tensor, bits, *, clip_search: bool = True) -> torch.Tensor:
     """``Q_b(W)`` in the weight's own dtype: quantize then dequantize."""
     return quantize_weight(weight, bits, clip_search=clip_search).dequantize().to(weight.dtype)
