@@ -29,7 +29,9 @@ def _ours(model, x) -> dict[str, dict[tuple[str, str], tuple[int, ...]]]:
                 continue
             touched = {}
             for (other, p), lab in group.classes.items():
-                coupled = get_handler(mg.module.get_submodule(other)).is_coupled(mg.module.get_submodule(other))
+                coupled = get_handler(mg.module.get_submodule(other)).is_coupled(
+                    mg.module.get_submodule(other)
+                )
                 key = (other, "both" if coupled else p)
                 touched[key] = tuple(int(i) for i in np.flatnonzero(lab == k))
             out[name] = touched
@@ -77,5 +79,9 @@ def run(quick: bool = False) -> dict:
                 row["depgraph"] = {f"{n}:{p}": list(v) for (n, p), v in theirs[layer].items()}
             rows.append(row)
         report[kind] = rows
-    return {"torch_pruning": tp.__version__, "groups_compared": total, "groups_matching": matched,
-            "models": report}
+    return {
+        "torch_pruning": tp.__version__,
+        "groups_compared": total,
+        "groups_matching": matched,
+        "models": report,
+    }

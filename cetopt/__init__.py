@@ -25,7 +25,19 @@ from cetopt.solving import (
 __version__ = "0.1.0"
 
 # name -> module that defines it; imported lazily (PEP 562).
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "SensitivityTable": "cetopt.analysis",
+    "Plan": "cetopt.allocation",
+    "ParetoFront": "cetopt.allocation",
+    "allocate": "cetopt.allocation",
+    "pareto": "cetopt.allocation",
+    "quantize": "cetopt.quant.apply",
+    "save": "cetopt.serialization",
+    "load": "cetopt.serialization",
+    "mark_source": "cetopt.serialization",
+    "SavedModel": "cetopt.serialization",
+    "rewrite": "cetopt.graph",
+}
 
 
 def __getattr__(name: str):

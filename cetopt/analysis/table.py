@@ -47,11 +47,11 @@ class SensitivityTable:
     stderr : ndarray, optional
         Standard error of each value, for stochastic estimators.
     channels : ndarray of int, optional
-        Output channels per layer (one float32 scale each when quantized). Default: 1 per layer.
+        Output channels per layer (each gets its own scale when quantized). Default: 1 per layer.
     macs : ndarray of int, optional
         Multiply-accumulates per layer for one input, for BOPs budgets.
     fixed_bytes : ndarray of int, optional
-        Bytes per layer that do not depend on bits (biases kept in float32). Default 0.
+        Bytes per layer stored whatever the bit width (biases kept in float32). Default 0.
     meta : dict
         Free-form provenance (probes used, loss at the start, ...).
     """
@@ -108,18 +108,6 @@ class SensitivityTable:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
-
-    def weight_bytes(self) -> np.ndarray:
-        """Bytes of each (layer, bits) option: packed codes, one float32 scale per channel, fixed bytes."""
-        bits = np.asarray(self.bits, dtype=np.float64)
-        channels = np.ones(self.num_layers) if self.channels is None else self.channels.astype(np.float64)
-        fixed = np.zeros(self.num_layers) if self.fixed_bytes is None else self.fixed_bytes.astype(np.float64)
-        return self.params[:, None] * bits[None, :] / 8.0 + (4.0 * channels + fixed)[:, None]
-
-    def fp32_bytes(self) -> float:
-        """Bytes of the same layers in float32 (the reference of compression ratios)."""
-        fixed = 0.0 if self.fixed_bytes is None else float(self.fixed_bytes.sum())
-        return 4.0 * float(self.params.sum()) + fixed
 
     def subset(self, layers: Sequence[str]) -> SensitivityTable:
         """The rows of the named layers, in the given order."""

@@ -132,3 +132,72 @@ class Factorize(Decision):
     first: torch.Tensor = field(repr=False)
     second: torch.Tensor = field(repr=False)
     sparse: torch.Tensor | None = field(default=None, repr=False)
+
+
+def decision_to_dict(d: Decision) -> dict:
+    """Plain JSON-able form of a decision: enough to redo its structural change on a fresh model."""
+    if isinstance(d, Quantize):
+        bits = d.bits if isinstance(d.bits, int) else [int(b) for b in d.bits]
+        return {"type": "Quantize", "layer": d.layer, "bits": bits, "clip_search": d.clip_search}
+    if isinstance(d, RemoveUnits):
+        constants = None if d.constants is None else [float(c) for c in d.constants]
+        return {
+            "type": "RemoveUnits",
+            "layer": d.layer,
+            "units": [int(u) for u in d.units],
+            "constants": constants,
+        }
+    if isinstance(d, FoldBatchNorm):
+        return {"type": "FoldBatchNorm", "batchnorm": d.batchnorm}
+    if isinstance(d, MergeAffine):
+        return {
+            "type": "MergeAffine",
+            "first": d.first,
+            "second": d.second,
+            "drop_activation": d.drop_activation,
+        }
+    if isinstance(d, FoldLinearUnits):
+        coefficients = {str(k): {str(j): float(a) for j, a in v.items()} for k, v in d.coefficients.items()}
+        return {"type": "FoldLinearUnits", "layer": d.layer, "coefficients": coefficients}
+    if isinstance(d, Factorize):
+        nnz = 0 if d.sparse is None else int(torch.count_nonzero(d.sparse))
+        return {
+            "type": "Factorize",
+            "layer": d.layer,
+            "first_shape": list(d.first.shape),
+            "second_shape": list(d.second.shape),
+            "nnz": nnz,
+            "sparse_numel": None if d.sparse is None else int(d.sparse.numel()),
+        }
+    raise TypeError(f"cannot serialize {type(d).__name__}")
+
+
+def decision_from_dict(data: dict) -> Decision:
+    """Rebuild a decision from :func:`decision_to_dict`.
+
+    A ``Factorize`` comes back with zero factors of the recorded shapes (and a sparse part with the
+    recorded number of nonzeros): the same structure, to be filled by loading a state dict.
+    """
+    kind = data.get("type")
+    if kind == "Quantize":
+        return Quantize(data["layer"], data["bits"], data.get("clip_search", True))
+    if kind == "RemoveUnits":
+        return RemoveUnits(data["layer"], data["units"], data.get("constants"))
+    if kind == "FoldBatchNorm":
+        return FoldBatchNorm(data["batchnorm"])
+    if kind == "MergeAffine":
+        return MergeAffine(data["first"], data["second"], data.get("drop_activation", False))
+    if kind == "FoldLinearUnits":
+        coefficients = {
+            int(k): {int(j): float(a) for j, a in v.items()} for k, v in data["coefficients"].items()
+        }
+        return FoldLinearUnits(data["layer"], coefficients)
+    if kind == "Factorize":
+        sparse = None
+        if data.get("nnz"):
+            sparse = torch.zeros(data["sparse_numel"])
+            sparse[: data["nnz"]] = 1.0
+        return Factorize(
+            data["layer"], torch.zeros(data["first_shape"]), torch.zeros(data["second_shape"]), sparse
+        )
+    raise ValueError(f"unknown decision type {kind!r}")

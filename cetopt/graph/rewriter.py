@@ -8,12 +8,33 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 
 from cetopt.errors import DataShapeError, RewriteError
-from cetopt.graph.decisions import Decision
+from cetopt.graph.decisions import Decision, decision_to_dict
 from cetopt.graph.rules import RULES
 from cetopt.graph.rules.base import RewriteState
 from cetopt.graph.trace import as_input_tuple, symbolic_trace
 
-__all__ = ["rewrite"]
+__all__ = ["history", "rewrite"]
+
+_HISTORY = "_cetopt_history"
+_INPUTS = "_cetopt_example_inputs"
+_SOURCE = "_cetopt_source"
+
+
+def history(model: nn.Module) -> dict:
+    """What cetopt knows of how ``model`` was made: its architecture source and the decisions applied.
+
+    Returns ``{"source": str | None, "decisions": [dict, ...], "example_inputs": [...] | None}``;
+    :func:`cetopt.save` stores it so that :func:`cetopt.load` can rebuild the structure.
+    """
+    return {
+        "source": getattr(model, _SOURCE, None),
+        "decisions": list(getattr(model, _HISTORY, [])),
+        "example_inputs": getattr(model, _INPUTS, None),
+    }
+
+
+def _input_spec(inputs: tuple) -> list[dict]:
+    return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs]
 
 
 def _describe(decision: Decision) -> str:
@@ -84,4 +105,9 @@ def rewrite(
         rule.apply(state, d)
     result = state.finish()
     result.train(model.training)
+    past = history(model)
+    setattr(result, _HISTORY, past["decisions"] + [decision_to_dict(d) for d in decisions])
+    setattr(result, _SOURCE, past["source"])
+    spec = _input_spec(state.example_inputs) if state.example_inputs is not None else None
+    setattr(result, _INPUTS, past["example_inputs"] or spec)
     return result

@@ -1,0 +1,76 @@
+"""What each (layer, bits) option costs on disk, and how budgets are read.
+
+The byte model is the one :func:`cetopt.save` writes: the codes of a layer packed back to back
+(``ceil(params · bits / 8)`` bytes), plus per output channel a float32 scale and a uint8 bit width
+(5 bytes). Biases and other float tensors are stored as they are and are not part of the budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import numpy as np
+
+from cetopt.analysis.table import SensitivityTable
+
+__all__ = ["BYTES_PER_CHANNEL", "fp32_weight_bytes", "option_bytes", "parse_budget"]
+
+#: A float32 scale and a uint8 bit width per output channel.
+BYTES_PER_CHANNEL = 5
+
+
+def option_bytes(table: SensitivityTable) -> np.ndarray:
+    """Bytes of every (layer, bits) option, shape ``(layers, bits)``."""
+    bits = np.asarray(table.bits, dtype=np.int64)
+    channels = np.ones(table.num_layers, dtype=np.int64) if table.channels is None else table.channels
+    codes = -(-(table.params[:, None] * bits[None, :]) // 8)  # ceil division
+    return (codes + BYTES_PER_CHANNEL * channels[:, None]).astype(np.float64)
+
+
+def fp32_weight_bytes(table: SensitivityTable) -> float:
+    """Bytes of the same weights in float32: the reference of compression ratios."""
+    return 4.0 * float(table.params.sum())
+
+
+_RATIO = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*x\s*$", re.I)
+_BITS = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(b|bit|bits)\s*$", re.I)
+_BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(b|kb|mb|kib|mib|bytes?)?\s*$", re.I)
+_UNITS = {None: 1, "b": 1, "byte": 1, "bytes": 1, "kb": 1e3, "mb": 1e6, "kib": 1024, "mib": 1024**2}
+
+
+def parse_budget(budget: float | str, table: SensitivityTable) -> float:
+    """Turn a budget into bytes for the table's layers.
+
+    Parameters
+    ----------
+    budget : float or str
+        Bytes (a number, or ``"120kb"``, ``"1.5MiB"``), a compression ratio against float32
+        weights (``"10x"``), or an average bit width (``"3.2bits"``; every layer's codes at that
+        average plus the per-channel overhead).
+
+    Raises
+    ------
+    ValueError
+        If the budget is not positive or cannot be read.
+    """
+    if isinstance(budget, str):
+        with contextlib.suppress(ValueError):
+            budget = float(budget)  # "120000", "1e9": bytes
+    if isinstance(budget, (int, float, np.integer, np.floating)) and not isinstance(budget, bool):
+        value = float(budget)
+    elif isinstance(budget, str) and (m := _RATIO.match(budget)):
+        value = fp32_weight_bytes(table) / float(m.group(1))
+    elif isinstance(budget, str) and (m := _BITS.match(budget)) and m.group(2).lower() != "b":
+        channels = np.ones(table.num_layers) if table.channels is None else table.channels
+        value = float(table.params.sum()) * float(m.group(1)) / 8 + BYTES_PER_CHANNEL * float(channels.sum())
+    elif isinstance(budget, str) and (m := _BYTES.match(budget)):
+        value = float(m.group(1)) * _UNITS[m.group(2).lower() if m.group(2) else None]
+    else:
+        raise ValueError(
+            f"cannot read budget {budget!r}: give bytes (120000, '120kb'), a ratio ('10x') or "
+            "average bits ('3.2bits')"
+        )
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"budget must be positive, got {budget!r}")
+    return value

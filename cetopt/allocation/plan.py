@@ -1,0 +1,106 @@
+"""``Plan``: the bit width chosen for each layer, with what the solver proved about it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from cetopt.graph.decisions import Quantize
+
+__all__ = ["Plan"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A bit allocation.
+
+    Attributes
+    ----------
+    bits : dict
+        Layer name → bit width.
+    predicted_loss : float
+        Sum of the chosen sensitivities (the predicted loss increase).
+    bytes : float
+        Bytes of the quantized weights under the plan (codes + per-channel scale and bit width).
+    budget_bytes : float
+        The budget those bytes had to fit.
+    fp32_bytes : float
+        Bytes of the same weights in float32.
+    status : str
+        ``optimal`` (proven within ``mip_gap``), ``time_limit`` or ``stopped`` (best found so far).
+    bound : float or None
+        Proven lower bound on the predicted loss of any plan within the budget.
+    gap : float or None
+        Relative gap between ``predicted_loss`` and ``bound``.
+    solve_time : float
+        Seconds spent choosing.
+    solver : str
+        Who answered: a solver backend, or ``mck-greedy`` when the convex-hull greedy's certificate
+        already met the gap.
+    method : str
+        Sensitivity method of the table.
+    bops, latency : float or None
+        Totals under the plan, when those budgets were used.
+    layer_bytes : dict
+        Layer name → bytes under the plan.
+    layer_loss : dict
+        Layer name → predicted loss increase under the plan.
+    layer_params : dict
+        Layer name → weight count.
+    """
+
+    bits: dict[str, int]
+    predicted_loss: float
+    bytes: float
+    budget_bytes: float
+    fp32_bytes: float
+    status: str
+    bound: float | None
+    gap: float | None
+    solve_time: float
+    solver: str
+    method: str = ""
+    bops: float | None = None
+    latency: float | None = None
+    layer_bytes: dict[str, float] = field(default_factory=dict)
+    layer_loss: dict[str, float] = field(default_factory=dict)
+    layer_params: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def compression_ratio(self) -> float:
+        """fp32 bytes over planned bytes."""
+        return self.fp32_bytes / self.bytes
+
+    @property
+    def average_bits(self) -> float:
+        """Bits per weight, weighted by layer size (codes only, without the per-channel overhead)."""
+        total = sum(self.layer_params.values())
+        return sum(self.bits[n] * p for n, p in self.layer_params.items()) / total if total else 0.0
+
+    def decisions(self) -> list[Quantize]:
+        """The rewrite decisions that carry out the plan."""
+        return [Quantize(layer, bits) for layer, bits in self.bits.items()]
+
+    def to_dict(self) -> dict:
+        """Plain data, for JSON."""
+        out = asdict(self)
+        out["compression_ratio"] = self.compression_ratio
+        out["average_bits"] = self.average_bits
+        return out
+
+    def summary(self) -> str:
+        """A table of the plan, one row per layer."""
+        rows = [("layer", "bits", "bytes", "predicted Δloss")]
+        rows += [
+            (name, str(b), f"{self.layer_bytes.get(name, 0):.0f}", f"{self.layer_loss.get(name, 0):.3g}")
+            for name, b in self.bits.items()
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        gap = "n/a" if self.gap is None else f"{self.gap:.2g}"
+        lines.append(
+            f"total: {self.bytes:.0f} of {self.budget_bytes:.0f} budget bytes ({self.compression_ratio:.2f}x "
+            f"smaller than fp32), predicted Δloss {self.predicted_loss:.4g}, status {self.status}, "
+            f"gap {gap}, solved by {self.solver} in {self.solve_time:.3f} s"
+        )
+        return "\n".join(lines)

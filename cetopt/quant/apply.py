@@ -1,0 +1,36 @@
+"""``quantize``: write a bit allocation into a model through the rewriter."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from cetopt.graph.decisions import Quantize
+from cetopt.graph.rewriter import rewrite
+
+__all__ = ["quantize"]
+
+
+def quantize(model: nn.Module, plan, *, clip_search: bool = True) -> nn.Module:
+    """A copy of ``model`` with the planned layers quantized (integer codes, per-channel scales).
+
+    Activations stay in floating point: the quantized layers dequantize their weights on the fly,
+    so the model shrinks in memory and on disk (:func:`cetopt.save` packs the codes) but runs float
+    kernels.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified.
+    plan : Plan or mapping
+        A :class:`cetopt.Plan`, or a mapping of layer name → bits (an int, or one per channel).
+    clip_search : bool
+        Search the MSE-optimal clipping ratio per channel.
+    """
+    bits = plan.bits if hasattr(plan, "bits") else plan
+    if not isinstance(bits, Mapping):
+        raise TypeError(
+            f"plan must be a cetopt.Plan or a mapping of layer name to bits, got {type(plan).__name__}"
+        )
+    return rewrite(model, [Quantize(layer, b, clip_search) for layer, b in bits.items()])

@@ -1,0 +1,140 @@
+import json
+
+import numpy as np
+import pytest
+
+import cetopt
+from cetopt.allocation import allocate, option_bytes, pareto
+from cetopt.errors import InfeasibleBudgetError
+from tests.allocation.conftest import BITS, brute_force, random_table
+from tests.solvers.scipy_user_solver import ScipyMilpSolver
+
+SOLVERS = ["highs", "cbc", "cvxpy", ScipyMilpSolver]
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: s if isinstance(s, str) else s.name)
+@pytest.mark.parametrize("budget", ["10x", "6x", "4bits"])
+def test_ilp_optimum_equals_brute_force_for_every_backend(solver, budget):
+    table = random_table(seed=1)
+    plan = allocate(table, budget, solver=solver, use_greedy=False, mip_gap=0.0)
+    best, _ = brute_force(table, plan.budget_bytes)
+    assert plan.status == "optimal" and plan.predicted_loss == pytest.approx(best, rel=1e-9)
+    assert plan.bytes <= plan.budget_bytes
+    assert plan.bound is None or plan.bound <= plan.predicted_loss + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_certificate_is_sound(seed):
+    # many layers: the convex-hull greedy usually certifies itself; its plan must be within the gap.
+    table = random_table(layers=400, seed=seed)
+    plan = allocate(table, "7x", mip_gap=1e-3)
+    exact = allocate(table, "7x", use_greedy=False, mip_gap=1e-9)
+    assert plan.bound <= exact.predicted_loss + 1e-12
+    assert plan.predicted_loss <= exact.predicted_loss * (1 + 1e-3) + 1e-12
+    assert plan.bytes <= plan.budget_bytes
+
+
+def test_greedy_shortcut_reports_itself():
+    table = random_table(layers=3000, seed=2)
+    plan = allocate(table, "8x")
+    assert plan.solver == "mck-greedy" and plan.status == "optimal" and plan.gap <= 1e-4
+
+
+def test_budget_forms_agree():
+    table = random_table()
+    fp32 = 4 * table.params.sum()
+    assert allocate(table, "8x").budget_bytes == pytest.approx(fp32 / 8)
+    assert allocate(table, float(fp32 / 8)).budget_bytes == pytest.approx(fp32 / 8)
+    assert allocate(table, f"{fp32 / 8 / 1000}kb").budget_bytes == pytest.approx(fp32 / 8)
+    plan = allocate(table, "3.5bits")
+    assert plan.average_bits <= 3.5 + 1e-9
+
+
+def test_budget_below_minimum_names_the_minimum():
+    table = random_table()
+    minimum = option_bytes(table)[:, 0].sum()
+    with pytest.raises(InfeasibleBudgetError, match=f"{minimum:.6g}") as info:
+        allocate(table, minimum - 1)
+    assert info.value.minimum == pytest.approx(minimum)
+    assert allocate(table, minimum).bits == {name: 2 for name in table.layers}
+
+
+def test_min_bits_raise_the_minimum():
+    table = random_table()
+    with pytest.raises(InfeasibleBudgetError) as info:
+        allocate(table, option_bytes(table)[:, 0].sum(), min_bits={"l0": 8})
+    assert info.value.minimum == pytest.approx(option_bytes(table)[1:, 0].sum() + option_bytes(table)[0, -1])
+
+
+def test_ties_force_equal_bits_and_stay_optimal():
+    table = random_table(seed=4)
+    plan = allocate(table, "7x", ties=[["l0", "l3"], ["l3", "l5"]], use_greedy=False, mip_gap=0.0)
+    assert plan.bits["l0"] == plan.bits["l3"] == plan.bits["l5"]
+    size = option_bytes(table)
+    best = np.inf
+    for c in __import__("itertools").product(range(len(BITS)), repeat=4):
+        choice = np.array([c[0], c[1], c[2], c[0], c[3], c[0]])
+        if size[np.arange(6), choice].sum() <= plan.budget_bytes:
+            best = min(best, table.values[np.arange(6), choice].sum())
+    assert plan.predicted_loss == pytest.approx(best, rel=1e-9)
+
+
+def test_per_layer_bit_limits():
+    plan = allocate(random_table(), "5x", min_bits={"l1": 5}, max_bits=6)
+    assert plan.bits["l1"] >= 5 and max(plan.bits.values()) <= 6
+
+
+def test_bops_and_latency_rows_hold_and_stay_optimal():
+    table = random_table(seed=3)
+    bits = np.array(BITS, dtype=float)
+    bops = table.macs[:, None] * bits[None, :] * 32
+    latency = np.random.default_rng(0).uniform(0.5, 2.0, table.values.shape) * bits[None, :]
+    bops_limit, lat_limit = 0.5 * bops[:, -1].sum(), 0.55 * latency[:, -1].sum()
+    plan = allocate(
+        table, "5x", bops_budget=bops_limit, latency=latency, latency_budget=lat_limit, mip_gap=0.0
+    )
+    assert plan.bops <= bops_limit and plan.latency <= lat_limit + 1e-9
+    best, _ = brute_force(table, plan.budget_bytes, extra=[(bops, bops_limit), (latency, lat_limit)])
+    assert plan.predicted_loss == pytest.approx(best, rel=1e-9)
+
+
+def test_time_limit_returns_the_best_plan_marked_as_such():
+    table = random_table(layers=3000, seed=5)
+    bops = float((table.macs * 4 * 32).sum())
+    plan = allocate(table, "9x", bops_budget=bops, time_limit=1e-3, use_greedy=False)
+    assert plan.status in ("time_limit", "optimal") and plan.bytes <= plan.budget_bytes
+    if plan.status == "time_limit":
+        assert plan.gap is None or plan.gap >= 0
+
+
+def test_users_registered_solver_is_used(clean_registry):
+    cetopt.register_solver(ScipyMilpSolver)
+    plan = allocate(random_table(), "6x", solver="scipy-milp", use_greedy=False)
+    assert plan.solver == "scipy-milp"
+
+
+def test_pareto_sweep_and_plot(tmp_path):
+    table = random_table(seed=6)
+    front = pareto(table, ["12x", "4x", "8x", "1e9"], plot=tmp_path / "front.png")
+    assert [p.budget_bytes for p in front.plans] == sorted(p.budget_bytes for p in front.plans)
+    assert np.all(np.diff(front.predicted_loss) <= 1e-12)  # more bytes never predicts more loss
+    assert (tmp_path / "front.png").stat().st_size > 1000
+    json.dumps(front.to_dict())
+
+
+def test_plan_is_plain_data():
+    plan = allocate(random_table(), "6x")
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["bits"] == plan.bits and "compression_ratio" in data
+    assert [d.layer for d in plan.decisions()] == list(plan.bits)
+    assert "total:" in plan.summary()
+
+
+def test_nan_sensitivity_is_a_named_error():
+    from cetopt.analysis import SensitivityTable
+    from cetopt.errors import NonFiniteError
+
+    values = np.ones((2, 2))
+    values[1, 0] = np.nan
+    with pytest.raises(NonFiniteError, match="'b' at 2 bits"):
+        SensitivityTable(layers=["a", "b"], bits=[2, 4], values=values, params=[10, 10])
