@@ -100,3 +100,20 @@ def test_residual_stream_removal_prunes_every_coupled_port():
     )
     assert new.layer2.conv1.in_channels == 6 and shortcut_conv.in_channels == 6
     assert isinstance(shortcut_bn, nn.BatchNorm2d) and shortcut_bn.num_features == 16
+
+
+def test_attention_embedding_channels_are_pruned_consistently():
+    model, x = example("transformer")
+    new = rewrite(model, [RemoveUnits("embed", [0, 3, 5, 9])], x)
+    attn = new.get_submodule("block.attn")
+    assert new.embed.embedding_dim == 12 and attn.embed_dim == 12 and attn.head_dim == 3
+    assert new.block.norm1.normalized_shape == (12,) and new.block.ff1.in_features == 12
+    assert new.block.ff2.out_features == 12 and new.pre_head.in_features == 12
+    with torch.no_grad():
+        assert new(x).shape == model(x).shape
+
+
+def test_attention_head_divisibility_is_checked():
+    model, x = example("transformer")
+    with pytest.raises(RewriteError, match="divisible by the number of heads"):
+        rewrite(model, [RemoveUnits("embed", [0])], x)
