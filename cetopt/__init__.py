@@ -27,6 +27,10 @@ __version__ = "0.1.0"
 # name -> module that defines it; imported lazily (PEP 562).
 _LAZY: dict[str, str] = {
     "SensitivityTable": "cetopt.analysis",
+    "sensitivity": "cetopt.analysis",
+    "rank_correlation": "cetopt.analysis",
+    "compress": "cetopt.pipeline",
+    "CompressionResult": "cetopt.pipeline",
     "Plan": "cetopt.allocation",
     "ParetoFront": "cetopt.allocation",
     "allocate": "cetopt.allocation",

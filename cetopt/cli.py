@@ -110,6 +110,114 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_compress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a zoo name (see `cetopt zoo`) or module:attr")
+    parser.add_argument("--budget", required=True, help='weight bytes, "10x" against fp32, or "3.2bits"')
+    parser.add_argument("--out", required=True, help="directory for model.safetensors and report.json")
+    parser.add_argument("--data", help="dataset for a module:attr model (digits or mnist1d)")
+    parser.add_argument("--method", default="cet", help="sensitivity: cet, hutchinson, fisher, measured")
+    parser.add_argument("--bits", default="2,3,4,5,6,8", help="candidate bit widths, comma-separated")
+    parser.add_argument("--solver", default="highs", help="any registered solver (`cetopt solvers`)")
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds for the allocation MILP")
+    parser.add_argument("--probes", type=int, default=16, help="random-sign probes per bit width (cet)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allow-import", action="store_true", help="allow importing a module:attr model")
+
+
+def _resolve_model(args: argparse.Namespace):
+    from cetopt.errors import CetoptError
+    from cetopt.zoo import load_dataset, load_model, zoo_entry
+
+    if ":" not in args.model:
+        entry = zoo_entry(args.model)
+        return load_model(args.model), load_dataset(args.data or entry.dataset), f"zoo:{args.model}"
+    if not args.allow_import:
+        raise CetoptError(f"--model {args.model} imports and runs your code; add --allow-import to allow it")
+    if not args.data:
+        raise CetoptError("a module:attr model needs --data (digits or mnist1d)")
+    import importlib
+
+    from torch import nn
+
+    module_name, _, attr = args.model.partition(":")
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    model = obj if isinstance(obj, nn.Module) else obj()
+    return model.eval(), load_dataset(args.data), args.model
+
+
+@command("compress", "mixed-precision quantization of a model within a size budget")(_configure_compress)
+def run_compress(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cetopt._io import atomic_write_json
+    from cetopt.pipeline import compress
+    from cetopt.serialization import save
+    from cetopt.zoo import accuracy
+
+    model, data, source = _resolve_model(args)
+    bits = [int(b) for b in args.bits.split(",")]
+    result = compress(
+        model,
+        data.loader("val", batch_size=512),
+        args.budget,
+        method=args.method,
+        bits=bits,
+        solver=args.solver,
+        time_limit=args.time_limit,
+        probes=args.probes,
+        seed=args.seed,
+    )
+    print(result.plan.summary())
+    before = accuracy(model, data.x_test, data.y_test)
+    after = accuracy(result.model, data.x_test, data.y_test)
+    out = Path(args.out)
+    saved = save(result.model, out / "model.safetensors", source=source)
+    print(f"\ntest accuracy: fp32 {100 * before:.2f}%  ->  compressed {100 * after:.2f}%")
+    print(
+        f"wrote {saved.path}: {saved.bytes_on_disk} bytes on disk "
+        f"(fp32 weights {result.plan.fp32_bytes:.0f} bytes)"
+    )
+    report = {
+        "model": source,
+        "budget": args.budget,
+        "accuracy_fp32": before,
+        "accuracy_compressed": after,
+        "bytes_on_disk": saved.bytes_on_disk,
+        "quantized_weight_bytes": saved.quantized_bytes,
+        "other_bytes": saved.other_bytes,
+        "bits": result.plan.bits,
+        "plan": result.plan.to_dict(),
+        "solver_status": result.plan.status,
+        "sensitivity_method": args.method,
+        "sensitivity_seconds": result.table.meta.get("seconds"),
+    }
+    atomic_write_json(out / "report.json", report)
+    print(f"wrote {out / 'report.json'}")
+    return 0
+
+
+def _configure_zoo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", action="store_true", help="train (or load from the cache) each model")
+
+
+@command("zoo", "list the demo models (trained offline, cached)")(_configure_zoo)
+def run_zoo(args: argparse.Namespace) -> int:
+    from cetopt.zoo import load_model, model_names, zoo_entry
+
+    rows = []
+    for name in model_names():
+        entry = zoo_entry(name)
+        row = [name, entry.dataset, entry.description]
+        if args.train:
+            info = load_model(name).zoo_info
+            row.append(f"{100 * info['test_accuracy']:.2f}%")
+        rows.append(row)
+    _print_table(["model", "dataset", "architecture"] + (["test accuracy"] if args.train else []), rows)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cetopt", description="Solver-driven compression of PyTorch models."

@@ -1,3 +1,5 @@
+import pytest
+
 from cetopt.cli import main
 
 
@@ -15,3 +17,64 @@ def test_demo_solves_with_every_solver(capsys):
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["highs"], ["cbc"], ["cvxpy"])]
     assert len(rows) == 3 and all(r[1] == "optimal" for r in rows)
     assert all(float(r[3]) <= 3.2 + 1e-9 for r in rows)  # average bits within the 10x budget
+
+
+def test_compress_writes_model_and_report(tmp_path, capsys):
+    import json
+
+    import torch
+
+    import cetopt
+    from cetopt.zoo import load_dataset, load_model
+
+    assert (
+        main(
+            [
+                "compress",
+                "--model",
+                "digits-mlp-2x25",
+                "--budget",
+                "10x",
+                "--out",
+                str(tmp_path),
+                "--probes",
+                "4",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "test accuracy: fp32" in printed and "bits" in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["solver_status"] == "optimal"
+    assert report["bytes_on_disk"] == (tmp_path / "model.safetensors").stat().st_size
+    assert report["quantized_weight_bytes"] <= report["plan"]["budget_bytes"]
+    assert report["plan"]["compression_ratio"] >= 10
+    assert set(report["bits"]) == {"layers.1", "layers.3", "layers.5"}
+    restored = cetopt.load(tmp_path / "model.safetensors")
+    x = load_dataset("digits").x_test
+    acc = (restored(x).argmax(1) == load_dataset("digits").y_test).float().mean().item()
+    assert acc == pytest.approx(report["accuracy_compressed"])
+    assert not torch.equal(restored(x), load_model("digits-mlp-2x25", progress=False)(x))
+
+
+def test_compress_reports_an_infeasible_budget(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "compress",
+                "--model",
+                "digits-mlp-2x25",
+                "--budget",
+                "40x",
+                "--out",
+                str(tmp_path),
+                "--bits",
+                "4,8",
+                "--method",
+                "fisher",
+            ]
+        )
+        == 2
+    )
+    assert "smallest" in capsys.readouterr().err

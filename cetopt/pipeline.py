@@ -1,0 +1,67 @@
+"""``compress``: sensitivity → allocation → quantization in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cetopt.allocation import Plan, allocate
+from cetopt.analysis import SensitivityTable, sensitivity
+from cetopt.quant.apply import quantize
+
+__all__ = ["CompressionResult", "compress"]
+
+
+@dataclass(frozen=True, eq=False)
+class CompressionResult:
+    """What :func:`compress` produced: the quantized model, the plan and the sensitivity table."""
+
+    model: nn.Module
+    plan: Plan
+    table: SensitivityTable
+
+
+def compress(
+    model: nn.Module,
+    data,
+    budget: float | str,
+    *,
+    method: str = "cet",
+    bits: Sequence[int] = (2, 3, 4, 5, 6, 8),
+    solver="highs",
+    time_limit: float | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    probes: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+    **allocate_options,
+) -> CompressionResult:
+    """Quantize ``model``'s weights to mixed precision within ``budget``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified.
+    data : iterable of (inputs, targets)
+        Calibration batches for the sensitivities (held-out data, not the test set).
+    budget : float or str
+        Weight bytes, ``"10x"`` (against float32) or ``"3.2bits"``.
+    method : str
+        Sensitivity estimator (:data:`cetopt.analysis.METHODS`).
+    bits : sequence of int
+        Candidate bit widths.
+    solver, time_limit
+        Passed to :func:`cetopt.allocate`.
+    loss_fn, probes, seed, progress
+        Passed to :func:`cetopt.sensitivity`.
+    **allocate_options
+        Any other keyword of :func:`cetopt.allocate` (``bops_budget``, ``ties``, ``min_bits`` ...).
+    """
+    table = sensitivity(
+        model, data, bits, method, loss_fn=loss_fn, probes=probes, seed=seed, progress=progress
+    )
+    plan = allocate(table, budget, solver, time_limit, **allocate_options)
+    return CompressionResult(model=quantize(model, plan), plan=plan, table=table)

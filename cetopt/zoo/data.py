@@ -1,0 +1,139 @@
+"""Offline datasets: sklearn's 8×8 digits and MNIST-1D, split into train / held-out / test.
+
+Both generate locally (nothing is downloaded). The held-out split is for calibration and
+preservation sets; the test split is only for reporting accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from cetopt.errors import CetoptError
+
+__all__ = ["DATASETS", "Dataset", "cache_dir", "load_dataset"]
+
+
+def cache_dir() -> Path:
+    """Where trained weights and generated data are cached.
+
+    ``$CETOPT_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/cetopt``, else ``~/.cache/cetopt``.
+    """
+    if os.environ.get("CETOPT_CACHE_DIR"):
+        return Path(os.environ["CETOPT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cetopt"
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Tensors of one dataset, in three disjoint splits.
+
+    Attributes
+    ----------
+    name : str
+    x_train, y_train : Tensor
+        Training data.
+    x_val, y_val : Tensor
+        Held out from training: calibration, preservation sets, early decisions.
+    x_test, y_test : Tensor
+        For reporting only.
+    classes : int
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example, without the batch dimension."""
+        return tuple(self.x_train.shape[1:])
+
+    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of ``"train"``, ``"val"`` or ``"test"``."""
+        if which not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {which!r}")
+        return getattr(self, f"x_{which}"), getattr(self, f"y_{which}")
+
+    def loader(
+        self, which: str, *, batch_size: int = 256, shuffle: bool = False, seed: int = 0
+    ) -> DataLoader:
+        """A DataLoader of ``(inputs, targets)`` batches over one split."""
+        x, y = self.split(which)
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def _split(x: np.ndarray, y: np.ndarray, fractions: tuple[float, float], seed: int):
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_train = round(fractions[0] * len(x))
+    n_val = round(fractions[1] * len(x))
+    parts = np.split(order, [n_train, n_train + n_val])
+    return [(x[p], y[p]) for p in parts]
+
+
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]  # (N, 1, 8, 8) in [0, 1]
+    y = bunch.target.astype(np.int64)
+    (xtr, ytr), (xva, yva), (xte, yte) = _split(x, y, (0.6, 0.2), seed=0)
+    return _make("digits", xtr, ytr, xva, yva, xte, yte, 10)
+
+
+def _mnist1d() -> Dataset:
+    path = cache_dir() / "data" / "mnist1d.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    else:
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        raw = make_dataset(get_dataset_args())  # seed 42, 4000 train + 1000 test, generated locally
+        arrays = {k: np.asarray(raw[k]) for k in ("x", "y", "x_test", "y_test")}
+        _save_npz(path, arrays)
+    x = arrays["x"].astype(np.float32)[:, None, :]  # (N, 1, 40), raw values
+    y = arrays["y"].astype(np.int64)
+    (xtr, ytr), (xva, yva), _ = _split(x, y, (0.8, 0.2), seed=0)
+    xte = arrays["x_test"].astype(np.float32)[:, None, :]
+    return _make("mnist1d", xtr, ytr, xva, yva, xte, arrays["y_test"].astype(np.int64), 10)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    import io
+
+    from cetopt._io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _make(name, xtr, ytr, xva, yva, xte, yte, classes) -> Dataset:
+    t = torch.from_numpy
+    return Dataset(name, t(xtr), t(ytr), t(xva), t(yva), t(np.ascontiguousarray(xte)), t(yte), classes)
+
+
+DATASETS = {"digits": _digits, "mnist1d": _mnist1d}
+_LOADED: dict[str, Dataset] = {}
+
+
+def load_dataset(name: str) -> Dataset:
+    """Load (or generate) a dataset by name: ``"digits"`` or ``"mnist1d"``."""
+    if name not in DATASETS:
+        raise CetoptError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    if name not in _LOADED:
+        _LOADED[name] = DATASETS[name]()
+    return _LOADED[name]
