@@ -5,8 +5,10 @@ For each model and seed: the four sensitivity tables (cet, hutchinson, fisher, m
 computed on the held-out split; each estimator's rank correlation with ``measured`` is recorded,
 with its time as a ratio to ``measured``'s in the same run. Then
 
-* at the 10× budget: the ILP plan of each estimator, and uniform 3-bit (whose real bytes are
-  reported next to the budget);
+* at the 10× budget: the ILP plan of each estimator (and of ``measured``, for reference), and
+  uniform 3-bit, whose real bytes (codes plus a float32 scale and a bit-width byte per channel) may
+  exceed 10×;
+* at uniform 3-bit's own bytes: the ILP plan of each estimator, so the comparison is at equal bytes;
 * at HAWQ-V3's own budgets — 4-bit cost + α (8-bit − 4-bit), α ∈ {0, 0.25} — the HAWQ-V3 recipe
   (Tr/params × ‖ΔW‖², bits {4, 8}; its smallest size is all 4-bit, so it cannot reach 10×) and the
   ILP + cet plan over all bit widths at the same bytes.
@@ -21,7 +23,7 @@ import time
 import numpy as np
 
 from cetopt.allocation import allocate, option_bytes
-from cetopt.analysis import rank_correlation, sensitivity
+from cetopt.analysis import SensitivityTable, rank_correlation, sensitivity
 from cetopt.errors import InfeasibleBudgetError
 from cetopt.quant.apply import quantize
 from cetopt.zoo import accuracy, load_dataset, load_model, zoo_entry
@@ -46,6 +48,12 @@ def _evaluate(model, data, bits: dict[str, int]) -> float:
 
 def _fixed_bits_bytes(table, bits: int) -> float:
     return float(option_bytes(table)[:, list(table.bits).index(bits)].sum())
+
+
+def _with_bits(table: SensitivityTable, bits: tuple[int, ...]) -> SensitivityTable:
+    cols = [list(table.bits).index(b) for b in bits]
+    fields = {k: getattr(table, k) for k in ("layers", "params", "method", "channels", "macs", "fixed_bytes")}
+    return SensitivityTable(bits=bits, values=table.values[:, cols], **fields)
 
 
 def _one(name: str, seed: int, quick: bool) -> dict:
@@ -74,25 +82,36 @@ def _one(name: str, seed: int, quick: bool) -> dict:
             "solver": plan.solver,
         }
     uniform = dict.fromkeys(tables["cet"].layers, 3)
+    uniform_bytes = _fixed_bits_bytes(tables["cet"], 3)
     row["at_10x"]["uniform-3bit"] = {
         "accuracy": _evaluate(model, data, uniform),
-        "bytes": _fixed_bits_bytes(tables["cet"], 3),
+        "bytes": uniform_bytes,
         "bits": uniform,
     }
+    # uniform 3-bit's real bytes (codes + per-channel scales) can exceed 10x: compare at equal bytes too
+    same = {"budget_bytes": uniform_bytes, "uniform-3bit": row["at_10x"]["uniform-3bit"]["accuracy"]}
+    for method in (*ESTIMATORS, "measured"):
+        same[f"ilp+{method}"] = _evaluate(model, data, allocate(tables[method], uniform_bytes).bits)
+    row["at_uniform_3bit_bytes"] = same
+    plan = allocate(tables["measured"], "10x")
+    row["at_10x"]["ilp+measured"] = {
+        "accuracy": _evaluate(model, data, plan.bits),
+        "bytes": plan.bytes,
+        "bits": plan.bits,
+    }
     four, eight = _fixed_bits_bytes(tables["cet"], 4), _fixed_bits_bytes(tables["cet"], 8)
-    hawq_table = tables["hutchinson"]  # 0.5·Tr/params·‖ΔW‖²: HAWQ-V3's objective up to a constant
+    # 0.5·Tr/params·‖ΔW‖² at bits {4, 8}: HAWQ-V3's objective up to a constant
+    hawq_table = _with_bits(tables["hutchinson"], (4, 8))
     for alpha in (0.0, 0.25):
         budget = four + alpha * (eight - four)
         entry = {"budget_bytes": budget, "compression": row["fp32_weight_bytes"] / budget}
-        hawq = allocate(hawq_table, budget, min_bits=4, max_bits=8, use_greedy=False)
-        hawq_bits = {k: (8 if b >= 8 else 4) for k, b in hawq.bits.items()}
-        assert set(hawq_bits.values()) <= {4, 8} and hawq.bits == hawq_bits, hawq.bits
+        hawq = allocate(hawq_table, budget, use_greedy=False)
         entry["hawq-v3"] = {"accuracy": _evaluate(model, data, hawq.bits), "bytes": hawq.bytes}
         cet = allocate(tables["cet"], budget)
         entry["ilp+cet"] = {"accuracy": _evaluate(model, data, cet.bits), "bytes": cet.bytes}
         row["hawq_budgets"][f"alpha={alpha}"] = entry
     try:
-        allocate(hawq_table, "10x", min_bits=4, max_bits=8)
+        allocate(hawq_table, "10x")
         row["hawq_v3_at_10x"] = "feasible"
     except InfeasibleBudgetError as exc:
         row["hawq_v3_at_10x"] = (
@@ -115,6 +134,9 @@ def _summary(rows: list[dict]) -> dict:
         entry = {"fp32": stat([r["fp32_accuracy"] for r in mine])}
         for key in mine[0]["at_10x"]:
             entry[f"10x {key}"] = stat([r["at_10x"][key]["accuracy"] for r in mine])
+        for key in mine[0]["at_uniform_3bit_bytes"]:
+            if key != "budget_bytes":
+                entry[f"uniform-3bit bytes {key}"] = stat([r["at_uniform_3bit_bytes"][key] for r in mine])
         for alpha in mine[0]["hawq_budgets"]:
             for key in ("hawq-v3", "ilp+cet"):
                 entry[f"{alpha} {key}"] = stat([r["hawq_budgets"][alpha][key]["accuracy"] for r in mine])

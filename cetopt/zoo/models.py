@@ -87,7 +87,7 @@ class DigitsResNet(nn.Module):
 class Mnist1dCNN(nn.Module):
     """Three strided 1-D convolutions and a linear classifier, for 1×40 MNIST-1D signals."""
 
-    def __init__(self, classes: int = 10, channels: int = 32):
+    def __init__(self, classes: int = 10, channels: int = 64):
         super().__init__()
         self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=2)
         self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)

@@ -104,9 +104,11 @@ def build_model(name: str) -> nn.Module:
     return mark_source(model.eval(), f"zoo:{name}")
 
 
-def _cache_path(entry: ZooEntry, recipe: Recipe, seed: int):
+def _cache_path(entry: ZooEntry, recipe: Recipe, seed: int, model: nn.Module):
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}  # a changed architecture retrains
     key = json.dumps(
         {
+            "shapes": shapes,
             "v": CACHE_VERSION,
             "name": entry.name,
             "recipe": recipe.to_dict(),
@@ -162,11 +164,11 @@ def load_model(
                 **({"epochs": epochs} if epochs is not None else {}),
             }
         )
-    path = _cache_path(entry, recipe, seed)
     data = load_dataset(entry.dataset)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = entry.build()
+    path = _cache_path(entry, recipe, seed, model)
     if path.exists() and not retrain:
         blob = path.read_bytes()
         model.load_state_dict(st_load(blob))
