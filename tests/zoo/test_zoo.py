@@ -24,7 +24,8 @@ def test_splits_are_disjoint_and_shaped(name):
     assert not train & test and not val & test and not train & val
 
 
-def test_a_model_trains_once_then_loads_from_the_cache():
+def test_a_model_trains_once_then_loads_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CETOPT_CACHE_DIR", str(tmp_path))
     first = load_model("digits-mlp-2x25", progress=False)
     files = list((cache_dir() / "models").glob("digits-mlp-2x25-seed0-*.safetensors"))
     assert len(files) == 1
