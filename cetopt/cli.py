@@ -121,6 +121,12 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=float, default=None, help="seconds for the allocation MILP")
     parser.add_argument("--probes", type=int, default=16, help="random-sign probes per bit width (cet)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--calibration",
+        default="train",
+        choices=["train", "val"],
+        help="split the sensitivities are measured on",
+    )
     parser.add_argument("--allow-import", action="store_true", help="allow importing a module:attr model")
 
 
@@ -160,7 +166,7 @@ def run_compress(args: argparse.Namespace) -> int:
     bits = [int(b) for b in args.bits.split(",")]
     result = compress(
         model,
-        data.loader("val", batch_size=512),
+        data.loader(args.calibration, batch_size=512),
         args.budget,
         method=args.method,
         bits=bits,
