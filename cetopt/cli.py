@@ -128,6 +128,9 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
         help="split the sensitivities are measured on",
     )
     parser.add_argument("--allow-import", action="store_true", help="allow importing a module:attr model")
+    parser.add_argument(
+        "--no-bias-correction", action="store_true", help="keep the biases (no mean-shift correction)"
+    )
 
 
 def _resolve_model(args: argparse.Namespace):
@@ -174,6 +177,7 @@ def run_compress(args: argparse.Namespace) -> int:
         time_limit=args.time_limit,
         probes=args.probes,
         seed=args.seed,
+        bias_correction=not args.no_bias_correction,
     )
     print(result.plan.summary())
     before = accuracy(model, data.x_test, data.y_test)
@@ -197,6 +201,7 @@ def run_compress(args: argparse.Namespace) -> int:
         "plan": result.plan.to_dict(),
         "solver_status": result.plan.status,
         "sensitivity_method": args.method,
+        "bias_correction": not args.no_bias_correction,
         "sensitivity_seconds": result.table.meta.get("seconds"),
     }
     atomic_write_json(out / "report.json", report)

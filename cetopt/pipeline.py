@@ -37,6 +37,7 @@ def compress(
     probes: int = 16,
     seed: int = 0,
     progress: bool = True,
+    bias_correction: bool = True,
     **allocate_options,
 ) -> CompressionResult:
     """Quantize ``model``'s weights to mixed precision within ``budget``.
@@ -57,6 +58,9 @@ def compress(
         Passed to :func:`cetopt.allocate`.
     loss_fn, probes, seed, progress
         Passed to :func:`cetopt.sensitivity`.
+    bias_correction : bool
+        Cancel each quantized layer's mean output shift, measured on ``data``
+        (:func:`cetopt.quant.correct_bias`); no gradient steps.
     **allocate_options
         Any other keyword of :func:`cetopt.allocate` (``bops_budget``, ``ties``, ``min_bits`` ...).
     """
@@ -64,4 +68,5 @@ def compress(
         model, data, bits, method, loss_fn=loss_fn, probes=probes, seed=seed, progress=progress
     )
     plan = allocate(table, budget, solver, time_limit, **allocate_options)
-    return CompressionResult(model=quantize(model, plan), plan=plan, table=table)
+    quantized = quantize(model, plan, bias_correction=data if bias_correction else None)
+    return CompressionResult(model=quantized, plan=plan, table=table)

@@ -108,11 +108,15 @@ class Quantize(Decision):
         2 to 32, for the whole layer or one per output channel.
     clip_search : bool
         Search the MSE-optimal clipping ratio per channel.
+    add_bias : bool
+        Give the quantized layer a (zero) bias even where the float layer has none, so a bias
+        correction has somewhere to go (:func:`cetopt.quant.correct_bias`).
     """
 
     layer: str
     bits: int | Sequence[int]
     clip_search: bool = True
+    add_bias: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,7 +142,13 @@ def decision_to_dict(d: Decision) -> dict:
     """Plain JSON-able form of a decision: enough to redo its structural change on a fresh model."""
     if isinstance(d, Quantize):
         bits = d.bits if isinstance(d.bits, int) else [int(b) for b in d.bits]
-        return {"type": "Quantize", "layer": d.layer, "bits": bits, "clip_search": d.clip_search}
+        return {
+            "type": "Quantize",
+            "layer": d.layer,
+            "bits": bits,
+            "clip_search": d.clip_search,
+            "add_bias": d.add_bias,
+        }
     if isinstance(d, RemoveUnits):
         constants = None if d.constants is None else [float(c) for c in d.constants]
         return {
@@ -180,7 +190,9 @@ def decision_from_dict(data: dict) -> Decision:
     """
     kind = data.get("type")
     if kind == "Quantize":
-        return Quantize(data["layer"], data["bits"], data.get("clip_search", True))
+        return Quantize(
+            data["layer"], data["bits"], data.get("clip_search", True), data.get("add_bias", False)
+        )
     if kind == "RemoveUnits":
         return RemoveUnits(data["layer"], data["units"], data.get("constants"))
     if kind == "FoldBatchNorm":

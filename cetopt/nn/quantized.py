@@ -107,11 +107,14 @@ def _bits_repr(layer: QuantizedMixin) -> str:
 
 
 def quantized_from_float(
-    layer: nn.Module, bits, *, clip_search: bool = True
+    layer: nn.Module, bits, *, clip_search: bool = True, add_bias: bool = False
 ) -> QuantizedLinear | QuantizedConv:
-    """The quantized counterpart of an nn.Linear or nn.ConvNd (which is not modified)."""
+    """The quantized counterpart of an nn.Linear or nn.ConvNd (which is not modified).
+
+    ``add_bias`` gives it a zero bias where ``layer`` has none (room for a bias correction).
+    """
     qw = quantize_weight(layer.weight, bits, clip_search=clip_search)
-    has_bias = layer.bias is not None
+    has_bias = layer.bias is not None or add_bias
     if isinstance(layer, nn.Linear):
         new = QuantizedLinear(layer.in_features, layer.out_features, bits=qw.max_bits, bias=has_bias)
     elif isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed:
@@ -131,7 +134,7 @@ def quantized_from_float(
     else:
         raise TypeError(f"cannot quantize a {type(layer).__name__}; expected nn.Linear or nn.Conv1d/2d/3d")
     new.set_quantized(qw)
-    if has_bias:
+    if layer.bias is not None:
         new.bias = nn.Parameter(
             layer.bias.detach().clone().to(torch.float32), requires_grad=layer.bias.requires_grad
         )

@@ -12,7 +12,7 @@ from cetopt.graph.rewriter import rewrite
 __all__ = ["quantize"]
 
 
-def quantize(model: nn.Module, plan, *, clip_search: bool = True) -> nn.Module:
+def quantize(model: nn.Module, plan, *, clip_search: bool = True, bias_correction=None) -> nn.Module:
     """A copy of ``model`` with the planned layers quantized (integer codes, per-channel scales).
 
     Activations stay in floating point: the quantized layers dequantize their weights on the fly,
@@ -27,10 +27,20 @@ def quantize(model: nn.Module, plan, *, clip_search: bool = True) -> nn.Module:
         A :class:`cetopt.Plan`, or a mapping of layer name → bits (an int, or one per channel).
     clip_search : bool
         Search the MSE-optimal clipping ratio per channel.
+    bias_correction : iterable, optional
+        Calibration batches. If given, each quantized layer gets a bias (added where the float
+        layer has none) that cancels the mean output shift its rounding causes
+        (:func:`cetopt.quant.correct_bias`).
     """
     bits = plan.bits if hasattr(plan, "bits") else plan
     if not isinstance(bits, Mapping):
         raise TypeError(
             f"plan must be a cetopt.Plan or a mapping of layer name to bits, got {type(plan).__name__}"
         )
-    return rewrite(model, [Quantize(layer, b, clip_search) for layer, b in bits.items()])
+    add_bias = bias_correction is not None
+    quantized = rewrite(model, [Quantize(layer, b, clip_search, add_bias) for layer, b in bits.items()])
+    if bias_correction is None:
+        return quantized
+    from cetopt.quant.bias_correction import correct_bias
+
+    return correct_bias(model, quantized, bias_correction)

@@ -30,5 +30,8 @@ class QuantizeRule(RewriteRule):
 
     def apply(self, state: RewriteState, d: Quantize) -> None:
         state.set_module(
-            d.layer, quantized_from_float(state.module(d.layer), d.bits, clip_search=d.clip_search)
+            d.layer,
+            quantized_from_float(
+                state.module(d.layer), d.bits, clip_search=d.clip_search, add_bias=d.add_bias
+            ),
         )
