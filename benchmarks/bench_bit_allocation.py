@@ -56,7 +56,7 @@ def _evaluate(model, data, bits: dict[str, int], *, bias_correction: bool = Fals
 def _both(model, data, bits: dict[str, int]) -> dict:
     """Test accuracy as quantized, and after bias correction on the calibration split."""
     return {
-        **_both(model, data, bits),
+        "accuracy": _evaluate(model, data, bits),
         "accuracy_bias_corrected": _evaluate(model, data, bits, bias_correction=True),
     }
 
