@@ -15,8 +15,10 @@ computed on the training split (the calibration data); each estimator's rank cor
 
 Accuracy is top-1 on the test split, which nothing here is tuned on. Each plan is evaluated as
 quantized, and again after bias correction (each layer's mean output shift measured on the
-calibration split and cancelled; no gradient steps). Bias correction adds a float32 bias to layers
-that had none (4 bytes per channel, outside the weight budget, like every bias).
+calibration split and cancelled; no gradient steps), and again with GPTQ rounding before the bias
+correction (codes re-rounded to keep each layer's output close on the calibration split; same
+scales, bits and bytes). Bias correction adds a float32 bias to layers that had none (4 bytes per
+channel, outside the weight budget, like every bias).
 """
 
 from __future__ import annotations
@@ -48,16 +50,23 @@ def _tables(model, data, quick):
     return tables, seconds
 
 
-def _evaluate(model, data, bits: dict[str, int], *, bias_correction: bool = False) -> float:
-    calibration = data.loader(CALIBRATION, batch_size=512) if bias_correction else None
-    return accuracy(quantize(model, bits, bias_correction=calibration), data.x_test, data.y_test)
+def _evaluate(model, data, bits: dict[str, int], *, bias_correction: bool = False, gptq: bool = False):
+    calibration = data.loader(CALIBRATION, batch_size=512)
+    quantized = quantize(
+        model,
+        bits,
+        gptq=calibration if gptq else None,
+        bias_correction=calibration if bias_correction else None,
+    )
+    return accuracy(quantized, data.x_test, data.y_test)
 
 
 def _both(model, data, bits: dict[str, int]) -> dict:
-    """Test accuracy as quantized, and after bias correction on the calibration split."""
+    """Test accuracy as quantized, after bias correction, and after GPTQ rounding + bias correction."""
     return {
         "accuracy": _evaluate(model, data, bits),
         "accuracy_bias_corrected": _evaluate(model, data, bits, bias_correction=True),
+        "accuracy_gptq_bias_corrected": _evaluate(model, data, bits, bias_correction=True, gptq=True),
     }
 
 
@@ -137,7 +146,11 @@ def _one(name: str, seed: int, quick: bool) -> dict:
         plan_bits = allocate(tables[method], uniform_bytes).bits
         same[f"ilp+{method}"] = _evaluate(model, data, plan_bits)
         same[f"ilp+{method} +bias-corr"] = _evaluate(model, data, plan_bits, bias_correction=True)
+        same[f"ilp+{method} +gptq+bias-corr"] = _evaluate(
+            model, data, plan_bits, bias_correction=True, gptq=True
+        )
     same["uniform-3bit +bias-corr"] = row["at_10x"]["uniform-3bit"]["accuracy_bias_corrected"]
+    same["uniform-3bit +gptq+bias-corr"] = row["at_10x"]["uniform-3bit"]["accuracy_gptq_bias_corrected"]
     row["at_uniform_3bit_bytes"] = same
     plan = allocate(tables["measured"], "10x")
     row["at_10x"]["ilp+measured"] = {
@@ -185,6 +198,9 @@ def _summary(rows: list[dict]) -> dict:
         for key in mine[0]["at_10x"]:
             entry[f"10x {key}"] = stat([r["at_10x"][key]["accuracy"] for r in mine])
             entry[f"10x {key} +bias-corr"] = stat([r["at_10x"][key]["accuracy_bias_corrected"] for r in mine])
+            entry[f"10x {key} +gptq+bias-corr"] = stat(
+                [r["at_10x"][key]["accuracy_gptq_bias_corrected"] for r in mine]
+            )
         for key in mine[0]["at_uniform_3bit_bytes"]:
             if key != "budget_bytes":
                 entry[f"uniform-3bit bytes {key}"] = stat([r["at_uniform_3bit_bytes"][key] for r in mine])
@@ -193,6 +209,9 @@ def _summary(rows: list[dict]) -> dict:
                 entry[f"{alpha} {key}"] = stat([r["hawq_budgets"][alpha][key]["accuracy"] for r in mine])
                 entry[f"{alpha} {key} +bias-corr"] = stat(
                     [r["hawq_budgets"][alpha][key]["accuracy_bias_corrected"] for r in mine]
+                )
+                entry[f"{alpha} {key} +gptq+bias-corr"] = stat(
+                    [r["hawq_budgets"][alpha][key]["accuracy_gptq_bias_corrected"] for r in mine]
                 )
         entry["rank_correlation"] = {m: stat([r["rank_correlation"][m] for r in mine]) for m in ESTIMATORS}
         out[name] = entry

@@ -131,6 +131,9 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-bias-correction", action="store_true", help="keep the biases (no mean-shift correction)"
     )
+    parser.add_argument(
+        "--no-gptq", action="store_true", help="round to nearest (no error-compensating GPTQ rounding)"
+    )
 
 
 def _resolve_model(args: argparse.Namespace):
@@ -177,6 +180,7 @@ def run_compress(args: argparse.Namespace) -> int:
         time_limit=args.time_limit,
         probes=args.probes,
         seed=args.seed,
+        gptq=not args.no_gptq,
         bias_correction=not args.no_bias_correction,
     )
     print(result.plan.summary())
@@ -201,6 +205,7 @@ def run_compress(args: argparse.Namespace) -> int:
         "plan": result.plan.to_dict(),
         "solver_status": result.plan.status,
         "sensitivity_method": args.method,
+        "gptq": not args.no_gptq,
         "bias_correction": not args.no_bias_correction,
         "sensitivity_seconds": result.table.meta.get("seconds"),
     }

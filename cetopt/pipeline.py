@@ -37,6 +37,7 @@ def compress(
     probes: int = 16,
     seed: int = 0,
     progress: bool = True,
+    gptq: bool = True,
     bias_correction: bool = True,
     **allocate_options,
 ) -> CompressionResult:
@@ -58,6 +59,9 @@ def compress(
         Passed to :func:`cetopt.allocate`.
     loss_fn, probes, seed, progress
         Passed to :func:`cetopt.sensitivity`.
+    gptq : bool
+        Round the codes with GPTQ on ``data`` (:func:`cetopt.quant.gptq_round`), so each layer's
+        output stays close; scales, bits and bytes are unchanged.
     bias_correction : bool
         Cancel each quantized layer's mean output shift, measured on ``data``
         (:func:`cetopt.quant.correct_bias`); no gradient steps.
@@ -68,5 +72,7 @@ def compress(
         model, data, bits, method, loss_fn=loss_fn, probes=probes, seed=seed, progress=progress
     )
     plan = allocate(table, budget, solver, time_limit, **allocate_options)
-    quantized = quantize(model, plan, bias_correction=data if bias_correction else None)
+    quantized = quantize(
+        model, plan, gptq=data if gptq else None, bias_correction=data if bias_correction else None
+    )
     return CompressionResult(model=quantized, plan=plan, table=table)

@@ -1,8 +1,8 @@
-"""Weight quantization: the quantizer (:mod:`cetopt.quant.quantizer`) and bias correction."""
+"""Weight quantization: the quantizer (:mod:`cetopt.quant.quantizer`), GPTQ rounding and bias correction."""
 
 from cetopt.quant.quantizer import QuantizedWeight, fake_quantize, quantize_weight
 
-__all__ = ["QuantizedWeight", "correct_bias", "fake_quantize", "quantize_weight"]
+__all__ = ["QuantizedWeight", "correct_bias", "fake_quantize", "gptq_round", "quantize_weight"]
 
 
 def __getattr__(name: str):
@@ -10,4 +10,8 @@ def __getattr__(name: str):
         from cetopt.quant.bias_correction import correct_bias
 
         return correct_bias
+    if name == "gptq_round":
+        from cetopt.quant.gptq import gptq_round
+
+        return gptq_round
     raise AttributeError(f"module 'cetopt.quant' has no attribute {name!r}")

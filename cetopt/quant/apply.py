@@ -12,7 +12,9 @@ from cetopt.graph.rewriter import rewrite
 __all__ = ["quantize"]
 
 
-def quantize(model: nn.Module, plan, *, clip_search: bool = True, bias_correction=None) -> nn.Module:
+def quantize(
+    model: nn.Module, plan, *, clip_search: bool = True, gptq=None, bias_correction=None
+) -> nn.Module:
     """A copy of ``model`` with the planned layers quantized (integer codes, per-channel scales).
 
     Activations stay in floating point: the quantized layers dequantize their weights on the fly,
@@ -27,6 +29,9 @@ def quantize(model: nn.Module, plan, *, clip_search: bool = True, bias_correctio
         A :class:`cetopt.Plan`, or a mapping of layer name → bits (an int, or one per channel).
     clip_search : bool
         Search the MSE-optimal clipping ratio per channel.
+    gptq : iterable, optional
+        Calibration batches. If given, the codes are re-rounded to keep each layer's output
+        close on these inputs (:func:`cetopt.quant.gptq_round`); scales and bits are unchanged.
     bias_correction : iterable, optional
         Calibration batches. If given, each quantized layer gets a bias (added where the float
         layer has none) that cancels the mean output shift its rounding causes
@@ -39,6 +44,10 @@ def quantize(model: nn.Module, plan, *, clip_search: bool = True, bias_correctio
         )
     add_bias = bias_correction is not None
     quantized = rewrite(model, [Quantize(layer, b, clip_search, add_bias) for layer, b in bits.items()])
+    if gptq is not None:
+        from cetopt.quant.gptq import gptq_round
+
+        quantized = gptq_round(model, quantized, gptq)
     if bias_correction is None:
         return quantized
     from cetopt.quant.bias_correction import correct_bias
