@@ -41,6 +41,7 @@ _LAZY: dict[str, str] = {
     "mark_source": "cetopt.serialization",
     "SavedModel": "cetopt.serialization",
     "rewrite": "cetopt.graph",
+    "decompose": "cetopt.lowrank",
 }
 
 
