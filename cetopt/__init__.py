@@ -42,6 +42,7 @@ _LAZY: dict[str, str] = {
     "SavedModel": "cetopt.serialization",
     "rewrite": "cetopt.graph",
     "decompose": "cetopt.lowrank",
+    "build_menu": "cetopt.lowrank",
 }
 
 

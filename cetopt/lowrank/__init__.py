@@ -15,13 +15,28 @@ from cetopt.lowrank.fit import (
     truncate,
 )
 from cetopt.lowrank.layers import LayerData, collect, supported_layers
+from cetopt.lowrank.menu import (
+    KINDS,
+    Menu,
+    MenuOption,
+    MenuPlan,
+    build_menu,
+    sparse_bytes,
+    stored_bytes,
+    stored_params,
+)
 
 __all__ = [
+    "KINDS",
     "METHODS",
     "Decomposition",
     "LayerData",
     "LayerResult",
     "LowRankSparse",
+    "Menu",
+    "MenuOption",
+    "MenuPlan",
+    "build_menu",
     "collect",
     "decompose",
     "fit_admm",
@@ -30,6 +45,9 @@ __all__ = [
     "fit_svd",
     "fit_weight_space",
     "project_sparse",
+    "sparse_bytes",
+    "stored_bytes",
+    "stored_params",
     "supported_layers",
     "truncate",
 ]

@@ -38,7 +38,10 @@ objective ``‖σ((L + S) X + b) − Y‖²``, which is recorded at every iterat
 
 **Weight-space L + S** (:func:`fit_weight_space`), as in OATS: scale the input dimensions by
 ``D = √diag(XXᵀ)`` (plus jitter), then alternate ``L = [WD − S]_r`` and ``S = P_k(WD − L)``, and
-undo the scaling. **Plain SVD** (:func:`fit_svd`): ``L = [W]_r``. **Magnitude pruning**
+undo the scaling. The alternation is run from ``S = 0`` and from ``S = P_k(WD)`` and the better end
+point is kept (from ``S = 0`` the first SVD absorbs large sparse entries and can stall).
+
+**Plain SVD** (:func:`fit_svd`): ``L = [W]_r``. **Magnitude pruning**
 (:func:`fit_prune`): ``S = P_k(W)``.
 """
 
@@ -182,14 +185,22 @@ def fit_weight_space(
     w = weight.to(torch.float64)
     d = torch.ones(w.shape[1], dtype=torch.float64) if gram is None else _column_scale(gram)
     wd = w * d[None, :]
-    sparse = torch.zeros_like(wd)
+    runs = [_alternate(wd, rank, nnz, structure, iterations, sparse_first=False)]
+    if rank and nnz:
+        runs.append(_alternate(wd, rank, nnz, structure, iterations, sparse_first=True))
+    left, right, sparse, history = min(runs, key=lambda run: run[3][-1])
+    return LowRankSparse(left, right / d[None, :], sparse / d[None, :], tuple(history))
+
+
+def _alternate(wd, rank, nnz, structure, iterations, *, sparse_first):
+    """Alternate ``L = [WD − S]_r``, ``S = P_k(WD − L)`` from ``S = 0`` or from ``S = P_k(WD)``."""
+    sparse = project_sparse(wd, nnz, structure) if sparse_first else torch.zeros_like(wd)
     history = []
-    left, right = truncate(wd, rank)
     for _ in range(iterations if nnz and rank else 1):
         left, right = truncate(wd - sparse, rank)
         sparse = project_sparse(wd - left @ right, nnz, structure)
         history.append(float((wd - left @ right - sparse).pow(2).sum()))
-    return LowRankSparse(left, right / d[None, :], sparse / d[None, :], tuple(history))
+    return left, right, sparse, history
 
 
 def _activate(z: torch.Tensor, activation: str) -> torch.Tensor:
