@@ -90,3 +90,22 @@ def test_choose_options_matches_brute_force():
         assert cost[range(4), out.choice].sum() == pytest.approx(cost[range(4), best].sum())
     with pytest.raises(InfeasibleBudgetError):
         choose_options(cost, size, 1.0)
+
+
+def test_joint_plan_survives_save_and_load(menu_and_model, tmp_path):
+    import cetopt
+    from tests.lowrank.models import TinyCNN
+
+    menu, model, x = menu_and_model
+    plan = menu.choose(menu.dense_bytes / 6, resource="bytes")
+    new = menu.apply(model, plan)
+    saved = cetopt.save(new, tmp_path / "m.safetensors")
+    packed = sum(
+        o.bytes - sparse_bytes(o.nnz, menu.options[name][0].params)
+        for name, o in plan.options.items()
+        if o.bits
+    )
+    assert saved.quantized_bytes == packed > 0
+    restored = cetopt.load(tmp_path / "m.safetensors", model=TinyCNN())
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), new(x))
