@@ -41,6 +41,8 @@ _LAZY: dict[str, str] = {
     "mark_source": "cetopt.serialization",
     "SavedModel": "cetopt.serialization",
     "rewrite": "cetopt.graph",
+    "decompose": "cetopt.lowrank",
+    "build_menu": "cetopt.lowrank",
 }
 
 

@@ -234,6 +234,66 @@ def run_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_decompose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a zoo name (see `cetopt zoo`) or module:attr")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--params-ratio", type=float, help="keep 1/ratio of the layers' weight values")
+    budget.add_argument("--bytes-ratio", type=float, help="keep 1/ratio of the layers' float32 weight bytes")
+    parser.add_argument(
+        "--kinds",
+        default="quant,svd,prune,weight_space,admm",
+        help="menu kinds, comma-separated (dense is always on the menu)",
+    )
+    parser.add_argument("--data", help="dataset for a module:attr model (digits or mnist1d)")
+    parser.add_argument("--calibration-size", type=int, default=512, help="training examples to fit on")
+    parser.add_argument("--iterations", type=int, default=20, help="ADMM iterations per option")
+    parser.add_argument("--solver", default="highs", help="any registered solver (`cetopt solvers`)")
+    parser.add_argument("--out", help="directory for model.safetensors and report.json")
+    parser.add_argument("--allow-import", action="store_true", help="allow importing a module:attr model")
+
+
+@command("decompose", "low-rank + sparse / quantization menu chosen by one MILP")(_configure_decompose)
+def run_decompose(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cetopt._io import atomic_write_json
+    from cetopt.lowrank import build_menu
+    from cetopt.serialization import save
+    from cetopt.zoo import accuracy
+
+    model, data, source = _resolve_model(args)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    menu = build_menu(model, data.x_train[: args.calibration_size], kinds=kinds, iterations=args.iterations)
+    if args.params_ratio is not None:
+        plan = menu.choose(menu.dense_params / args.params_ratio, kinds=kinds, solver=args.solver)
+    else:
+        plan = menu.choose(
+            menu.dense_bytes / args.bytes_ratio, resource="bytes", kinds=kinds, solver=args.solver
+        )
+    new = menu.apply(model, plan)
+    rows = [
+        [name, o.label, str(o.params), str(o.bytes), f"{o.output_error:.2e}"]
+        for name, o in plan.options.items()
+    ]
+    _print_table(["layer", "choice", "params", "bytes", "output error"], rows)
+    before = accuracy(model, data.x_test, data.y_test)
+    after = accuracy(new, data.x_test, data.y_test)
+    print(
+        f"\nparams {menu.dense_params} -> {plan.params} ({menu.dense_params / plan.params:.2f}x), "
+        f"bytes {menu.dense_bytes} -> {plan.bytes} ({menu.dense_bytes / plan.bytes:.2f}x), "
+        f"solver {plan.solver} ({plan.status})"
+    )
+    print(f"test accuracy: fp32 {100 * before:.2f}%  ->  compressed {100 * after:.2f}% (no fine-tune)")
+    if args.out:
+        out = Path(args.out)
+        saved = save(new, out / "model.safetensors", source=source)
+        report = {"model": source, "accuracy_fp32": before, "accuracy_compressed": after, **plan.to_dict()}
+        report["bytes_on_disk"] = saved.bytes_on_disk
+        atomic_write_json(out / "report.json", report)
+        print(f"wrote {saved.path} and {out / 'report.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cetopt", description="Solver-driven compression of PyTorch models."

@@ -81,3 +81,15 @@ class RewriteError(CetoptError, ValueError):
 
 class UnreachableTargetError(CetoptError, ValueError):
     """A requested rank or sparsity cannot be reached for a layer of this shape."""
+
+
+class UnreachableBudgetError(CetoptError, ValueError):
+    """A requested rank or sparsity cannot be reached by the layer it names (too large, negative, empty)."""
+
+    def __init__(self, message: str, layer: str | None = None):
+        super().__init__(message)
+        self.layer = layer
+
+
+class CalibrationShapeError(DataShapeError):
+    """Calibration data does not fit the model (wrong shape, dtype or dimension); the message says how."""

@@ -78,3 +78,24 @@ def test_compress_reports_an_infeasible_budget(tmp_path, capsys):
         == 2
     )
     assert "smallest" in capsys.readouterr().err
+
+
+def test_decompose_command_chooses_a_menu_plan(tmp_path, capsys):
+    import json
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    args = ["decompose", "--model", "digits-mlp-2x25", "--params-ratio", "3", "--kinds", "svd,prune"]
+    try:
+        assert main([*args, "--calibration-size", "128", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "test accuracy: fp32" in printed and "layers.1" in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["params"] <= report["budget"]
+    assert (tmp_path / "model.safetensors").exists()
+    assert main(["decompose", "--model", "digits-mlp-2x25", "--params-ratio", "1000", "--kinds", "svd"]) == 2
+    assert "budget" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import itertools
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,7 +31,7 @@ from cetopt.errors import DataShapeError, InfeasibleBudgetError, SolverFailedErr
 from cetopt.problem import MILP, Status
 from cetopt.solving import default_workers, solve
 
-__all__ = ["ParetoFront", "allocate", "pareto"]
+__all__ = ["OptionChoice", "ParetoFront", "allocate", "choose_options", "pareto"]
 
 
 def _allowed(table: SensitivityTable, min_bits, max_bits) -> np.ndarray:
@@ -227,6 +228,65 @@ def allocate(
         resources,
         names,
     )
+
+
+class OptionChoice(NamedTuple):
+    """Outcome of :func:`choose_options`: one option per group and what the solver proved."""
+
+    choice: np.ndarray
+    status: str
+    bound: float | None
+    solver: str
+
+
+def choose_options(
+    cost: np.ndarray,
+    size: np.ndarray,
+    budget: float,
+    *,
+    allowed: np.ndarray | None = None,
+    solver="highs",
+    time_limit: float | None = None,
+    mip_gap: float = 1e-4,
+    use_greedy: bool = True,
+) -> OptionChoice:
+    """The multiple-choice knapsack behind :func:`allocate`, for any menu of options.
+
+    Picks one option per group (row) minimising the summed ``cost`` with the summed ``size`` at most
+    ``budget``: the convex-hull greedy when its certificate meets ``mip_gap``, else the MILP (one
+    binary per option, one-hot rows, one budget row) through :func:`cetopt.solve`.
+
+    Parameters
+    ----------
+    cost, size : ndarray, shape (groups, options)
+        Pad groups with fewer options with any value and mark the padding not ``allowed``.
+    budget : float
+    allowed : ndarray of bool, optional
+    solver, time_limit, mip_gap, use_greedy : as in :func:`allocate`.
+
+    Raises
+    ------
+    InfeasibleBudgetError
+        The budget is below the smallest reachable size; ``.minimum`` holds it.
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    size = np.asarray(size, dtype=np.float64)
+    allowed = np.ones(cost.shape, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    if cost.shape != size.shape or cost.shape != allowed.shape or cost.ndim != 2:
+        raise DataShapeError(
+            "cost, size and allowed must share one 2-D shape, "
+            f"got {cost.shape}, {size.shape}, {allowed.shape}"
+        )
+    if not allowed.any(axis=1).all():
+        raise ValueError(f"group {int(np.flatnonzero(~allowed.any(axis=1))[0])} has no allowed option")
+    _check_minimum(["size"], [float(np.where(allowed, size, np.inf).min(axis=1).sum())], [budget], ["units"])
+    greedy = mck_greedy(cost, size, budget, allowed)
+    if use_greedy and greedy.gap <= mip_gap:
+        return OptionChoice(greedy.choice, "optimal", greedy.lp_bound, "mck-greedy")
+    choice, status, bound, name = _solve_milp(
+        cost, [size], [budget], allowed, greedy, solver, time_limit, mip_gap, ["size"]
+    )
+    return OptionChoice(choice, status, bound, name)
 
 
 def _solve_milp(cost, resources, limits, allowed, greedy, solver, time_limit, mip_gap, names):

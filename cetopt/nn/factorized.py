@@ -1,13 +1,17 @@
 """Factorised layers: ``W ≈ U V + S`` as two thin layers plus an optional sparse part.
 
 ``FactorizedLinear`` computes ``second(first(x)) + S x`` with ``first = Linear(in, r, bias=False)``
-(weight V) and ``second = Linear(r, out)`` (weight U, the layer's bias). ``FactorizedConv`` does the
-same with ``first`` a convolution with the original kernel, stride, padding and dilation into ``r``
-channels and ``second`` a 1×1 convolution. The sparse part keeps only its nonzeros: values are a
-parameter, their flat positions in the dense weight an int64 buffer.
+(weight V) and ``second = Linear(r, out)`` (weight U, the layer's bias). Rank 0 is allowed when
+there is a sparse part: the layer is then ``S x + b`` (a pruned layer), ``second`` only holds the
+bias. ``FactorizedConv`` does the same with ``first`` a convolution with the original kernel,
+stride, padding and dilation into ``r`` channels and ``second`` a 1×1 convolution. The sparse
+part keeps only its nonzeros: values are a parameter, their flat positions in the dense weight an
+int64 buffer.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +42,17 @@ class FactorizedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, nnz: int = 0):
         super().__init__()
+        _check_rank(rank, nnz)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.first = nn.Linear(in_features, rank, bias=False)
-        self.second = nn.Linear(rank, out_features, bias=bias)
+        with warnings.catch_warnings():  # rank 0: zero-element weights
+            warnings.simplefilter("ignore", UserWarning)
+            self.first = nn.Linear(in_features, rank, bias=False)
+            self.second = nn.Linear(rank, out_features, bias=bias)
         self.sparse = _SparsePart((out_features, in_features), nnz) if nnz else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rank == 0:
+            return F.linear(x, self.sparse.dense(x.dtype), self.second.bias)
         y = self.second(self.first(x))
         if self.sparse is not None:
             y = y + F.linear(x, self.sparse.dense(x.dtype))
@@ -57,11 +66,20 @@ class FactorizedConv(nn.Module):
         super().__init__()
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError("only ungrouped, zero-padded convolutions can be factorised")
+        _check_rank(rank, nnz)
         cls = type(conv)
         self.dims = len(conv.kernel_size)
         self.rank = rank
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.first = cls(
+        with warnings.catch_warnings():  # rank 0: zero-element weights
+            warnings.simplefilter("ignore", UserWarning)
+            self.first, self.second = self._thin_layers(cls, conv, rank)
+        shape = (conv.out_channels, conv.in_channels, *conv.kernel_size)
+        self.sparse = _SparsePart(shape, nnz) if nnz else None
+
+    @staticmethod
+    def _thin_layers(cls, conv, rank: int) -> tuple[nn.Module, nn.Module]:
+        first = cls(
             conv.in_channels,
             rank,
             conv.kernel_size,
@@ -70,16 +88,24 @@ class FactorizedConv(nn.Module):
             dilation=conv.dilation,
             bias=False,
         )
-        self.second = cls(rank, conv.out_channels, 1, bias=conv.bias is not None)
-        shape = (conv.out_channels, conv.in_channels, *conv.kernel_size)
-        self.sparse = _SparsePart(shape, nnz) if nnz else None
+        return first, cls(rank, conv.out_channels, 1, bias=conv.bias is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+        if self.rank == 0:
+            s = self.sparse.dense(x.dtype)
+            return conv(x, s, self.second.bias, self.stride, self.padding, self.dilation)
         y = self.second(self.first(x))
         if self.sparse is not None:
-            conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
             y = y + conv(x, self.sparse.dense(x.dtype), None, self.stride, self.padding, self.dilation)
         return y
+
+
+def _check_rank(rank: int, nnz: int) -> None:
+    if rank < 0 or (rank == 0 and nnz == 0):
+        raise ValueError(
+            f"rank must be positive, or 0 with a sparse part; got rank {rank} with {nnz} nonzeros"
+        )
 
 
 def check_factor_shapes(weight_shape: tuple[int, ...], first: torch.Tensor, second: torch.Tensor) -> None:
@@ -90,7 +116,8 @@ def check_factor_shapes(weight_shape: tuple[int, ...], first: torch.Tensor, seco
         )
     out, rank = second.shape
     fan_in = int(torch.tensor(weight_shape[1:]).prod())
-    if rank < 1 or first.shape[0] != rank or first.reshape(rank, -1).shape[1] != fan_in:
+    first_fan_in = int(torch.tensor(first.shape[1:]).prod())
+    if first.shape[0] != rank or first_fan_in != fan_in:
         raise ValueError(
             f"factors of shapes {tuple(first.shape)} and {tuple(second.shape)} do not fit a weight of "
             f"shape {weight_shape}"

@@ -33,6 +33,8 @@ class FactorizeRule(RewriteRule):
         if d.sparse is not None and d.sparse.numel() != module.weight.numel():
             n = module.weight.numel()
             return f"the sparse part has {d.sparse.numel()} entries, the weight of {d.layer!r} has {n}"
+        if d.second.dim() == 2 and d.second.shape[1] == 0 and (d.sparse is None or not d.sparse.any()):
+            return f"rank 0 for {d.layer!r} needs a sparse part with nonzeros"
         try:
             check_factor_shapes(tuple(module.weight.shape), d.first, d.second)
         except ValueError as exc:

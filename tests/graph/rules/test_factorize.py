@@ -69,3 +69,21 @@ def test_grouped_conv_is_refused():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(RewriteError, match="grouped"):
         rewrite(model, [Factorize("0", torch.zeros(2, 18), torch.zeros(4, 2))])
+
+
+@pytest.mark.parametrize("kind, layer", [("mlp", "fc1"), ("cnn", "conv2")])
+def test_rank_zero_is_a_pruned_layer(kind, layer):
+    model, x = example(kind)
+    w = getattr(model, layer).weight.detach()
+    sparse = torch.where(w.abs() > w.abs().median(), w, torch.zeros_like(w))
+    rank0 = (torch.zeros(0, *w.shape[1:]), torch.zeros(w.shape[0], 0))
+    new = rewrite(model, [Factorize(layer, *rank0, sparse)])
+    nnz = int(torch.count_nonzero(sparse))
+    bias = getattr(model, layer).bias
+    assert count_parameters(getattr(new, layer)) == nnz + (0 if bias is None else bias.numel())
+    pruned = rewrite(model, [])
+    with torch.no_grad():
+        getattr(pruned, layer).weight.copy_(sparse)
+        torch.testing.assert_close(new(x), pruned(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RewriteError, match="rank 0"):
+        rewrite(model, [Factorize(layer, *rank0)])

@@ -1,0 +1,265 @@
+"""Low-rank plus sparse compression: single methods at equal parameters, and the joint menu at equal bytes.
+
+For each model (digits CNN, digits ResNet, MNIST-1D CNN) and seed (the zoo model's training seed,
+the calibration subset and the fine-tune order), one menu is measured on 512 calibration examples of
+the training split (≤ 2048 calibration columns per layer): per layer, dense; quantized at
+{2, 3, 4, 6, 8} bits; truncated SVD at 1/32 … 1/2 of full rank; magnitude pruning keeping 2–50 %;
+weight-space (OATS-style) and activation-aware (ADMM) L + S over ranks {1/32, 1/16, 1/8, 1/4} ×
+densities {1 %, 3 %, 10 %}; and every factorised option again with its factors at 4 and 8 bits. Each
+option carries its network output error (only that layer changed) and its exact parameter and byte
+cost. Then:
+
+* **Equal parameters** (5× fewer weight values in the compressed layers): the MILP picks one option
+  per layer from the menu restricted to one method (SVD only, pruning only, weight-space L + S,
+  activation-aware L + S; any layer may also stay dense) and, for reference, from all float
+  methods together. Each plan is written back through the rewriter, then fine-tuned for a few
+  epochs on the training split with ranks and sparsity masks fixed (Adam; cross-entropy plus
+  distillation from the float32 model; BatchNorm statistics updated).
+* **Equal bytes** (8× and 12× fewer weight bytes than float32): the MILP over each single method
+  (bit allocation only; SVD, pruning, weight-space L + S, activation-aware L + S in float32) and over
+  the joint menu (everything, including factorised layers with quantized factors). No fine-tune.
+
+Accuracy is top-1 on the test split; output error is ``‖f'(x) − f(x)‖² / ‖f(x)‖²`` of the logits on
+the test split. Parameter counts are exact: factors plus the nonzeros of the sparse part (stored as
+values plus an index buffer, which is not counted as parameters); the whole-model ratio also counts
+biases and BatchNorm parameters. Bytes count quantized codes as ``cetopt.save`` packs them and
+sparse parts as float32 values plus a bitmask or 2-byte indices (a packing model; in memory the
+positions are an int64 buffer).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cetopt.errors import InfeasibleBudgetError
+from cetopt.lowrank import build_menu, stored_bytes, stored_params
+from cetopt.zoo import accuracy, load_dataset, load_model, zoo_entry
+
+MODELS = ("digits-cnn", "digits-resnet", "mnist1d-cnn")
+METHODS = ("svd", "prune", "weight_space", "admm")
+PARAM_RATIO = 5.0
+BYTE_RATIOS = (8.0, 12.0)
+CALIBRATION_EXAMPLES = 512
+FINETUNE = {"epochs": 10, "lr": 1e-3, "batch_size": 64, "distillation_temperature": 4.0}
+
+
+def _output_error(model, reference, x) -> float:
+    with torch.no_grad():
+        out = model(x).double()
+    return float((out - reference).pow(2).sum() / reference.pow(2).sum())
+
+
+def _fine_tune(model, teacher, data, seed: int):
+    """Adam on the training split: cross-entropy plus distillation from the float32 model."""
+    model = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=FINETUNE["lr"])
+    loader = data.loader("train", batch_size=FINETUNE["batch_size"], shuffle=True, seed=seed)
+    temp = FINETUNE["distillation_temperature"]
+    model.train()
+    for _ in range(FINETUNE["epochs"]):
+        for xb, yb in loader:
+            out = model(xb)
+            with torch.no_grad():
+                soft = F.softmax(teacher(xb) / temp, dim=1)
+            kd = F.kl_div(F.log_softmax(out / temp, dim=1), soft, reduction="batchmean") * temp**2
+            loss = F.cross_entropy(out, yb) + kd
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def _evaluate(model, data, reference) -> dict:
+    return {
+        "accuracy": accuracy(model, data.x_test, data.y_test),
+        "output_error": _output_error(model, reference, data.x_test),
+    }
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _param_row(menu, model, data, reference, kinds, seed) -> dict:
+    budget = menu.dense_params / PARAM_RATIO
+    plan = menu.choose(budget, kinds=kinds)
+    new = menu.apply(model, plan)
+    exact = stored_params(new, menu.layers)
+    assert exact == plan.params, (exact, plan.params)
+    tuned = _fine_tune(new, model, data, seed)
+    assert stored_params(tuned, menu.layers) == exact  # ranks and masks kept
+    return {
+        "plan": plan.to_dict(),
+        "params": exact,
+        "layer_ratio": menu.dense_params / exact,
+        "model_params": _count(new),
+        "model_ratio": _count(model) / _count(new),
+        **_evaluate(new, data, reference),
+        "fine_tuned": _evaluate(tuned, data, reference),
+    }
+
+
+def _byte_row(menu, model, data, reference, ratio, kinds) -> dict:
+    budget = menu.dense_bytes / ratio
+    try:
+        plan = menu.choose(budget, resource="bytes", kinds=kinds, quantized_factors=kinds is None)
+    except InfeasibleBudgetError as exc:
+        return {"infeasible": str(exc)}
+    new = menu.apply(model, plan)
+    exact = stored_bytes(new, menu.layers)
+    assert exact == plan.bytes, (exact, plan.bytes)
+    return {
+        "plan": plan.to_dict(),
+        "bytes": exact,
+        "ratio": menu.dense_bytes / exact,
+        **_evaluate(new, data, reference),
+    }
+
+
+def _one(name: str, seed: int, quick: bool) -> dict:
+    torch.manual_seed(seed)
+    model = load_model(name, seed=seed, progress=False)
+    data = load_dataset(zoo_entry(name).dataset)
+    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
+    calibration = data.x_train[order[:CALIBRATION_EXAMPLES]]
+    with torch.no_grad():
+        reference = model(data.x_test).double()
+    t0 = time.perf_counter()
+    menu = build_menu(model, calibration, iterations=10 if quick else 20, seed=seed)
+    menu_seconds = time.perf_counter() - t0
+    row = {
+        "model": name,
+        "seed": seed,
+        "fp32_accuracy": accuracy(model, data.x_test, data.y_test),
+        "dense_params": menu.dense_params,
+        "dense_bytes": menu.dense_bytes,
+        "model_params": _count(model),
+        "menu_options": sum(len(v) for v in menu.options.values()),
+        "menu_seconds": menu_seconds,
+        "equal_params": {
+            kind: _param_row(menu, model, data, reference, kinds, seed)
+            for kind, kinds in [*((m, [m]) for m in METHODS), ("joint_float", list(METHODS))]
+        },
+        "equal_bytes": {
+            str(ratio): {
+                kind: _byte_row(menu, model, data, reference, ratio, kinds)
+                for kind, kinds in [*((m, [m]) for m in ("quant", *METHODS)), ("joint", None)]
+            }
+            for ratio in BYTE_RATIOS
+        },
+    }
+    print(f"  {name} seed {seed}: menu {menu_seconds:.1f} s", flush=True)
+    return row
+
+
+def _stat(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+
+def _summary(rows: list[dict]) -> dict:
+    out = {}
+    for name in MODELS:
+        mine = [r for r in rows if r["model"] == name]
+        if not mine:
+            continue
+        params = {
+            kind: {
+                "layer_ratio": _stat([r["equal_params"][kind]["layer_ratio"] for r in mine]),
+                "model_ratio": _stat([r["equal_params"][kind]["model_ratio"] for r in mine]),
+                "accuracy": _stat([r["equal_params"][kind]["accuracy"] for r in mine]),
+                "output_error": _stat([r["equal_params"][kind]["output_error"] for r in mine]),
+                "accuracy_fine_tuned": _stat(
+                    [r["equal_params"][kind]["fine_tuned"]["accuracy"] for r in mine]
+                ),
+                "output_error_fine_tuned": _stat(
+                    [r["equal_params"][kind]["fine_tuned"]["output_error"] for r in mine]
+                ),
+            }
+            for kind in mine[0]["equal_params"]
+        }
+        byte = {}
+        for ratio in mine[0]["equal_bytes"]:
+            byte[ratio] = {}
+            for kind in mine[0]["equal_bytes"][ratio]:
+                ok = [
+                    r["equal_bytes"][ratio][kind]
+                    for r in mine
+                    if "infeasible" not in r["equal_bytes"][ratio][kind]
+                ]
+                byte[ratio][kind] = (
+                    {
+                        "ratio": _stat([o["ratio"] for o in ok]),
+                        "accuracy": _stat([o["accuracy"] for o in ok]),
+                        "output_error": _stat([o["output_error"] for o in ok]),
+                    }
+                    if ok
+                    else {"infeasible": True}
+                )
+        out[name] = {
+            "fp32_accuracy": _stat([r["fp32_accuracy"] for r in mine]),
+            "equal_params": params,
+            "equal_bytes": byte,
+        }
+    return out
+
+
+def _targets(summary: dict) -> dict:
+    """Target 1: ≥ 4.9× fewer parameters within 1 pp of fp32 after fine-tune (mean over seeds).
+    Target 2: at equal bytes the joint menu beats every single method (accuracy ≥ and output error <)."""
+    first, second = {}, {}
+    for name, s in summary.items():
+        fp32 = s["fp32_accuracy"]["mean"]
+        first[name] = {
+            kind: {
+                "model_ratio": v["model_ratio"]["mean"],
+                "gap_pp": 100 * (fp32 - v["accuracy_fine_tuned"]["mean"]),
+                "met": v["model_ratio"]["mean"] >= 4.9 and fp32 - v["accuracy_fine_tuned"]["mean"] <= 0.01,
+            }
+            for kind, v in s["equal_params"].items()
+        }
+        second[name] = {}
+        for ratio, kinds in s["equal_bytes"].items():
+            joint = kinds["joint"]
+            singles = {k: v for k, v in kinds.items() if k != "joint" and "infeasible" not in v}
+            second[name][ratio] = {
+                "accuracy_beats_all": all(
+                    joint["accuracy"]["mean"] >= v["accuracy"]["mean"] for v in singles.values()
+                ),
+                "output_error_beats_all": all(
+                    joint["output_error"]["mean"] < v["output_error"]["mean"] for v in singles.values()
+                ),
+            }
+    return {"params_4.9x_within_1pp_after_fine_tune": first, "joint_beats_single_at_equal_bytes": second}
+
+
+def run(quick: bool = False) -> dict:
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    seeds = [0] if quick else [0, 1, 2]
+    models = MODELS[:1] if quick else MODELS
+    rows = [_one(name, seed, quick) for seed in seeds for name in models]
+    summary = _summary(rows)
+    return {
+        "config": {
+            "models": list(models),
+            "seeds": seeds,
+            "param_ratio": PARAM_RATIO,
+            "byte_ratios": list(BYTE_RATIOS),
+            "calibration_examples": CALIBRATION_EXAMPLES,
+            "max_columns": 2048,
+            "fine_tune": FINETUNE,
+            "objective": "output_error",
+        },
+        "summary": summary,
+        "targets": _targets(summary),
+        "rows": rows,
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,53 @@
+"""Low-rank plus sparse decomposition of layers (:func:`decompose`), and the menu allocation over it.
+
+>>> result = cetopt.decompose(model, calibration_inputs, rank=4, nnz=0.05, method="admm")
+>>> result.model, result.ratio
+"""
+
+from cetopt.lowrank.decompose import METHODS, Decomposition, LayerResult, decompose, fit_layer
+from cetopt.lowrank.fit import (
+    LowRankSparse,
+    fit_admm,
+    fit_prune,
+    fit_svd,
+    fit_weight_space,
+    project_sparse,
+    truncate,
+)
+from cetopt.lowrank.layers import LayerData, collect, supported_layers
+from cetopt.lowrank.menu import (
+    KINDS,
+    Menu,
+    MenuOption,
+    MenuPlan,
+    build_menu,
+    sparse_bytes,
+    stored_bytes,
+    stored_params,
+)
+
+__all__ = [
+    "KINDS",
+    "METHODS",
+    "Decomposition",
+    "LayerData",
+    "LayerResult",
+    "LowRankSparse",
+    "Menu",
+    "MenuOption",
+    "MenuPlan",
+    "build_menu",
+    "collect",
+    "decompose",
+    "fit_admm",
+    "fit_layer",
+    "fit_prune",
+    "fit_svd",
+    "fit_weight_space",
+    "project_sparse",
+    "sparse_bytes",
+    "stored_bytes",
+    "stored_params",
+    "supported_layers",
+    "truncate",
+]

@@ -1,0 +1,308 @@
+"""Fitting ``W ≈ L + S`` for one weight matrix: rank(L) ≤ r, S with at most k nonzeros.
+
+All four fits work on a weight matrix ``W`` of shape ``(m, n)`` (a convolution's kernel flattened to
+``(out, in·k…)``) and, where they use data, calibration inputs ``X`` of shape ``(n, N)`` (one column
+per example or output position: the unfolded patches of a convolution). Work is in float64.
+
+**Activation-aware L + S by ADMM** (:func:`fit_admm`). After Ma et al. 2018 ("A unified
+approximation framework", extended ADMM) and Yu et al. 2017: with ``Y = σ(WX + b)`` the layer's
+original output after its activation, solve
+
+    min_{L, S, Z}  ‖σ(Z) − Y‖²   s.t.  Z = (L + S) X + b,  rank(L) ≤ r,  S ∈ 𝒮_k
+
+by splitting the pre-activation ``Z`` off. The augmented Lagrangian (scaled dual ``U``, penalty ρ) is
+
+    ℒ(L, S, Z, U) = ‖σ(Z) − Y‖² + (ρ/2) ‖Z − (L + S) X − b + U‖² − (ρ/2) ‖U‖²,
+
+and one iteration updates each block in turn:
+
+1. **Z-step**, elementwise with ``V = (L + S) X + b − U``: ``z = argmin (σ(z) − y)² + (ρ/2)(z − v)²``.
+   For σ = identity, ``z = (2y + ρv) / (2 + ρ)``. For σ = ReLU compare the two branches,
+   ``z₊ = max(0, (2y + ρv)/(2 + ρ))`` (cost ``(z₊ − y)² + (ρ/2)(z₊ − v)²``) and
+   ``z₋ = min(0, v)`` (cost ``y² + (ρ/2)(z₋ − v)²``), and keep the cheaper.
+2. **L-step**, with target ``T = Z + U − b``: ``L = argmin_{rank ≤ r} ‖L X − (T − S X)‖²``, a
+   reduced-rank regression solved exactly: with ``XXᵀ + λI = R Rᵀ`` (Cholesky; λ is jitter, grown
+   until the factorisation succeeds, since ``XXᵀ`` is singular whenever N < n or inputs are
+   collinear), ``‖L X − T'‖² = ‖(L − T'Xᵀ(XXᵀ)⁻¹) R‖² + const``, so ``L = [T' Xᵀ R⁻ᵀ]_r R⁻¹``
+   where ``[·]_r`` is the truncated SVD.
+3. **S-step**: ``S`` minimising ``‖S X − (T − L X)‖²`` over 𝒮_k is combinatorial; as in the
+   linearised ("extended") ADMM, take projected-gradient steps
+   ``S ← P_k(S − η ((L + S) X − T) Xᵀ)`` with ``η = 1 / λ_max(XXᵀ)``, where ``P_k`` keeps the k
+   largest entries (or the largest rows / columns by norm for structured sparsity).
+4. **Dual**: ``U ← U + Z − (L + S) X − b``; then ``ρ ← min(γρ, ρ_max)`` (γ > 1) and ``U`` is
+   rescaled by ``ρ_old / ρ_new`` (it is the dual divided by ρ). A growing penalty
+   drives ``Z`` onto ``(L + S) X + b``, so late iterations minimise the true objective.
+
+The iteration starts from the weight-space fit below and returns the iterate with the lowest true
+objective ``‖σ((L + S) X + b) − Y‖²``, which is recorded at every iteration in ``history``.
+
+**Weight-space L + S** (:func:`fit_weight_space`), as in OATS: scale the input dimensions by
+``D = √diag(XXᵀ)`` (plus jitter), then alternate ``L = [WD − S]_r`` and ``S = P_k(WD − L)``, and
+undo the scaling. The alternation is run from ``S = 0`` and from ``S = P_k(WD)`` and the better end
+point is kept (from ``S = 0`` the first SVD absorbs large sparse entries and can stall).
+
+**Plain SVD** (:func:`fit_svd`): ``L = [W]_r``. **Magnitude pruning**
+(:func:`fit_prune`): ``S = P_k(W)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "ACTIVATIONS",
+    "STRUCTURES",
+    "LowRankSparse",
+    "cholesky_jitter",
+    "fit_admm",
+    "fit_prune",
+    "fit_svd",
+    "fit_weight_space",
+    "project_sparse",
+    "truncate",
+]
+
+STRUCTURES = ("unstructured", "rows", "columns")
+ACTIVATIONS = ("identity", "relu")
+
+
+@dataclass(frozen=True)
+class LowRankSparse:
+    """``W ≈ left @ right + sparse``.
+
+    Attributes
+    ----------
+    left : Tensor, shape (m, r)
+    right : Tensor, shape (r, n)
+    sparse : Tensor, shape (m, n)
+    history : tuple of float
+        Objective per iteration (empty for one-shot fits).
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    sparse: torch.Tensor
+    history: tuple[float, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        return int(self.left.shape[1])
+
+    @property
+    def nnz(self) -> int:
+        return int(torch.count_nonzero(self.sparse))
+
+    @property
+    def params(self) -> int:
+        """Stored values: ``r (m + n) + nnz`` (rank 0 stores no factors)."""
+        m, n = self.sparse.shape
+        return self.rank * (m + n) + self.nnz
+
+    def dense(self) -> torch.Tensor:
+        return self.left @ self.right + self.sparse
+
+    def scale_rows(self, factor: torch.Tensor) -> LowRankSparse:
+        """The decomposition of ``diag(factor) W`` (rank and support unchanged)."""
+        f = factor.to(self.left.dtype)[:, None]
+        return LowRankSparse(self.left * f, self.right, self.sparse * f, self.history)
+
+
+def truncate(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` approximation ``left @ right`` of ``matrix`` (truncated SVD)."""
+    m, n = matrix.shape
+    if rank == 0:
+        return matrix.new_zeros(m, 0), matrix.new_zeros(0, n)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank], s[:rank, None] * vh[:rank]
+
+
+def project_sparse(matrix: torch.Tensor, nnz: int, structure: str = "unstructured") -> torch.Tensor:
+    """Keep the ``nnz`` largest-magnitude entries (or whole rows / columns, ``nnz // n`` of them)."""
+    m, n = matrix.shape
+    if nnz <= 0:
+        return torch.zeros_like(matrix)
+    if structure == "unstructured":
+        if nnz >= matrix.numel():
+            return matrix.clone()
+        keep = matrix.abs().flatten().topk(nnz).indices
+        out = torch.zeros(matrix.numel(), dtype=matrix.dtype)
+        out[keep] = matrix.flatten()[keep]
+        return out.reshape(m, n)
+    axis = 1 if structure == "rows" else 0
+    units = nnz // matrix.shape[axis]
+    norms = matrix.pow(2).sum(dim=axis)
+    mask = torch.zeros_like(norms, dtype=torch.bool)
+    mask[norms.topk(min(units, norms.numel())).indices] = True
+    return matrix * (mask[:, None] if structure == "rows" else mask[None, :])
+
+
+def cholesky_jitter(gram: torch.Tensor, rel: float = 1e-8) -> torch.Tensor:
+    """Lower Cholesky factor of ``gram + λI`` in float64, λ grown from ``rel · mean diag`` until it works."""
+    gram = gram.to(torch.float64)
+    n = gram.shape[0]
+    base = float(gram.diagonal().mean()) if n else 0.0
+    lam = max(rel * base, 1e-12)
+    eye = torch.eye(n, dtype=torch.float64)
+    for _ in range(20):
+        factor, info = torch.linalg.cholesky_ex(gram + lam * eye)
+        if int(info) == 0:
+            return factor
+        lam *= 10
+    raise RuntimeError("XXᵀ could not be factorised even with jitter")
+
+
+def _column_scale(gram: torch.Tensor) -> torch.Tensor:
+    diag = gram.diagonal().clamp_min(0)
+    return (diag + 1e-8 * float(diag.mean()) + 1e-12).sqrt()
+
+
+def fit_svd(weight: torch.Tensor, rank: int) -> LowRankSparse:
+    """Plain truncated SVD of ``weight``."""
+    w = weight.to(torch.float64)
+    left, right = truncate(w, rank)
+    return LowRankSparse(left, right, torch.zeros_like(w))
+
+
+def fit_prune(weight: torch.Tensor, nnz: int, structure: str = "unstructured") -> LowRankSparse:
+    """Plain magnitude pruning of ``weight``."""
+    w = weight.to(torch.float64)
+    m, n = w.shape
+    return LowRankSparse(w.new_zeros(m, 0), w.new_zeros(0, n), project_sparse(w, nnz, structure))
+
+
+def fit_weight_space(
+    weight: torch.Tensor,
+    rank: int,
+    nnz: int,
+    gram: torch.Tensor | None = None,
+    *,
+    structure: str = "unstructured",
+    iterations: int = 20,
+) -> LowRankSparse:
+    """OATS-style alternation on ``W D``, ``D = √diag(XXᵀ)`` (identity without ``gram``)."""
+    w = weight.to(torch.float64)
+    d = torch.ones(w.shape[1], dtype=torch.float64) if gram is None else _column_scale(gram)
+    wd = w * d[None, :]
+    runs = [_alternate(wd, rank, nnz, structure, iterations, sparse_first=False)]
+    if rank and nnz:
+        runs.append(_alternate(wd, rank, nnz, structure, iterations, sparse_first=True))
+    left, right, sparse, history = min(runs, key=lambda run: run[3][-1])
+    return LowRankSparse(left, right / d[None, :], sparse / d[None, :], tuple(history))
+
+
+def _alternate(wd, rank, nnz, structure, iterations, *, sparse_first):
+    """Alternate ``L = [WD − S]_r``, ``S = P_k(WD − L)`` from ``S = 0`` or from ``S = P_k(WD)``."""
+    sparse = project_sparse(wd, nnz, structure) if sparse_first else torch.zeros_like(wd)
+    history = []
+    for _ in range(iterations if nnz and rank else 1):
+        left, right = truncate(wd - sparse, rank)
+        sparse = project_sparse(wd - left @ right, nnz, structure)
+        history.append(float((wd - left @ right - sparse).pow(2).sum()))
+    return left, right, sparse, history
+
+
+def _activate(z: torch.Tensor, activation: str) -> torch.Tensor:
+    return z.clamp_min(0) if activation == "relu" else z
+
+
+def _prox(y: torch.Tensor, v: torch.Tensor, rho: float, activation: str) -> torch.Tensor:
+    """Elementwise ``argmin_z (σ(z) − y)² + (ρ/2)(z − v)²``."""
+    z_pos = (2 * y + rho * v) / (2 + rho)
+    if activation == "identity":
+        return z_pos
+    z_pos = z_pos.clamp_min(0)
+    z_neg = v.clamp_max(0)
+    cost_pos = (z_pos - y) ** 2 + 0.5 * rho * (z_pos - v) ** 2
+    cost_neg = y**2 + 0.5 * rho * (z_neg - v) ** 2
+    return torch.where(cost_pos <= cost_neg, z_pos, z_neg)
+
+
+def _reduced_rank(target_xt: torch.Tensor, chol: torch.Tensor, rank: int):
+    """``argmin_{rank ≤ r} ‖L X − T‖²`` as factors, given ``T Xᵀ`` and ``XXᵀ + λI = R Rᵀ``."""
+    m, n = target_xt.shape
+    if rank == 0:
+        return target_xt.new_zeros(m, 0), target_xt.new_zeros(0, n)
+    whitened = torch.linalg.solve_triangular(chol, target_xt.T, upper=False).T  # T Xᵀ R⁻ᵀ
+    left, right = truncate(whitened, rank)
+    right = torch.linalg.solve_triangular(chol.T, right.T, upper=True).T  # · R⁻¹
+    return left, right
+
+
+def fit_admm(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    inputs: torch.Tensor,
+    rank: int,
+    nnz: int,
+    *,
+    activation: str = "relu",
+    structure: str = "unstructured",
+    iterations: int = 30,
+    rho: float = 1.0,
+    rho_growth: float = 1.15,
+    rho_max: float = 1e4,
+    sparse_steps: int = 3,
+    init: LowRankSparse | None = None,
+) -> LowRankSparse:
+    """Activation-aware L + S by ADMM (see the module docstring for the derivation).
+
+    Parameters
+    ----------
+    weight : Tensor, shape (m, n)
+    bias : Tensor, shape (m,), optional
+    inputs : Tensor, shape (n, N)
+        Calibration inputs ``X`` (columns).
+    rank, nnz : int
+        Rank of L and nonzeros of S.
+    activation : {"relu", "identity"}
+    structure : {"unstructured", "rows", "columns"}
+    iterations : int
+    rho, rho_growth, rho_max : float
+        Initial penalty, its growth per iteration, its cap.
+    sparse_steps : int
+        Projected-gradient steps per S-step.
+    init : LowRankSparse, optional
+        Starting point; default the weight-space fit.
+
+    Returns
+    -------
+    LowRankSparse
+        The best iterate; ``history[0]`` is the objective at the start.
+    """
+    w = weight.to(torch.float64)
+    x = inputs.to(torch.float64)
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.to(torch.float64)
+    b = b[:, None]
+    gram = x @ x.T
+    y = _activate(w @ x + b, activation)
+    chol = cholesky_jitter(gram)
+    eta = 1.0 / float(torch.linalg.eigvalsh(gram)[-1].clamp_min(1e-12))
+    start = init or fit_weight_space(w, rank, nnz, gram, structure=structure)
+    left, right, sparse = start.left.clone(), start.right.clone(), start.sparse.clone()
+
+    pre = (left @ right + sparse) @ x  # (L + S) X, shared by the objective, the Z-step and the dual
+
+    def objective(pre_x: torch.Tensor) -> float:
+        return float((_activate(pre_x + b, activation) - y).pow(2).sum())
+
+    best = (objective(pre), left, right, sparse)
+    history = [best[0]]
+    dual = torch.zeros_like(y)
+    for _ in range(iterations):
+        z = _prox(y, pre + b - dual, rho, activation)
+        target_xt = (z + dual - b) @ x.T  # T Xᵀ; every other product goes through XXᵀ
+        left, right = _reduced_rank(target_xt - sparse @ gram, chol, rank)
+        low = left @ right
+        for _ in range(sparse_steps if nnz else 0):
+            sparse = project_sparse(sparse - eta * ((low + sparse) @ gram - target_xt), nnz, structure)
+        pre = (low + sparse) @ x
+        dual = dual + z - pre - b
+        new_rho = min(rho * rho_growth, rho_max)
+        dual *= rho / new_rho  # the scaled dual is λ/ρ
+        rho = new_rho
+        history.append(objective(pre))
+        if history[-1] < best[0]:
+            best = (history[-1], left, right, sparse)
+    return LowRankSparse(best[1], best[2], best[3], tuple(history))

@@ -1,0 +1,246 @@
+"""What a layer sees and what follows it: calibration inputs as columns, and the activation after it.
+
+For every Linear/Conv1d/Conv2d layer the calibration inputs become a matrix ``X`` of shape
+``(fan_in, N)``: the flattened inputs of a Linear layer, the unfolded patches of a convolution (one
+column per output position), subsampled to at most ``max_columns`` columns. The layer's output
+then is ``W X + b`` with ``W`` the weight flattened to ``(out, fan_in)``.
+
+What follows the layer is read from its torch.fx graph: an optional BatchNorm in eval mode (a
+per-channel affine ``a ⊙ z + d``) and then an optional ReLU. The fit target is
+``σ(a ⊙ (W X + b) + d)``; a layer whose output feeds anything else (an add, a pooling, two users)
+is fitted with σ = identity after the BatchNorm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from cetopt.errors import CalibrationShapeError, UnsupportedLayerError
+
+__all__ = ["LayerData", "collect", "supported_layers", "weight_matrix"]
+
+_RELU = (torch.relu, F.relu, torch.nn.functional.relu)
+
+
+@dataclass(frozen=True)
+class LayerData:
+    """One layer's fitting problem.
+
+    Attributes
+    ----------
+    name : str
+    weight : Tensor, shape (m, n)
+        The weight as a matrix (float64).
+    bias : Tensor, shape (m,)
+        Bias (zeros without one).
+    inputs : Tensor, shape (n, N)
+        Calibration columns.
+    scale, shift : Tensor, shape (m,)
+        The per-channel affine between the layer and its activation (a following BatchNorm).
+    activation : str
+        ``"relu"`` or ``"identity"``.
+    """
+
+    name: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+    inputs: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    activation: str
+
+    @property
+    def effective_weight(self) -> torch.Tensor:
+        """``diag(scale) W``: the weight as seen by the activation."""
+        return self.scale[:, None] * self.weight
+
+    @property
+    def effective_bias(self) -> torch.Tensor:
+        return self.scale * self.bias + self.shift
+
+    def output(self, weight: torch.Tensor) -> torch.Tensor:
+        """``σ(a ⊙ (W' X + b) + d)`` for a candidate weight matrix ``W'``."""
+        z = (self.scale[:, None] * weight.to(torch.float64)) @ self.inputs + self.effective_bias[:, None]
+        return z.clamp_min(0) if self.activation == "relu" else z
+
+    def relative_error(self, weight: torch.Tensor) -> float:
+        """``‖σ(W'…) − σ(W…)‖² / ‖σ(W…)‖²`` on the calibration columns."""
+        ref = self.output(self.weight)
+        return float((self.output(weight) - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
+
+
+def _supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, (nn.Conv1d, nn.Conv2d))
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+def supported_layers(model: nn.Module) -> list[str]:
+    """Names of the layers that can be decomposed (Linear, ungrouped zero-padded Conv1d/Conv2d)."""
+    return [name for name, m in model.named_modules() if name and _supported(m)]
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear/Conv as ``(out, fan_in)`` float64."""
+    return module.weight.detach().reshape(module.weight.shape[0], -1).to(torch.float64)
+
+
+def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Inputs of one batch as columns of shape ``(fan_in, positions)``."""
+    x = x.detach().to(torch.float64)
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, module.in_features).T
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, stride = (1, module.kernel_size[0]), (1, module.stride[0])
+        padding, dilation = (0, module.padding[0]), (1, module.dilation[0])
+    else:
+        kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, n, P)
+    return patches.permute(1, 0, 2).reshape(patches.shape[1], -1)
+
+
+def _batches(calibration) -> Iterable[torch.Tensor]:
+    if isinstance(calibration, torch.Tensor):
+        yield calibration
+        return
+    for batch in calibration:
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _check_batch(x, index: int) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise CalibrationShapeError(
+            f"calibration batch {index} must be a floating-point tensor, got "
+            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}"
+        )
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise CalibrationShapeError(
+            f"calibration batch {index} has shape {tuple(x.shape)}; expected (batch, *input_shape)"
+        )
+
+
+def _follower(graph: fx.Graph, modules: Mapping[str, nn.Module], name: str):
+    """(BatchNorm module or None, activation) that follows the call of layer ``name``."""
+    node = next((n for n in graph.nodes if n.op == "call_module" and n.target == name), None)
+    if node is None:
+        return None, "identity"
+    bn = None
+    if len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "call_module" and isinstance(modules.get(user.target), nn.modules.batchnorm._BatchNorm):
+            bn, node = modules[user.target], user
+    if len(node.users) != 1:
+        return bn, "identity"
+    user = next(iter(node.users))
+    relu = (
+        (user.op == "call_function" and user.target in _RELU)
+        or (user.op == "call_method" and user.target == "relu")
+        or (user.op == "call_module" and isinstance(modules.get(user.target), nn.ReLU))
+    )
+    return bn, "relu" if relu else "identity"
+
+
+def _affine(bn, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if bn is None or bn.training or bn.running_mean is None:
+        return torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
+    inv = (bn.running_var.double() + bn.eps).rsqrt()
+    weight = bn.weight.detach().double() if bn.weight is not None else torch.ones(channels)
+    bias = bn.bias.detach().double() if bn.bias is not None else torch.zeros(channels)
+    scale = weight * inv
+    scale = torch.where(scale.abs() < 1e-8, torch.full_like(scale, 1e-8), scale)  # keep it invertible
+    return scale, bias - bn.running_mean.double() * weight * inv
+
+
+def _followers(model: nn.Module, names: list[str]) -> dict[str, tuple]:
+    modules = dict(model.named_modules())
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception:  # untraceable: fit every layer's own output
+        return {n: (None, "identity") for n in names}
+    return {n: _follower(graph, modules, n) for n in names}
+
+
+@torch.no_grad()
+def collect(
+    model: nn.Module,
+    calibration,
+    names: list[str],
+    *,
+    max_columns: int = 2048,
+    seed: int = 0,
+) -> dict[str, LayerData]:
+    """Run ``calibration`` through ``model`` (not modified) and build each named layer's problem.
+
+    Parameters
+    ----------
+    model : nn.Module
+    calibration : Tensor or iterable of batches
+        Inputs ``(batch, *input_shape)``, or a DataLoader yielding them (or ``(inputs, targets)``).
+    names : list of str
+        Layers to collect (see :func:`supported_layers`).
+    max_columns : int
+        Columns kept per layer, sampled without replacement.
+    seed : int
+
+    Raises
+    ------
+    CalibrationShapeError
+        A batch is not a float tensor of shape ``(batch, *input_shape)`` that the model accepts.
+    UnsupportedLayerError
+        A name is not a supported layer.
+    """
+    modules = dict(model.named_modules())
+    for name in names:
+        if not _supported(modules.get(name, nn.Identity())):
+            kind = type(modules[name]).__name__ if name in modules else "missing"
+            raise UnsupportedLayerError(
+                f"layer {name!r} ({kind}) cannot be decomposed: only nn.Linear and ungrouped, "
+                "zero-padded nn.Conv1d/Conv2d are",
+                name,
+            )
+    chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [
+        modules[n].register_forward_hook(lambda m, args, out, n=n: chunks[n].append(_columns(m, args[0])))
+        for n in names
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        for i, x in enumerate(_batches(calibration)):
+            _check_batch(x, i)
+            try:
+                model(x)
+            except RuntimeError as exc:
+                raise CalibrationShapeError(
+                    f"calibration batch {i} of shape {tuple(x.shape)} does not fit the model: {exc}"
+                ) from exc
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if not all(chunks.values()):
+        raise CalibrationShapeError("the calibration data holds no batch")
+    followers = _followers(model, names)
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in names:
+        cols = torch.cat(chunks[name], dim=1)
+        if cols.shape[1] > max_columns:
+            cols = cols[:, torch.randperm(cols.shape[1], generator=generator)[:max_columns]]
+        module = modules[name]
+        w = weight_matrix(module)
+        bias = module.bias.detach().double() if module.bias is not None else torch.zeros(w.shape[0])
+        scale, shift = _affine(followers[name][0], w.shape[0])
+        out[name] = LayerData(name, w, bias.double(), cols, scale, shift, followers[name][1])
+    return out
