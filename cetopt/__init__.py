@@ -41,6 +41,8 @@ _LAZY: dict[str, str] = {
     "mark_source": "cetopt.serialization",
     "SavedModel": "cetopt.serialization",
     "rewrite": "cetopt.graph",
+    "self_compress": "cetopt.selfcompress",
+    "SelfCompressionResult": "cetopt.selfcompress",
 }
 
 
