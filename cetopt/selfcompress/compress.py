@@ -51,7 +51,7 @@ class RestoreEvent:
     accuracy : float
         Preservation accuracy that triggered it.
     reference : float
-        Preservation accuracy at the start of training.
+        The preservation accuracy it was compared with (at the start, or the best so far).
     channels : dict
         Layer name → indices (in the layer as it was at that step) of the channels restored.
     """
@@ -349,6 +349,7 @@ def self_compress(
     preservation_batch: int = 64,
     holdout: float = 0.1,
     restore_threshold: float = 0.05,
+    restore_reference: str = "start",
     restore_share: float = 0.25,
     restore_bits: float = 2.0,
     check_every: int = 10,
@@ -382,8 +383,11 @@ def self_compress(
     holdout : float
         Share of a tuple ``train_data`` held out for the preservation set.
     restore_threshold : float
-        Restore when preservation accuracy falls more than this (a fraction: 0.05 = 5 pp) below its
-        value at the start.
+        Restore when preservation accuracy falls more than this (a fraction: 0.05 = 5 pp) below the
+        reference.
+    restore_reference : {"start", "best"}
+        The reference: preservation accuracy at the start of training (as in the paper), or the
+        best seen so far (also catches a drop after the preservation loss has raised it).
     restore_share, restore_bits
         Share of the current zero-bit channels restored, and the bits they get back.
     check_every : int
@@ -406,6 +410,8 @@ def self_compress(
     NoQuantizableLayerError
         The model has no Linear/Conv layer to quantize (or ``layers`` names none).
     """
+    if restore_reference not in ("start", "best"):
+        raise ValueError(f"restore_reference must be 'start' or 'best', got {restore_reference!r}")
     generator = torch.Generator().manual_seed(seed)
     x, y, fit, held = _split_data(train_data, holdout, generator)
     original = copy.deepcopy(model)
@@ -426,6 +432,7 @@ def self_compress(
         preservation_batch=preservation_batch,
         size_weight=size_weight,
         max_bits=max_bits,
+        restore_reference=restore_reference,
     )
     trainer = _Trainer(work, _optimizer(work, lr, bit_lr), example_inputs, opts)
     reference = _accuracy(work, pres.x, pres.y) if pres is not None else None
@@ -462,6 +469,8 @@ def _check(trainer: _Trainer, step: int, stats: dict, pres, reference) -> None:
     if pres is not None:
         acc = _accuracy(trainer.model, pres.x, pres.y)
         entry["preservation_accuracy"] = acc
+        if trainer.o["restore_reference"] == "best":
+            reference = max([reference, *(e["preservation_accuracy"] for e in trainer.log)])
         if reference - acc > trainer.o["restore_threshold"]:
             trainer.restore(step, acc, reference)
     trainer.log.append(entry)

@@ -103,11 +103,19 @@ class Mnist1dCNN(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with separate query, key, value and output Linear layers."""
+    """Multi-head causal self-attention with separate query, key, value and output Linear layers.
 
-    def __init__(self, dim: int, heads: int):
+    Written out (softmax of masked scores) rather than with ``scaled_dot_product_attention``, so
+    that forward-mode autodiff (used by the sensitivity estimators) works on it.
+    """
+
+    def __init__(self, dim: int, heads: int, context: int):
         super().__init__()
         self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.register_buffer(
+            "mask", torch.tril(torch.ones(context, context, dtype=torch.bool)), persistent=False
+        )
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
         self.value = nn.Linear(dim, dim)
@@ -118,17 +126,20 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        t = x.size(1)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        scores = scores.masked_fill(~self.mask[:t, :t], float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(x.size(0), x.size(1), -1))
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
 
-    def __init__(self, dim: int, heads: int, hidden: int):
+    def __init__(self, dim: int, heads: int, hidden: int, context: int):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
-        self.attn = CausalSelfAttention(dim, heads)
+        self.attn = CausalSelfAttention(dim, heads, context)
         self.ln2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
@@ -153,7 +164,7 @@ class CharTransformer(nn.Module):
         super().__init__()
         self.token = nn.Embedding(vocab, dim)
         self.position = nn.Parameter(torch.randn(context, dim) * 0.02)
-        self.blocks = nn.Sequential(*(TransformerBlock(dim, heads, hidden) for _ in range(layers)))
+        self.blocks = nn.Sequential(*(TransformerBlock(dim, heads, hidden, context) for _ in range(layers)))
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab)
 
