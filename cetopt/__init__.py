@@ -43,6 +43,8 @@ _LAZY: dict[str, str] = {
     "rewrite": "cetopt.graph",
     "decompose": "cetopt.lowrank",
     "build_menu": "cetopt.lowrank",
+    "self_compress": "cetopt.selfcompress",
+    "SelfCompressionResult": "cetopt.selfcompress",
 }
 
 

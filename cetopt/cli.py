@@ -294,6 +294,75 @@ def run_decompose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_self_compress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a zoo name (see `cetopt zoo`) or module:attr")
+    parser.add_argument("--out", required=True, help="directory for model.safetensors and report.json")
+    parser.add_argument("--data", help="dataset for a module:attr model (digits, mnist1d or pydoc-text)")
+    parser.add_argument("--steps", type=int, default=600, help="training steps")
+    parser.add_argument("--size-weight", type=float, default=0.1, help="weight of the size term Q")
+    parser.add_argument(
+        "--bit-lr", type=float, default=0.05, help="learning rate of bit depths and exponents"
+    )
+    parser.add_argument("--no-preservation", action="store_true", help="plain self-compression")
+    parser.add_argument("--restore-threshold", type=float, default=0.05, help="accuracy drop that restores")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allow-import", action="store_true", help="allow importing a module:attr model")
+
+
+@command("self-compress", "learn per-channel bit depths in training, guarded by a preservation set")(
+    _configure_self_compress
+)
+def run_self_compress(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cetopt._io import atomic_write_json
+    from cetopt.selfcompress import self_compress
+    from cetopt.serialization import save
+    from cetopt.zoo import accuracy
+    from cetopt.zoo.training import mean_loss
+
+    model, data, source = _resolve_model(args)
+    result = self_compress(
+        model,
+        data,
+        steps=args.steps,
+        size_weight=args.size_weight,
+        bit_lr=args.bit_lr,
+        preservation=not args.no_preservation,
+        restore_threshold=args.restore_threshold,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    saved = save(result.model, out / "model.safetensors", source=source)
+    fp32 = save(model, out / "fp32.safetensors", source=source)
+    (out / "fp32.safetensors").unlink()
+    report = {
+        "model": source,
+        "accuracy_fp32": accuracy(model, data.x_test, data.y_test),
+        "accuracy_compressed": accuracy(result.model, data.x_test, data.y_test),
+        "loss_fp32": mean_loss(model, data.x_test, data.y_test),
+        "loss_compressed": mean_loss(result.model, data.x_test, data.y_test),
+        "bytes_on_disk": saved.bytes_on_disk,
+        "fp32_bytes_on_disk": fp32.bytes_on_disk,
+        "quantized_weight_bytes": saved.quantized_bytes,
+        "size_term_bytes": result.size_bytes,
+        "bits": result.bits,
+        "removed": [{"layer": d.layer, "units": list(d.units)} for d in result.removals],
+        "restores": [
+            {"step": e.step, "accuracy": e.accuracy, "channels": e.channels} for e in result.restores
+        ],
+        "preservation": None if result.preservation is None else result.preservation.counts,
+    }
+    print(
+        f"test accuracy: fp32 {100 * report['accuracy_fp32']:.2f}%  ->  self-compressed "
+        f"{100 * report['accuracy_compressed']:.2f}%; {saved.bytes_on_disk} bytes on disk "
+        f"({100 * saved.bytes_on_disk / fp32.bytes_on_disk:.1f}% of fp32); {len(result.restores)} restores"
+    )
+    atomic_write_json(out / "report.json", report)
+    print(f"wrote {saved.path} and {out / 'report.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cetopt", description="Solver-driven compression of PyTorch models."

@@ -99,3 +99,34 @@ def test_decompose_command_chooses_a_menu_plan(tmp_path, capsys):
     assert (tmp_path / "model.safetensors").exists()
     assert main(["decompose", "--model", "digits-mlp-2x25", "--params-ratio", "1000", "--kinds", "svd"]) == 2
     assert "budget" in capsys.readouterr().err
+
+
+def test_self_compress_writes_a_packed_model_and_report(tmp_path, capsys):
+    import json
+
+    import cetopt
+    from cetopt.zoo import load_dataset
+
+    code = main(
+        [
+            "self-compress",
+            "--model",
+            "digits-mlp-2x25",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "40",
+            "--bit-lr",
+            "0.2",
+        ]
+    )
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["quantized_weight_bytes"] == report["size_term_bytes"]
+    assert report["bytes_on_disk"] < report["fp32_bytes_on_disk"]
+    assert set(report["preservation"]) == {"uncertainty", "diversity", "saliency"}
+    restored = cetopt.load(tmp_path / "model.safetensors")
+    data = load_dataset("digits")
+    acc = (restored(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    assert acc == pytest.approx(report["accuracy_compressed"])
+    assert "self-compressed" in capsys.readouterr().out

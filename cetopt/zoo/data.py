@@ -1,6 +1,7 @@
-"""Offline datasets: sklearn's 8×8 digits and MNIST-1D, split into train / held-out / test.
+"""Offline datasets: sklearn's 8×8 digits, MNIST-1D and a character-level text corpus.
 
-Both generate locally (nothing is downloaded). The held-out split is for calibration and
+All three are local (nothing is downloaded). The text corpus is the Python documentation's topic
+pages shipped with the standard library (``pydoc_data.topics``). The held-out split is for calibration and
 preservation sets; the test split is only for reporting accuracy.
 """
 
@@ -126,12 +127,48 @@ def _make(name, xtr, ytr, xva, yva, xte, yte, classes) -> Dataset:
     return Dataset(name, t(xtr), t(ytr), t(xva), t(yva), t(np.ascontiguousarray(xte)), t(yte), classes)
 
 
-DATASETS = {"digits": _digits, "mnist1d": _mnist1d}
+#: Characters of the text corpus; anything else maps to ``"?"``. Index = token id.
+TEXT_VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
+TEXT_CONTEXT = 64
+
+
+def encode_text(text: str) -> torch.Tensor:
+    """Token ids of ``text`` in :data:`TEXT_VOCAB` (unknown characters become ``"?"``)."""
+    lookup = {ch: i for i, ch in enumerate(TEXT_VOCAB)}
+    unknown = lookup["?"]
+    return torch.tensor([lookup.get(ch, unknown) for ch in text], dtype=torch.int64)
+
+
+def _windows(ids: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = (len(ids) - 1) // context
+    x = ids[: n * context].reshape(n, context)
+    y = ids[1 : n * context + 1].reshape(n, context)
+    return x.contiguous(), y.contiguous()
+
+
+def _pydoc_text() -> Dataset:
+    """Next-character prediction on the stdlib's ``pydoc_data.topics`` (the Python docs' topic pages).
+
+    The topics, in sorted order, are concatenated and cut into three contiguous blocks (80% train,
+    10% held-out, 10% test), so no window of one split overlaps another. Each example is a window of
+    :data:`TEXT_CONTEXT` characters; its target is the same window shifted by one.
+    """
+    from pydoc_data.topics import topics
+
+    ids = encode_text("\n".join(topics[k] for k in sorted(topics)))
+    a, b = int(0.8 * len(ids)), int(0.9 * len(ids))
+    (xtr, ytr), (xva, yva), (xte, yte) = (
+        _windows(ids[lo:hi], TEXT_CONTEXT) for lo, hi in ((0, a), (a, b), (b, len(ids)))
+    )
+    return Dataset("pydoc-text", xtr, ytr, xva, yva, xte, yte, len(TEXT_VOCAB))
+
+
+DATASETS = {"digits": _digits, "mnist1d": _mnist1d, "pydoc-text": _pydoc_text}
 _LOADED: dict[str, Dataset] = {}
 
 
 def load_dataset(name: str) -> Dataset:
-    """Load (or generate) a dataset by name: ``"digits"`` or ``"mnist1d"``."""
+    """Load (or generate) a dataset by name: ``"digits"``, ``"mnist1d"`` or ``"pydoc-text"``."""
     if name not in DATASETS:
         raise CetoptError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     if name not in _LOADED:

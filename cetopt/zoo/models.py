@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "BasicBlock", "DigitsCNN", "DigitsResNet", "Mnist1dCNN"]
+__all__ = ["MLP", "BasicBlock", "CharTransformer", "DigitsCNN", "DigitsResNet", "Mnist1dCNN"]
 
 
 class MLP(nn.Module):
@@ -99,3 +100,74 @@ class Mnist1dCNN(nn.Module):
         x = torch.relu(self.conv2(x))
         x = torch.relu(self.conv3(x))
         return self.fc(torch.flatten(x, 1))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with separate query, key, value and output Linear layers.
+
+    Written out (softmax of masked scores) rather than with ``scaled_dot_product_attention``, so
+    that forward-mode autodiff (used by the sensitivity estimators) works on it.
+    """
+
+    def __init__(self, dim: int, heads: int, context: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.register_buffer(
+            "mask", torch.tril(torch.ones(context, context, dtype=torch.bool)), persistent=False
+        )
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.size(0), x.size(1), self.heads, -1).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
+        t = x.size(1)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        scores = scores.masked_fill(~self.mask[:t, :t], float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(x.size(0), x.size(1), -1))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, context: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads, context)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class CharTransformer(nn.Module):
+    """A tiny GPT-style character language model: logits ``(N, T, vocab)`` for tokens ``(N, T)``."""
+
+    def __init__(
+        self,
+        vocab: int = 96,
+        context: int = 64,
+        dim: int = 64,
+        layers: int = 2,
+        heads: int = 4,
+        hidden: int = 128,
+    ):
+        super().__init__()
+        self.token = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(torch.randn(context, dim) * 0.02)
+        self.blocks = nn.Sequential(*(TransformerBlock(dim, heads, hidden, context) for _ in range(layers)))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.token(tokens) + self.position[: tokens.size(1)]
+        return self.head(self.ln(self.blocks(x)))

@@ -60,6 +60,16 @@ _register(
     )
 )
 
+_register(
+    ZooEntry(
+        "pydoc-char-lm",
+        "pydoc-text",
+        models.CharTransformer,
+        Recipe(epochs=6, batch_size=64, lr=3e-3),
+        "char-level transformer LM (2 layers, d=64, context 64) on the stdlib's pydoc topics",
+    )
+)
+
 _MLP = re.compile(r"^(digits|mnist1d)-mlp-(\d+)x(\d+)$")
 _INPUTS = {"digits": 64, "mnist1d": 40}
 

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from cetopt.zoo.data import Dataset
 
-__all__ = ["Recipe", "accuracy", "train"]
+__all__ = ["Recipe", "accuracy", "mean_loss", "task_loss", "train"]
 
 
 @dataclass(frozen=True)
@@ -41,18 +41,36 @@ def _l1_penalty(model: nn.Module) -> torch.Tensor:
     return sum(w.abs().sum() for w in weights)
 
 
+def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the last dimension: classes ``(N, C)`` or per-token logits ``(N, T, V)``."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) on ``(x, y)``, as a fraction."""
+    """Top-1 accuracy of ``model`` (eval mode) on ``(x, y)`` as a fraction (per token for an LM)."""
     was_training = model.training
     model.eval()
     correct = 0
     for start in range(0, len(x), batch_size):
         correct += (
-            (model(x[start : start + batch_size]).argmax(1) == y[start : start + batch_size]).sum().item()
+            (model(x[start : start + batch_size]).argmax(-1) == y[start : start + batch_size]).sum().item()
         )
     model.train(was_training)
-    return correct / max(len(x), 1)
+    return correct / max(y.numel(), 1)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024) -> float:
+    """Mean cross-entropy (nats per example, or per token for a language model) of ``model`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, len(x), batch_size):
+        yb = y[start : start + batch_size]
+        total += task_loss(model(x[start : start + batch_size]), yb).item() * yb.numel()
+    model.train(was_training)
+    return total / max(y.numel(), 1)
 
 
 def train(model: nn.Module, data: Dataset, recipe: Recipe, *, seed: int = 0, progress: bool = True) -> dict:
@@ -75,7 +93,7 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe, *, seed: int = 0, pro
     )
     for _ in bar:
         for xb, yb in loader:
-            loss = F.cross_entropy(model(xb), yb)
+            loss = task_loss(model(xb), yb)
             if recipe.l1:
                 loss = loss + recipe.l1 * _l1_penalty(model)
             opt.zero_grad(set_to_none=True)
@@ -88,4 +106,5 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe, *, seed: int = 0, pro
         "train_seconds": time.perf_counter() - start,
         "val_accuracy": accuracy(model, data.x_val, data.y_val),
         "test_accuracy": accuracy(model, data.x_test, data.y_test),
+        "test_loss": mean_loss(model, data.x_test, data.y_test),
     }

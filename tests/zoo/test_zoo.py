@@ -58,7 +58,7 @@ def test_l1_changes_the_recipe_and_the_cache_key():
 def test_every_architecture_runs_on_its_data(name):
     model = build_model(name)
     data = load_dataset(zoo_entry(name).dataset)
-    assert model(data.x_val[:3]).shape == (3, 10)
+    assert model(data.x_val[:3]).shape == (*data.y_val[:3].shape, data.classes)
 
 
 def test_unknown_names_list_the_zoo():
@@ -66,3 +66,25 @@ def test_unknown_names_list_the_zoo():
         zoo_entry("imagenet-vit")
     with pytest.raises(CetoptError, match="mnist1d"):
         load_dataset("cifar10")
+
+
+def test_text_corpus_is_offline_next_character_prediction():
+    from cetopt.zoo.data import TEXT_VOCAB
+
+    data = load_dataset("pydoc-text")
+    assert data.classes == len(TEXT_VOCAB) == 96
+    for split in ("train", "val", "test"):
+        x, y = data.split(split)
+        assert x.shape == y.shape and x.shape[1] == 64 and x.dtype == torch.int64
+        assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one character
+        assert int(x.max()) < data.classes
+    text = "".join(TEXT_VOCAB[i] for i in data.x_train[0].tolist())
+    assert text.isprintable() or "\n" in text
+
+
+def test_char_lm_trains_below_uniform_loss():
+    import math
+
+    model = load_model("pydoc-char-lm", epochs=1, progress=False)  # one epoch keeps a cold cache fast
+    assert model.zoo_info["test_loss"] < 0.75 * math.log(96)
+    assert model.zoo_info["test_accuracy"] > 0.2
