@@ -41,6 +41,8 @@ _LAZY: dict[str, str] = {
     "mark_source": "cetopt.serialization",
     "SavedModel": "cetopt.serialization",
     "rewrite": "cetopt.graph",
+    "find_stable_units": "cetopt.leo",
+    "remove_stable_units": "cetopt.leo",
 }
 
 
