@@ -92,7 +92,7 @@ class _Run:
     flags: list[_Flags]
     stages: list[list[np.ndarray]]  # stages[b][i]: stage that proved each neuron's state in box b
     counters: list[_Counters]
-    tightened: list[set[int]] = field(default_factory=list)
+    lp_done: dict = field(default_factory=dict)
 
     # -- witnesses -------------------------------------------------------------------------
     def witness(self, x: np.ndarray, stage: str) -> None:
@@ -203,24 +203,33 @@ class _Run:
             why = "milp" if sol.status in (Status.OPTIMAL, Status.STOPPED) else "timeout"
             self.flags[i - 1].mark("pos" if sense == "max" else "neg", ch[[n]], why)
 
+    def lp_jobs(self, b: int, i: int, neurons: np.ndarray, sense: str) -> list[tuple[int, str]]:
+        """LP jobs for ``neurons`` of layer ``i`` in one direction, leaving out those already solved."""
+        done = self.lp_done.setdefault((b, i, sense), set())
+        free = self.boxes[b].state[i - 1] == UNDECIDED
+        jobs = [(int(n), sense) for n in neurons if free[n] and int(n) not in done]
+        done.update(n for n, _ in jobs)
+        return jobs
+
     def tighten(self, b: int, upto: int) -> None:
-        """LP bounds for the free neurons of layers ``< upto`` not tightened yet (bounds only)."""
+        """LP bounds, both directions, for the free neurons of layers ``< upto`` (bounds only).
+
+        Run only when a later layer needs its LP stage, so that its big-M comes from LP bounds.
+        """
         for k in range(1, upto):
-            if k in self.tightened[b]:
-                continue
-            self.tightened[b].add(k)
             self.interval(b, k)
-            free = np.flatnonzero(self.boxes[b].state[k - 1] == UNDECIDED)
-            if free.size:
-                self.solve(b, k, [(n, s) for n in free for s in ("max", "min")], relax=True)
+            every = np.arange(self.net.layers[k - 1].size)
+            jobs = self.lp_jobs(b, k, every, "max") + self.lp_jobs(b, k, every, "min")
+            if jobs:
+                self.solve(b, k, jobs, relax=True)
 
     def lp_stage(self, b: int, i: int) -> None:
         self.tighten(b, i)
         self.interval(b, i)
-        self.tightened[b].add(i)
-        free = np.flatnonzero(self.boxes[b].state[i - 1] == UNDECIDED)
-        if free.size:
-            self.solve(b, i, [(n, s) for n in free for s in ("max", "min")], relax=True)
+        need_max, need_min = self.needs(b, i)
+        jobs = self.lp_jobs(b, i, need_max, "max") + self.lp_jobs(b, i, need_min, "min")
+        if jobs:
+            self.solve(b, i, jobs, relax=True)
 
     def milp_stage(self, b: int, i: int) -> None:
         chunk = max(8, 4 * self.cfg.workers)
@@ -454,7 +463,6 @@ def _new_run(net, domain, solver, stages, early_stop, propagate, margin, time_li
         [_Flags.new(layer.channels) for layer in net.layers],
         stage_arrays,
         [_Counters() for _ in net.layers],
-        [set() for _ in range(domain.boxes)],
     )
 
 

@@ -24,7 +24,8 @@ from torch import fx, nn
 
 from cetopt.errors import RewriteError
 from cetopt.graph import FoldBatchNorm, FoldLinearUnits, MergeAffine, RemoveUnits, rewrite
-from cetopt.graph.trace import symbolic_trace
+from cetopt.graph.dependency import channel_groups, find_group
+from cetopt.graph.trace import symbolic_trace, trace_model
 from cetopt.leo.report import LayerReport, StabilityReport
 
 __all__ = ["remove_stable_units"]
@@ -74,6 +75,19 @@ def _dependent_units(
     return out
 
 
+def _coupled_elsewhere(model: nn.Module, layer: str, example: torch.Tensor) -> str | None:
+    """Why removing output units of ``layer`` would touch more than its consumers' inputs, if it would.
+
+    A unit's channel can also be an output of another layer (a residual sum): deleting it there
+    changes that layer's contribution, so such units are kept.
+    """
+    group = find_group(channel_groups(trace_model(model, example)), layer, "out")
+    others = [name for name, port in group.ports if port == "out" and name != layer]
+    if others:
+        return f"its channels are summed with the outputs of {others}; removing them is not exact"
+    return None
+
+
 class _Remover:
     def __init__(self, model: nn.Module, report: StabilityReport):
         self.model = model
@@ -94,6 +108,10 @@ class _Remover:
             entry["skipped"] = ["the ReLU does not read a single Linear/Conv output; nothing removed"]
             return
         if r.batchnorm is not None and not self.apply(FoldBatchNorm(r.batchnorm), r.name, "fold batchnorm"):
+            return
+        reason = _coupled_elsewhere(self.model, r.name, self.example)
+        if reason is not None:
+            entry["skipped"] = [reason]
             return
         kept = self.remove(r, entry)
         if r.kind == "linear":

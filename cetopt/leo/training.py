@@ -54,14 +54,19 @@ def leo_recipe(l1: float, dataset: str = "digits", epochs: int | None = None) ->
     return Recipe(epochs=epochs or default, batch_size=64, lr=3e-3, l1=float(l1))
 
 
+_CONV = re.compile(r"^digits-conv(?:(\d+)x(\d+))?$")
+
+
 def _dataset_of(name: str) -> str:
-    return "digits" if name == "digits-conv" else name.split("-")[0]
+    return name.split("-")[0]
 
 
 def build_leo_model(name: str) -> nn.Module:
-    """The untrained architecture ``name``: ``<digits|mnist1d>-<depth>x<width>`` or ``digits-conv``."""
-    if name == "digits-conv":
-        return DigitsConvNet()
+    """The untrained architecture ``name``: ``<digits|mnist1d>-<depth>x<width>``, or ``digits-conv``
+    (8 and 16 channels) / ``digits-conv<c1>x<c2>``."""
+    conv = _CONV.match(name)
+    if conv is not None:
+        return DigitsConvNet(*(int(c) for c in conv.groups())) if conv.group(1) else DigitsConvNet()
     match = _NAME.match(name)
     if match is None:
         raise CetoptError(f"unknown LEO model {name!r}; use <digits|mnist1d>-<depth>x<width> or digits-conv")
