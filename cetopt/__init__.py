@@ -45,6 +45,8 @@ _LAZY: dict[str, str] = {
     "build_menu": "cetopt.lowrank",
     "self_compress": "cetopt.selfcompress",
     "SelfCompressionResult": "cetopt.selfcompress",
+    "find_stable_units": "cetopt.leo",
+    "remove_stable_units": "cetopt.leo",
 }
 
 

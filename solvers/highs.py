@@ -85,6 +85,12 @@ class HighsSolver(Solver):
     ``mip_feasibility_tolerance`` or ``threads``. Two extra keys are understood by this backend:
     ``report`` (bool, default True for MIPs) parses HiGHS's solving report into
     ``Solution.stats``; ``log`` (bool) keeps the whole log text in ``stats["log"]``.
+
+    Two more keys stop a MIP early through HiGHS's MIP-interrupt callback, for callers that only
+    need to know on which side of a threshold the optimum lies (status ``stopped``):
+    ``interrupt_on_bound`` (float ``t``) stops once the *dual bound* proves every feasible point
+    worse than ``t`` (max: bound < t; min: bound > t); ``interrupt_on_objective`` (float ``t``)
+    stops once an *incumbent* better than ``t`` is found (max: objective > t; min: objective < t).
     """
 
     name = "highs"
@@ -106,6 +112,8 @@ class HighsSolver(Solver):
         options = dict(options or {})
         want_report = bool(options.pop("report", problem.is_mip))
         keep_log = bool(options.pop("log", False))
+        stop_bound = options.pop("interrupt_on_bound", None)
+        stop_objective = options.pop("interrupt_on_objective", None)
         h = _new_highs()
         log_lines: list[str] = []
         if want_report or keep_log:
@@ -122,6 +130,8 @@ class HighsSolver(Solver):
             if h.setOptionValue(key, value) == highspy.HighsStatus.kError:
                 raise ValueError(f"HiGHS rejected option {key}={value!r}")
         dropped = self._pass_model(h, problem)
+        if problem.is_mip and (stop_bound is not None or stop_objective is not None):
+            _subscribe_interrupt(h, problem.sense, stop_bound, stop_objective)
         if start is not None:
             h.setSolution(
                 problem.num_cols,
@@ -230,6 +240,23 @@ class HighsSolver(Solver):
         return Solution(
             status=status, x=x, objective=objective, bound=bound, time=elapsed, message=message, stats=stats
         )
+
+
+def _subscribe_interrupt(h, sense: str, stop_bound, stop_objective) -> None:
+    """Interrupt the MIP once its dual bound or its incumbent crosses the given thresholds."""
+    sign = 1.0 if sense == "max" else -1.0  # compare in "larger is better" terms
+    bound_t = None if stop_bound is None else sign * float(stop_bound)
+    objective_t = None if stop_objective is None else sign * float(stop_objective)
+
+    def callback(event) -> None:
+        out = event.data_out
+        dual, primal = sign * out.mip_dual_bound, sign * out.mip_primal_bound
+        if (bound_t is not None and dual < bound_t) or (
+            objective_t is not None and np.isfinite(primal) and primal > objective_t
+        ):
+            event.data_in.user_interrupt = True
+
+    h.cbMipInterrupt.subscribe(callback)
 
 
 def _resolve_unbounded_or_infeasible(problem: MILP) -> Status:

@@ -1,0 +1,107 @@
+"""The L1 training recipe of LEO and the networks of its benchmark, trained once and cached.
+
+Serra et al. (2020) train with an L1 penalty on the weights, ``loss = CE + λ Σ|W|``, which drives
+many pre-activations to one side of zero over the whole input domain and so makes more ReLUs
+stable. :func:`leo_recipe` is that recipe on top of the zoo's deterministic trainer;
+:func:`load_leo_model` builds ``<dataset>-<depth>x<width>`` MLPs and ``digits-conv`` (two unpadded
+3×3 convolutions and a Linear) and caches their weights as safetensors beside the zoo's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from cetopt._io import atomic_write_bytes
+from cetopt.errors import CetoptError
+from cetopt.zoo.data import cache_dir, load_dataset
+from cetopt.zoo.models import MLP
+from cetopt.zoo.training import Recipe, train
+
+__all__ = ["DigitsConvNet", "build_leo_model", "leo_recipe", "load_leo_model"]
+
+_NAME = re.compile(r"^(digits|mnist1d)-(\d+)x(\d+)$")
+_INPUTS = {"digits": 64, "mnist1d": 40}
+CACHE_VERSION = 1
+
+
+class DigitsConvNet(nn.Module):
+    """Conv(1→c1, 3×3) – ReLU – Conv(c1→c2, 3×3) – ReLU – Linear, no padding, for 1×8×8 digits."""
+
+    def __init__(self, c1: int = 8, c2: int = 16, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, c1, 3)
+        self.conv2 = nn.Conv2d(c1, c2, 3)
+        self.fc = nn.Linear(c2 * 4 * 4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def leo_recipe(l1: float, dataset: str = "digits", epochs: int | None = None) -> Recipe:
+    """Adam + one-cycle schedule with an L1 penalty ``l1 · Σ|W|`` on all weights (not biases)."""
+    if not (l1 >= 0):
+        raise ValueError(f"l1 must be ≥ 0, got {l1!r}")
+    default = 40 if dataset == "digits" else 60
+    return Recipe(epochs=epochs or default, batch_size=64, lr=3e-3, l1=float(l1))
+
+
+_CONV = re.compile(r"^digits-conv(?:(\d+)x(\d+))?$")
+
+
+def _dataset_of(name: str) -> str:
+    return name.split("-")[0]
+
+
+def build_leo_model(name: str) -> nn.Module:
+    """The untrained architecture ``name``: ``<digits|mnist1d>-<depth>x<width>``, or ``digits-conv``
+    (8 and 16 channels) / ``digits-conv<c1>x<c2>``."""
+    conv = _CONV.match(name)
+    if conv is not None:
+        return DigitsConvNet(*(int(c) for c in conv.groups())) if conv.group(1) else DigitsConvNet()
+    match = _NAME.match(name)
+    if match is None:
+        raise CetoptError(f"unknown LEO model {name!r}; use <digits|mnist1d>-<depth>x<width> or digits-conv")
+    dataset, depth, width = match.group(1), int(match.group(2)), int(match.group(3))
+    return MLP(_INPUTS[dataset], width, depth)
+
+
+def load_leo_model(name: str, l1: float, seed: int = 0, epochs: int | None = None) -> nn.Module:
+    """A trained LEO benchmark network in eval mode, from the cache or trained now (deterministic).
+
+    ``model.zoo_info`` holds the validation/test accuracy and training time.
+    """
+    dataset = _dataset_of(name)
+    recipe = leo_recipe(l1, dataset, epochs)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_leo_model(name)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    key = json.dumps(
+        {"name": name, "recipe": recipe.to_dict(), "seed": seed, "shapes": shapes, "v": CACHE_VERSION},
+        sort_keys=True,
+    )
+    path = (
+        cache_dir() / "leo" / f"{name}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+    )
+    if path.exists():
+        blob = path.read_bytes()
+        model.load_state_dict(st_load(blob))
+        size = int.from_bytes(blob[:8], "little")
+        info = json.loads(json.loads(blob[8 : 8 + size])["__metadata__"]["info"])
+    else:
+        info = train(model, load_dataset(dataset), recipe, seed=seed, progress=False)
+        info.update(recipe=recipe.to_dict(), seed=seed)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        atomic_write_bytes(path, st_save(state, metadata={"info": json.dumps(info)}))
+    model.eval()
+    model.zoo_info = info
+    return model
