@@ -41,7 +41,7 @@ from cetopt.zoo.training import mean_loss, task_loss
 MODELS = {
     "digits-cnn": dict(steps=300, batch_size=128),
     "mnist1d-cnn": dict(steps=300, batch_size=128),
-    "pydoc-char-lm": dict(steps=150, batch_size=32, preservation_size=128, preservation_batch=16),
+    "pydoc-char-lm": dict(steps=150, batch_size=32, bit_lr=0.1, preservation_size=128, preservation_batch=16),
 }
 COMMON = dict(bit_lr=0.05, size_weight=0.1, init_bits=8.0, remove_every=50, removal_grace=100)
 VARIANTS = {
