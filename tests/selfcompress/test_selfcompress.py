@@ -233,6 +233,10 @@ def test_bad_input_raises_named_errors_and_the_model_is_untouched(trained, digit
         self_compress(trained, (digits.x_train, digits.y_train[:, None].expand(-1, 3)))
     with pytest.raises(DataShapeError, match="train_data"):
         self_compress(trained, [1, 2, 3])
+    with pytest.raises(ValueError, match="restore_reference"):
+        self_compress(trained, digits, restore_reference="worst")
+    with pytest.raises(NoQuantizableLayerError, match="conv9"):
+        self_compress(trained, digits, layers=["conv9"])
     with pytest.raises(NoQuantizableLayerError, match="Sequential"):
         self_compress(nn.Sequential(nn.Flatten(), nn.ReLU()), (digits.x_train, digits.y_train))
     self_compress(trained, digits, **_fast(steps=30))
