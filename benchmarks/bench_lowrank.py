@@ -9,7 +9,8 @@ densities {1 %, 3 %, 10 %}; and every factorised option again with its factors a
 option carries its network output error (only that layer changed) and its exact parameter and byte
 cost. Then:
 
-* **Equal parameters** (5× fewer weight values in the compressed layers): the MILP picks one option
+* **Equal parameters** (5× fewer parameters in the whole model, biases and BatchNorm included, so
+  slightly more than 5× in the compressed layers' weights): the MILP picks one option
   per layer from the menu restricted to one method (SVD only, pruning only, weight-space L + S,
   activation-aware L + S; any layer may also stay dense) and, for reference, from all float
   methods together. Each plan is written back through the rewriter, then fine-tuned for a few
@@ -18,6 +19,9 @@ cost. Then:
 * **Equal bytes** (8× and 12× fewer weight bytes than float32): the MILP over each single method
   (bit allocation only; SVD, pruning, weight-space L + S, activation-aware L + S in float32) and over
   the joint menu (everything, including factorised layers with quantized factors). No fine-tune.
+
+Per layer, the activation-aware and weight-space fits at the same (rank, nnz) are also compared on
+the layer's post-activation calibration error (the geometric mean of their ratio).
 
 Accuracy is top-1 on the test split; output error is ``‖f'(x) − f(x)‖² / ‖f(x)‖²`` of the logits on
 the test split. Parameter counts are exact: factors plus the nonzeros of the sparse part (stored as
@@ -88,7 +92,8 @@ def _count(model) -> int:
 
 
 def _param_row(menu, model, data, reference, kinds, seed) -> dict:
-    budget = menu.dense_params / PARAM_RATIO
+    # the whole model (biases and BatchNorm included) must have PARAM_RATIO× fewer parameters
+    budget = _count(model) / PARAM_RATIO - (_count(model) - menu.dense_params)
     plan = menu.choose(budget, kinds=kinds)
     new = menu.apply(model, plan)
     exact = stored_params(new, menu.layers)
@@ -123,6 +128,24 @@ def _byte_row(menu, model, data, reference, ratio, kinds) -> dict:
     }
 
 
+def _fit_comparison(menu) -> dict:
+    """Activation-aware vs weight-space L + S at the same (layer, rank, nnz): post-activation error."""
+    ratios, wins = [], 0
+    for name in menu.layers:
+        ws = {(o.rank, o.nnz): o.error for o in menu.options[name] if o.kind == "weight_space" and not o.bits}
+        for o in menu.options[name]:
+            if o.kind == "admm" and not o.bits and (o.rank, o.nnz) in ws and ws[(o.rank, o.nnz)] > 0:
+                ratios.append(o.error / ws[(o.rank, o.nnz)])
+                wins += o.error < ws[(o.rank, o.nnz)]
+    r = np.asarray(ratios)
+    return {
+        "pairs": int(r.size),
+        "admm_better": int(wins),
+        "error_ratio_geomean": float(np.exp(np.log(np.maximum(r, 1e-300)).mean())) if r.size else None,
+        "error_ratio_median": float(np.median(r)) if r.size else None,
+    }
+
+
 def _one(name: str, seed: int, quick: bool) -> dict:
     torch.manual_seed(seed)
     model = load_model(name, seed=seed, progress=False)
@@ -143,6 +166,7 @@ def _one(name: str, seed: int, quick: bool) -> dict:
         "model_params": _count(model),
         "menu_options": sum(len(v) for v in menu.options.values()),
         "menu_seconds": menu_seconds,
+        "layer_fit_admm_vs_weight_space": _fit_comparison(menu),
         "equal_params": {
             kind: _param_row(menu, model, data, reference, kinds, seed)
             for kind, kinds in [*((m, [m]) for m in METHODS), ("joint_float", list(METHODS))]
@@ -203,8 +227,14 @@ def _summary(rows: list[dict]) -> dict:
                     if ok
                     else {"infeasible": True}
                 )
+        fits = [r["layer_fit_admm_vs_weight_space"] for r in mine]
         out[name] = {
             "fp32_accuracy": _stat([r["fp32_accuracy"] for r in mine]),
+            "layer_fit_admm_vs_weight_space": {
+                "pairs": sum(f["pairs"] for f in fits),
+                "admm_better": sum(f["admm_better"] for f in fits),
+                "error_ratio_geomean": _stat([f["error_ratio_geomean"] for f in fits]),
+            },
             "equal_params": params,
             "equal_bytes": byte,
         }
