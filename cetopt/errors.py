@@ -79,10 +79,6 @@ class RewriteError(CetoptError, ValueError):
     """A rewrite decision does not fit the model (unknown layer, index out of range, ...)."""
 
 
-class UnreachableTargetError(CetoptError, ValueError):
-    """A requested rank or sparsity cannot be reached for a layer of this shape."""
-
-
 class UnreachableBudgetError(CetoptError, ValueError):
     """A requested rank or sparsity cannot be reached by the layer it names (too large, negative, empty)."""
 
