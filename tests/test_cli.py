@@ -78,3 +78,16 @@ def test_compress_reports_an_infeasible_budget(tmp_path, capsys):
         == 2
     )
     assert "smallest" in capsys.readouterr().err
+
+
+def test_leo_finds_and_removes_stable_units(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "leo.json"
+    assert main(["leo", "--model", "digits-2x25", "--l1", "1e-3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "inactive" in printed and "parameters" in printed
+    report = json.loads(out.read_text())
+    assert report["removal"]["params_after"] < report["removal"]["params_before"]
+    assert report["max_diff_test"] <= 1e-5
+    assert sum(layer["inactive"] for layer in report["layers"]) > 0
