@@ -18,6 +18,7 @@ of its domain (max |difference| recorded; required ≤ 1e-5).
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -36,12 +37,33 @@ BASELINE_SUBSET = {25: None, 50: 6, 100: 4}  # units of the last layer the basel
 WORKERS = 1
 
 
-def _exactness(model, compressed, domain: Domain, x: torch.Tensor) -> dict:
-    pts = torch.tensor(domain.sample(10_000, seed=123), dtype=torch.float32).reshape(-1, *x.shape[1:])
+def _max_diff(a, b, xs) -> float:
     with torch.no_grad():
-        on_data = (compressed(x) - model(x)).abs().max().item()
-        on_domain = (compressed(pts) - model(pts)).abs().max().item()
-    return {"max_diff_data": on_data, "max_diff_domain": on_domain, "exact": max(on_data, on_domain) <= 1e-5}
+        return max((a(x) - b(x)).abs().max().item() for x in xs)
+
+
+def _exactness(model, compressed, domain: Domain, x: torch.Tensor) -> dict:
+    """Max |output difference| on the data and on 10⁴ random domain points, in float32 and float64.
+
+    The float64 figure (both models cast to double) is the criterion: it measures whether the two
+    networks compute the same function. In float32 the removal changes summation order and the
+    merged/folded weights are rounded to float32, so differences of a few ulps of the outputs
+    (which reach ~60 on MNIST-1D) appear; they are reported as they are.
+    """
+    pts = torch.tensor(domain.sample(10_000, seed=123), dtype=torch.float32).reshape(-1, *x.shape[1:])
+    m64, c64 = copy.deepcopy(model).double(), copy.deepcopy(compressed).double()
+    with torch.no_grad():
+        scale = max(model(x).abs().max().item(), model(pts).abs().max().item())
+    out = {
+        "max_diff_data": _max_diff(model, compressed, [x]),
+        "max_diff_domain": _max_diff(model, compressed, [pts]),
+        "max_diff_data_f64": _max_diff(m64, c64, [x.double()]),
+        "max_diff_domain_f64": _max_diff(m64, c64, [pts.double()]),
+        "max_abs_output": scale,
+    }
+    out["exact"] = max(out["max_diff_data_f64"], out["max_diff_domain_f64"]) <= 1e-5
+    out["exact_f32_abs_1e-5"] = max(out["max_diff_data"], out["max_diff_domain"]) <= 1e-5
+    return out
 
 
 def _removed_per_layer(report, compressed) -> list[int]:
@@ -253,7 +275,7 @@ def run(quick: bool = False) -> dict:
             "baseline_time_limit_s": BASELINE_TIME_LIMIT,
             "baseline_last_layer_subset": {str(k): v for k, v in BASELINE_SUBSET.items()},
             "workers": WORKERS,
-            "exactness_tolerance": 1e-5,
+            "exactness_tolerance": "1e-5 on max |output difference|, both models evaluated in float64",
             "random_points": 10_000,
         },
         "table1": rows,
@@ -267,4 +289,7 @@ def run(quick: bool = False) -> dict:
         },
         "hard_cases": hard,
         "all_exact": all(r["exact"] for r in rows + hard),
+        "all_exact_f32_abs_1e-5": all(r["exact_f32_abs_1e-5"] for r in rows + hard),
+        "worst_f32_diff": max(max(r["max_diff_data"], r["max_diff_domain"]) for r in rows + hard),
+        "worst_f64_diff": max(max(r["max_diff_data_f64"], r["max_diff_domain_f64"]) for r in rows + hard),
     }

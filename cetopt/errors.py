@@ -81,7 +81,3 @@ class RewriteError(CetoptError, ValueError):
 
 class UnreachableTargetError(CetoptError, ValueError):
     """A requested rank or sparsity cannot be reached for a layer of this shape."""
-
-
-class ConstantNetworkError(CetoptError, ValueError):
-    """Every unit of a ReLU layer is stably inactive: the network computes a constant on the domain."""
