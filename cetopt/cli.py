@@ -363,6 +363,60 @@ def run_self_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_leo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="digits-2x100", help="<digits|mnist1d>-<depth>x<width> or digits-conv"
+    )
+    parser.add_argument("--l1", type=float, default=1e-3, help="L1 weight penalty of the training recipe")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--domain",
+        default="data",
+        help="'data' (per-feature box of the training split) or LO,HI (a box given without data)",
+    )
+    parser.add_argument("--solver", default="highs", help="any registered solver (`cetopt solvers`)")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per MILP")
+    parser.add_argument("--out", default=None, help="write the stability report as JSON here")
+
+
+@command("leo", "lossless compression: find stable ReLUs (LEO) and remove them")(_configure_leo)
+def run_leo(args: argparse.Namespace) -> int:
+    import torch
+
+    import cetopt
+    from cetopt._io import atomic_write_json
+    from cetopt.leo import Domain, load_leo_model
+    from cetopt.zoo import accuracy, load_dataset
+
+    model = load_leo_model(args.model, l1=args.l1, seed=args.seed)
+    data = load_dataset(args.model.split("-")[0])
+    if args.domain == "data":
+        domain, witnesses = Domain.from_data(data.x_train), data.x_train
+    else:
+        lo, hi = (float(v) for v in args.domain.split(","))
+        domain, witnesses = (
+            Domain.box(torch.full(data.input_shape, lo), torch.full(data.input_shape, hi)),
+            None,
+        )
+    report = cetopt.find_stable_units(
+        model, domain, args.solver, data=witnesses, time_limit=args.time_limit, seed=args.seed
+    )
+    compressed = cetopt.remove_stable_units(model, report)
+    print(report.summary())
+    info = compressed.leo_removal
+    with torch.no_grad():
+        diff = (compressed(data.x_test) - model(data.x_test)).abs().max().item()
+    print(
+        f"\nparameters {info['params_before']} -> {info['params_after']} "
+        f"(-{100 * info['params_removed_fraction']:.1f}%), test accuracy "
+        f"{100 * accuracy(model, data.x_test, data.y_test):.2f}%, max |output change| on test {diff:.2e}"
+    )
+    if args.out:
+        atomic_write_json(args.out, {**report.to_dict(), "removal": info, "max_diff_test": diff})
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cetopt", description="Solver-driven compression of PyTorch models."

@@ -89,7 +89,3 @@ class UnreachableBudgetError(CetoptError, ValueError):
 
 class CalibrationShapeError(DataShapeError):
     """Calibration data does not fit the model (wrong shape, dtype or dimension); the message says how."""
-
-
-class ConstantNetworkError(CetoptError, ValueError):
-    """Every unit of a ReLU layer is stably inactive: the network computes a constant on the domain."""

@@ -130,3 +130,16 @@ def test_self_compress_writes_a_packed_model_and_report(tmp_path, capsys):
     acc = (restored(data.x_test).argmax(1) == data.y_test).float().mean().item()
     assert acc == pytest.approx(report["accuracy_compressed"])
     assert "self-compressed" in capsys.readouterr().out
+
+
+def test_leo_finds_and_removes_stable_units(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "leo.json"
+    assert main(["leo", "--model", "digits-2x25", "--l1", "1e-3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "inactive" in printed and "parameters" in printed
+    report = json.loads(out.read_text())
+    assert report["removal"]["params_after"] < report["removal"]["params_before"]
+    assert report["max_diff_test"] <= 1e-5
+    assert sum(layer["inactive"] for layer in report["layers"]) > 0
