@@ -174,6 +174,7 @@ def _summary(rows: list[dict]) -> dict:
                 if r[key].get("accuracy") is not None
             ]
             entry[f"sc+pres_minus_{key}_accuracy_pp"] = _stat([100 * d for d in diffs])
+            entry[f"sc+pres_minus_{key}_loss"] = _stat([r["sc+pres"]["loss"] - r[key]["loss"] for r in mine])
         out[name] = entry
     return out
 
