@@ -4,6 +4,8 @@ For each model (digits CNN, MNIST-1D CNN, the character-level transformer LM on 
 pydoc topics) and seed (the zoo model's training seed and the compression seed):
 
 * ``fp32`` — the zoo model as trained, saved unquantized;
+* ``ft16`` — a control: the same training loop with no size pressure (16 bits per weight, bit
+  depths frozen), so gains from the extra fine-tuning steps show apart from compression;
 * ``sc`` — self-compression without the preservation set;
 * ``sc+pres`` — with it (loss term, restore rule with the paper's reference: accuracy at the start,
   threshold 5 pp);
@@ -45,6 +47,7 @@ MODELS = {
 }
 COMMON = dict(bit_lr=0.05, size_weight=0.1, init_bits=8.0, remove_every=50, removal_grace=100)
 VARIANTS = {
+    "ft16": dict(preservation=False, size_weight=0.0, bit_lr=0.0, init_bits=16.0),
     "sc": dict(preservation=False),
     "sc+pres": dict(preservation=True),
     "sc+pres/best": dict(preservation=True, restore_reference="best", restore_threshold=0.02),
@@ -164,13 +167,14 @@ def _summary(rows: list[dict]) -> dict:
                 entry[key]["channels_removed"] = _stat([r[key]["channels_removed"] for r in mine])
             if key == "ilp":
                 entry[key]["infeasible_runs"] = sum(bool(r[key].get("infeasible")) for r in mine)
-        for key in ("sc", "ilp"):
+        for key in ("sc", "ilp", "ft16"):
             diffs = [
                 r["sc+pres"]["accuracy"] - r[key]["accuracy"]
                 for r in mine
                 if r[key].get("accuracy") is not None
             ]
             entry[f"sc+pres_minus_{key}_accuracy_pp"] = _stat([100 * d for d in diffs])
+            entry[f"sc+pres_minus_{key}_loss"] = _stat([r["sc+pres"]["loss"] - r[key]["loss"] for r in mine])
         out[name] = entry
     return out
 
