@@ -142,8 +142,15 @@ def fit_layer(
     structure: str = "unstructured",
     iterations: int = 30,
     init: LowRankSparse | None = None,
+    target_inputs: torch.Tensor | None = None,
 ) -> LowRankSparse:
-    """Fit one layer (after :func:`resolve_budget`); the result is in the layer's own weight space."""
+    """Fit one layer (after :func:`resolve_budget`); the result is in the layer's own weight space.
+
+    ``target_inputs`` (``admm`` only) are the inputs defining the target output, for sequential
+    calibration (see :func:`cetopt.lowrank.fit_admm`).
+    """
+    if target_inputs is not None and method != "admm":
+        raise ValueError(f"target_inputs needs method 'admm', got {method!r}")
     gram = data.inputs @ data.inputs.T
     if method == "svd":
         return fit_svd(data.weight, rank)
@@ -162,6 +169,7 @@ def fit_layer(
         structure=structure,
         iterations=iterations,
         init=scaled_init,
+        target_inputs=target_inputs,
     )
     return fit.scale_rows(1.0 / data.scale)
 

@@ -36,6 +36,11 @@ and one iteration updates each block in turn:
 The iteration starts from the weight-space fit below and returns the iterate with the lowest true
 objective ``‖σ((L + S) X + b) − Y‖²``, which is recorded at every iteration in ``history``.
 
+*Sequential calibration*: the target may come from other inputs than the fit, ``Y = σ(W X₀ + b)``
+with ``X₀`` the layer's inputs in the original network and ``X`` its inputs once the layers before
+it are compressed (same examples, same columns). Nothing in the steps above changes — ``Y`` is a
+constant — so the fitted layer also corrects the error arriving from upstream.
+
 **Weight-space L + S** (:func:`fit_weight_space`), as in OATS: scale the input dimensions by
 ``D = √diag(XXᵀ)`` (plus jitter), then alternate ``L = [WD − S]_r`` and ``S = P_k(WD − L)``, and
 undo the scaling. The alternation is run from ``S = 0`` and from ``S = P_k(WD)`` and the better end
@@ -245,6 +250,7 @@ def fit_admm(
     rho_max: float = 1e4,
     sparse_steps: int = 3,
     init: LowRankSparse | None = None,
+    target_inputs: torch.Tensor | None = None,
 ) -> LowRankSparse:
     """Activation-aware L + S by ADMM (see the module docstring for the derivation).
 
@@ -265,6 +271,9 @@ def fit_admm(
         Projected-gradient steps per S-step.
     init : LowRankSparse, optional
         Starting point; default the weight-space fit.
+    target_inputs : Tensor, shape (n, N), optional
+        Inputs ``X₀`` defining the target ``Y = σ(W X₀ + b)`` (sequential calibration); default
+        ``inputs``.
 
     Returns
     -------
@@ -276,7 +285,10 @@ def fit_admm(
     b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.to(torch.float64)
     b = b[:, None]
     gram = x @ x.T
-    y = _activate(w @ x + b, activation)
+    if target_inputs is not None and target_inputs.shape != x.shape:
+        raise ValueError(f"target_inputs has shape {tuple(target_inputs.shape)}, inputs {tuple(x.shape)}")
+    x0 = x if target_inputs is None else target_inputs.to(torch.float64)
+    y = _activate(w @ x0 + b, activation)
     chol = cholesky_jitter(gram)
     eta = 1.0 / float(torch.linalg.eigvalsh(gram)[-1].clamp_min(1e-12))
     start = init or fit_weight_space(w, rank, nnz, gram, structure=structure)

@@ -276,8 +276,70 @@ class Menu:
                     decisions += [Quantize(f"{name}.first", o.bits), Quantize(f"{name}.second", o.bits)]
         return rewrite(model, decisions)
 
+    def refit_sequential(
+        self,
+        model: nn.Module,
+        plan: MenuPlan,
+        calibration,
+        *,
+        max_columns: int = 2048,
+        iterations: int = 20,
+        seed: int = 0,
+    ) -> MenuPlan:
+        """Refit ``plan``'s activation-aware layers one by one on inputs from the compressed network.
+
+        In menu order, each ``admm`` layer (float or with quantized factors) is fitted again at the
+        same rank and nonzeros, starting from its menu fit, on the inputs it sees once the layers
+        before it carry their (refitted) choices, to match its original post-activation output in
+        the uncompressed network (the target of :func:`cetopt.lowrank.fit_admm` with
+        ``target_inputs``). The other layers keep their options. The refitted options carry
+        their new layer error (against the original output) and no output error (NaN).
+
+        Parameters
+        ----------
+        model : nn.Module
+            The model the menu was built on; never modified.
+        plan : MenuPlan
+            From :meth:`choose`.
+        calibration : Tensor or iterable of batches
+            As in :func:`build_menu`.
+        max_columns, iterations, seed
+            As in :func:`build_menu` (the same ``seed`` keeps original and compressed columns aligned).
+
+        Returns
+        -------
+        MenuPlan
+            Same ranks, at most the same nonzeros, so at most the same parameters.
+        """
+        chosen = dict(plan.options)
+        for i, name in enumerate(self.layers):
+            o = chosen.get(name)
+            if o is None or o.kind != "admm":
+                continue
+            upstream = {n: chosen[n] for n in self.layers[:i] if n in chosen}
+            current = self.apply(model, replace(plan, options=upstream))
+            original = collect(model, calibration, [name], max_columns=max_columns, seed=seed)[name]
+            seen = collect(current, calibration, [name], max_columns=max_columns, seed=seed)[name]
+            fit = fit_layer(
+                seen, o.rank, o.nnz, "admm", iterations=iterations, init=o.fit, target_inputs=original.inputs
+            )
+            chosen[name] = _refit_option(seen, original, fit, o.bits)
+        return replace(plan, options=chosen)
+
     def to_dict(self) -> dict:
         return {n: [o.to_dict() for o in self.options[n]] for n in self.layers}
+
+
+def _refit_option(seen: LayerData, original: LayerData, fit: LowRankSparse, bits: int | None) -> MenuOption:
+    """An ``admm`` option for a sequential refit; its error is against the original output."""
+    option = (
+        _float_option(seen, "admm", fit)
+        if bits is None
+        else _quantized_factor_option(seen, "admm", fit, bits)
+    )
+    ref = original.output(original.weight)
+    error = float((seen.output(option.approx) - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
+    return replace(option, error=error, output_error=float("nan"))
 
 
 def _grid(full: int, fractions: Sequence[float]) -> list[int]:

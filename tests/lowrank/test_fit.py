@@ -107,3 +107,27 @@ def test_project_sparse_keeps_the_largest():
     assert torch.equal(project_sparse(m, 2), torch.tensor([[0.0, -5.0, 0.0], [3.0, 0.0, 0.0]]))
     assert torch.equal(project_sparse(m, 3, "rows"), torch.tensor([[1.0, -5.0, 0.5], [0.0, 0.0, 0.0]]))
     assert torch.equal(project_sparse(m, 2, "columns"), torch.tensor([[0.0, -5.0, 0.0], [0.0, 0.1, 0.0]]))
+
+
+def test_sequential_target_corrects_upstream_error():
+    # the layer now sees 0.7·X (upstream compression); the original output is σ(W X + b)
+    low, sparse = synthetic(seed=4)
+    w = low + sparse
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 300, generator=g).double()
+    b = torch.randn(24, generator=g).double() * 0.1
+    seen = 0.7 * x
+    ref = torch.relu(w @ x + b[:, None])
+
+    def error(fit):
+        out = torch.relu(fit.dense() @ seen + b[:, None])
+        return float((out - ref).pow(2).sum() / ref.pow(2).sum())
+
+    plain = fit_admm(w, b, seen, 3, 60, iterations=30)
+    same = fit_admm(w, b, seen, 3, 60, iterations=30, target_inputs=seen)
+    assert torch.equal(same.dense(), plain.dense())
+    sequential = fit_admm(w, b, seen, 3, 60, iterations=30, target_inputs=x)
+    assert sequential.rank == 3 and sequential.nnz <= 60
+    assert error(sequential) < 0.2 * error(plain)
+    with pytest.raises(ValueError, match="target_inputs"):
+        fit_admm(w, b, seen, 3, 60, target_inputs=x[:, :10])

@@ -109,3 +109,27 @@ def test_joint_plan_survives_save_and_load(menu_and_model, tmp_path):
     restored = cetopt.load(tmp_path / "m.safetensors", model=TinyCNN())
     with torch.no_grad():
         torch.testing.assert_close(restored(x), new(x))
+
+
+def test_sequential_refit_keeps_budget_and_lowers_output_error(menu_and_model):
+    menu, model, x = menu_and_model
+    before = state_copy(model)
+    plan = menu.choose(menu.dense_params / 3, kinds=["admm"])
+    refit = menu.refit_sequential(model, plan, x, iterations=8)
+    assert same_state(model, before)
+    assert any(o.kind == "admm" for o in plan.options.values())
+    for name, o in plan.options.items():
+        new = refit.options[name]
+        assert (new.kind, new.rank, new.bits) == (o.kind, o.rank, o.bits) and new.nnz <= o.nnz
+        if o.kind != "admm":
+            assert new is o
+    assert refit.params <= plan.params
+    new_model = menu.apply(model, refit)
+    assert stored_params(new_model, menu.layers) == refit.params
+
+    def output_error(m):
+        with torch.no_grad():
+            ref = model(x)
+            return float((m(x) - ref).pow(2).sum() / ref.pow(2).sum())
+
+    assert output_error(new_model) < output_error(menu.apply(model, plan))
