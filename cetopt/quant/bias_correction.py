@@ -24,6 +24,14 @@ def _inputs(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def _channel_rows(layer: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """``output`` as (samples, channels): a Linear's channels are its last dimension (after any
+    leading ones, e.g. a sequence), a convolution's are dimension 1."""
+    if isinstance(layer, nn.Linear):
+        return output.reshape(-1, output.shape[-1])
+    return output.transpose(0, 1).reshape(output.shape[1], -1).T
+
+
 @torch.no_grad()
 def correct_bias(
     original: nn.Module, quantized: nn.Module, data, *, max_batches: int | None = None
@@ -64,9 +72,9 @@ def correct_bias(
     def hook(name):
         def measure(module, args, output):
             diff = (layers[name](args[0]) - output).double()
-            dims = [0, *range(2, diff.dim())]
-            sums[name] += diff.sum(dim=dims)
-            counts[name] += diff.numel() // diff.shape[1]
+            rows = _channel_rows(module, diff)
+            sums[name] += rows.sum(dim=0)
+            counts[name] += rows.shape[0]
 
         return measure
 

@@ -75,3 +75,18 @@ def test_layers_without_bias_are_refused():
     model = _net()
     with pytest.raises(CetoptError, match="bias_correction"):
         correct_bias(model, cetopt.quantize(model, {"0": 4}), _batches())
+
+
+def test_a_linear_layer_on_sequences_is_corrected_per_output_feature():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.rand(4, 7, 6, generator=g) + 0.5, None) for _ in range(3)]
+    x = torch.cat([b[0] for b in data])
+
+    def shift(quantized):
+        with torch.no_grad():
+            return (dict(quantized.named_modules())["0"](x) - model[0](x)).reshape(-1, 5).mean(dim=0)
+
+    assert float(shift(cetopt.quantize(model, {"0": 2})).abs().max()) > 1e-3
+    assert float(shift(cetopt.quantize(model, {"0": 2}, bias_correction=data)).abs().max()) < 1e-5
