@@ -23,6 +23,10 @@ cost. Then:
   (bit allocation only; SVD, pruning, weight-space L + S, activation-aware L + S in float32) and over
   the joint menu (everything, including factorised layers with quantized factors). No fine-tune.
 
+The row ``admm_sequential`` takes the activation-aware plan and refits its layers one by one, in
+order, on the inputs they see once the layers before them are compressed, against their original
+outputs (sequential calibration, :meth:`cetopt.lowrank.Menu.refit_sequential`; same ranks and masks).
+
 Per layer, the activation-aware and weight-space fits at the same (rank, nnz) are also compared on
 the layer's post-activation calibration error (the geometric mean of their ratio).
 
@@ -52,6 +56,7 @@ METHODS = ("svd", "prune", "weight_space", "admm")
 PARAM_RATIO = 5.0
 BYTE_RATIOS = (8.0, 12.0)
 CALIBRATION_EXAMPLES = 512
+ITERATIONS = 20
 FINETUNE = {"batch_size": 64, "distillation_temperature": 4.0}
 # the fine-tune schedule is chosen per model on the validation split (never the test split):
 # seed 0, the weight-space L + S plan at the equal-parameter budget, every (epochs, lr) below
@@ -134,8 +139,11 @@ def _param_budget(menu, model) -> float:
     return _count(model) / PARAM_RATIO - (_count(model) - menu.dense_params)
 
 
-def _param_row(menu, model, data, reference, kinds, seed, schedule) -> dict:
+def _param_row(menu, model, data, reference, kinds, seed, schedule, calibration=None) -> dict:
+    """One equal-parameter plan; with ``calibration``, its ADMM layers are refitted sequentially."""
     plan = menu.choose(_param_budget(menu, model), kinds=kinds)
+    if calibration is not None:
+        plan = menu.refit_sequential(model, plan, calibration, iterations=ITERATIONS, seed=seed)
     new = menu.apply(model, plan)
     exact = stored_params(new, menu.layers)
     assert exact == plan.params, (exact, plan.params)
@@ -197,7 +205,7 @@ def _one(name: str, seed: int, quick: bool, selection: dict | None) -> dict:
     with torch.no_grad():
         reference = model(data.x_test).double()
     t0 = time.perf_counter()
-    menu = build_menu(model, calibration, iterations=10 if quick else 20, seed=seed)
+    menu = build_menu(model, calibration, iterations=10 if quick else ITERATIONS, seed=seed)
     menu_seconds = time.perf_counter() - t0
     if selection is None:
         selection = _select_schedule(menu, model, data, seed)
@@ -216,6 +224,11 @@ def _one(name: str, seed: int, quick: bool, selection: dict | None) -> dict:
         "equal_params": {
             kind: _param_row(menu, model, data, reference, kinds, seed, schedule)
             for kind, kinds in [*((m, [m]) for m in METHODS), ("joint_float", list(METHODS))]
+        }
+        | {
+            "admm_sequential": _param_row(
+                menu, model, data, reference, ["admm"], seed, schedule, calibration=calibration
+            )
         },
         "equal_bytes": {
             str(ratio): {
