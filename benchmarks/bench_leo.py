@@ -214,7 +214,7 @@ def _hard_cases(quick: bool) -> list[dict]:
             ("digits-2x100", 1e-3, "box", digits, seed, None),
         ]
     # an under-trained conv net (4 epochs), whose channels the data does not settle, and a deep MLP
-    # that strong L1 collapsed (every unit of a layer inactive: a constant network)
+    # that strong L1 collapsed (every unit stable: the hidden layers merge away into one affine map)
     cases += [("digits-conv", 1e-3, "data", digits, 0, 4), ("digits-4x50", 1e-3, "data", digits, 0, None)]
     rows = []
     for name, l1, kind, data, seed, epochs in cases:
