@@ -205,23 +205,29 @@ def _hard_cases(quick: bool) -> list[dict]:
     cases = []
     for seed in seeds:
         cases += [
-            ("digits-4x50", 1e-3, "data", digits, seed),
-            ("digits-4x50", 1e-3, "box", digits, seed),
-            ("mnist1d-4x50", 1e-3, "data", mnist, seed),
-            ("digits-conv", 1e-3, "data", digits, seed),
-            ("digits-conv", 2e-4, "data", digits, seed),
-            ("digits-2x100", 1e-3, "box", digits, seed),
+            ("digits-4x50", 2e-4, "data", digits, seed, None),
+            ("digits-4x50", 2e-4, "box", digits, seed, None),
+            ("digits-4x50", 5e-4, "box", digits, seed, None),
+            ("mnist1d-4x50", 2e-4, "data", mnist, seed, None),
+            ("digits-conv", 1e-3, "data", digits, seed, None),
+            ("digits-conv", 1e-3, "box", digits, seed, None),
+            ("digits-2x100", 1e-3, "box", digits, seed, None),
         ]
+    # an under-trained conv net (4 epochs), whose channels the data does not settle, and a deep MLP
+    # that strong L1 collapsed (every unit stable: the hidden layers merge away into one affine map)
+    cases += [("digits-conv", 1e-3, "data", digits, 0, 4), ("digits-4x50", 1e-3, "data", digits, 0, None)]
     rows = []
-    for name, l1, kind, data, seed in cases:
-        model = load_leo_model(name, l1=l1, seed=seed)
+    for name, l1, kind, data, seed, epochs in cases:
+        model = load_leo_model(name, l1=l1, seed=seed, epochs=epochs)
         if kind == "data":
             domain, witness = Domain.from_data(data.x_train), data.x_train
         else:  # the pixel box [0, 1]^64, no data: the solver stages must do the work
             domain, witness = Domain.box(torch.zeros(data.input_shape), 1.0), None
         out = _analyse(model, domain, witness, torch.cat([data.x_train, data.x_test]))
         row = {
+            "constant_network": out["report"].constant,
             "network": name,
+            "epochs": epochs or "default",
             "l1": l1,
             "seed": seed,
             "domain": kind if kind == "box" else "data box",
