@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from cetopt.errors import CalibrationShapeError, UnsupportedLayerError
+from cetopt.nn.unfold import input_rows, is_matmul_layer
 
 __all__ = ["LayerData", "collect", "supported_layers", "weight_matrix"]
 
@@ -74,20 +75,9 @@ class LayerData:
         return float((self.output(weight) - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
 
 
-def _supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    return (
-        isinstance(module, (nn.Conv1d, nn.Conv2d))
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    )
-
-
 def supported_layers(model: nn.Module) -> list[str]:
     """Names of the layers that can be decomposed (Linear, ungrouped zero-padded Conv1d/Conv2d)."""
-    return [name for name, m in model.named_modules() if name and _supported(m)]
+    return [name for name, m in model.named_modules() if name and is_matmul_layer(m)]
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -97,17 +87,7 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Inputs of one batch as columns of shape ``(fan_in, positions)``."""
-    x = x.detach().to(torch.float64)
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, module.in_features).T
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(2)
-        kernel, stride = (1, module.kernel_size[0]), (1, module.stride[0])
-        padding, dilation = (0, module.padding[0]), (1, module.dilation[0])
-    else:
-        kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
-    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, n, P)
-    return patches.permute(1, 0, 2).reshape(patches.shape[1], -1)
+    return input_rows(module, x.detach().to(torch.float64)).T
 
 
 def _batches(calibration) -> Iterable[torch.Tensor]:
@@ -202,7 +182,7 @@ def collect(
     """
     modules = dict(model.named_modules())
     for name in names:
-        if not _supported(modules.get(name, nn.Identity())):
+        if not is_matmul_layer(modules.get(name, nn.Identity())):
             kind = type(modules[name]).__name__ if name in modules else "missing"
             raise UnsupportedLayerError(
                 f"layer {name!r} ({kind}) cannot be decomposed: only nn.Linear and ungrouped, "

@@ -14,14 +14,11 @@ import copy
 import torch
 from torch import nn
 
-from cetopt.errors import CetoptError, DataShapeError
+from cetopt.errors import CetoptError
 from cetopt.nn.quantized import QuantizedMixin
+from cetopt.quant._calibration import run_with_hooks
 
 __all__ = ["correct_bias"]
-
-
-def _inputs(batch) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _channel_rows(layer: nn.Module, output: torch.Tensor) -> torch.Tensor:
@@ -78,22 +75,7 @@ def correct_bias(
 
         return measure
 
-    handles = [floats[n].register_forward_hook(hook(n)) for n in layers]
-    was_training = original.training
-    original.eval()
-    try:
-        for i, batch in enumerate(data):
-            if max_batches is not None and i >= max_batches:
-                break
-            original(_inputs(batch))
-    except (RuntimeError, ValueError) as exc:
-        raise DataShapeError(f"the model cannot run on the calibration data: {exc}") from exc
-    finally:
-        original.train(was_training)
-        for h in handles:
-            h.remove()
-    if not any(counts.values()):
-        raise DataShapeError("calibration data yielded no batches")
+    run_with_hooks(original, {n: hook(n) for n in layers}, data, max_batches)
     corrected = copy.deepcopy(quantized).eval()
     modules = dict(corrected.named_modules())
     for name, total in sums.items():

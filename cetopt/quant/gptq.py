@@ -21,72 +21,28 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cetopt.errors import CetoptError, DataShapeError
+from cetopt.errors import CetoptError
 from cetopt.nn.quantized import QuantizedMixin
+from cetopt.nn.unfold import input_rows, is_matmul_layer
+from cetopt.quant._calibration import run_with_hooks
 
 __all__ = ["gptq_round"]
 
 
-def _inputs(batch) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def _supported(layer: nn.Module) -> bool:
-    if isinstance(layer, nn.Linear):
-        return True
-    return (
-        isinstance(layer, (nn.Conv1d, nn.Conv2d))
-        and layer.groups == 1
-        and not isinstance(layer.padding, str)
-        and layer.padding_mode == "zeros"
-    )
-
-
-def _columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The rows of ``X``ᵀ the layer multiplies by ``W`` flattened to (out, in·kernel)."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    if isinstance(layer, nn.Conv1d):
-        x = x.unsqueeze(2)
-        kernel, dilation = (1, layer.kernel_size[0]), (1, layer.dilation[0])
-        padding, stride = (0, layer.padding[0]), (1, layer.stride[0])
-    else:
-        kernel, dilation, padding, stride = layer.kernel_size, layer.dilation, layer.padding, layer.stride
-    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-
-
 @torch.no_grad()
 def _input_gram(original: nn.Module, names: list[str], data, max_batches: int | None) -> dict:
-    modules = dict(original.named_modules())
     grams: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def accumulate(module, args, output):
-            cols = _columns(module, args[0].detach()).double()
+            cols = input_rows(module, args[0].detach()).double()
             grams[name] = grams.get(name, 0) + cols.T @ cols
 
         return accumulate
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    was_training = original.training
-    original.eval()
-    try:
-        for i, batch in enumerate(data):
-            if max_batches is not None and i >= max_batches:
-                break
-            original(_inputs(batch))
-    except (RuntimeError, ValueError) as exc:
-        raise DataShapeError(f"the model cannot run on the calibration data: {exc}") from exc
-    finally:
-        original.train(was_training)
-        for h in handles:
-            h.remove()
-    if not grams:
-        raise DataShapeError("calibration data yielded no batches")
+    run_with_hooks(original, {n: hook(n) for n in names}, data, max_batches)
     return grams
 
 
@@ -146,7 +102,7 @@ def gptq_round(
     absent = [n for n in layers if n not in floats]
     if absent:
         raise CetoptError(f"the original model has no layers named {absent}")
-    names = [n for n in layers if _supported(floats[n])]
+    names = [n for n in layers if is_matmul_layer(floats[n])]
     rounded = copy.deepcopy(quantized)
     if not names:
         return rounded
