@@ -28,6 +28,8 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "SensitivityTable": "cetopt.analysis",
     "sensitivity": "cetopt.analysis",
+    "channel_sensitivity": "cetopt.analysis",
+    "channel_bits": "cetopt.analysis",
     "rank_correlation": "cetopt.analysis",
     "compress": "cetopt.pipeline",
     "CompressionResult": "cetopt.pipeline",

@@ -134,6 +134,9 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-gptq", action="store_true", help="round to nearest (no error-compensating GPTQ rounding)"
     )
+    parser.add_argument(
+        "--per-channel", action="store_true", help="a bit width per output channel (measured sensitivities)"
+    )
 
 
 def _resolve_model(args: argparse.Namespace):
@@ -180,6 +183,7 @@ def run_compress(args: argparse.Namespace) -> int:
         time_limit=args.time_limit,
         probes=args.probes,
         seed=args.seed,
+        per_channel=args.per_channel,
         gptq=not args.no_gptq,
         bias_correction=not args.no_bias_correction,
     )
@@ -204,7 +208,7 @@ def run_compress(args: argparse.Namespace) -> int:
         "bits": result.plan.bits,
         "plan": result.plan.to_dict(),
         "solver_status": result.plan.status,
-        "sensitivity_method": args.method,
+        "sensitivity_method": "measured-channel" if args.per_channel else args.method,
         "gptq": not args.no_gptq,
         "bias_correction": not args.no_bias_correction,
         "sensitivity_seconds": result.table.meta.get("seconds"),

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cetopt.allocation import Plan, allocate
-from cetopt.analysis import SensitivityTable, sensitivity
+from cetopt.analysis import SensitivityTable, channel_bits, channel_sensitivity, sensitivity
 from cetopt.quant.apply import quantize
 
 __all__ = ["CompressionResult", "compress"]
@@ -30,6 +30,7 @@ def compress(
     budget: float | str,
     *,
     method: str = "cet",
+    per_channel: bool = False,
     bits: Sequence[int] = (2, 3, 4, 5, 6, 8),
     solver="highs",
     time_limit: float | None = None,
@@ -52,7 +53,11 @@ def compress(
     budget : float or str
         Weight bytes, ``"10x"`` (against float32) or ``"3.2bits"``.
     method : str
-        Sensitivity estimator (:data:`cetopt.analysis.METHODS`).
+        Sensitivity estimator (:data:`cetopt.analysis.METHODS`), for per-layer bit widths.
+    per_channel : bool
+        Give every output channel its own bit width, from measured per-channel sensitivities
+        (:func:`cetopt.channel_sensitivity`; ``method`` and ``probes`` are then unused). The plan's
+        rows are then ``"layer[c]"``.
     bits : sequence of int
         Candidate bit widths.
     solver, time_limit
@@ -68,11 +73,17 @@ def compress(
     **allocate_options
         Any other keyword of :func:`cetopt.allocate` (``bops_budget``, ``ties``, ``min_bits`` ...).
     """
-    table = sensitivity(
-        model, data, bits, method, loss_fn=loss_fn, probes=probes, seed=seed, progress=progress
-    )
+    if per_channel:
+        table = channel_sensitivity(model, data, bits, loss_fn=loss_fn, progress=progress)
+    else:
+        table = sensitivity(
+            model, data, bits, method, loss_fn=loss_fn, probes=probes, seed=seed, progress=progress
+        )
     plan = allocate(table, budget, solver, time_limit, **allocate_options)
     quantized = quantize(
-        model, plan, gptq=data if gptq else None, bias_correction=data if bias_correction else None
+        model,
+        channel_bits(plan) if per_channel else plan,
+        gptq=data if gptq else None,
+        bias_correction=data if bias_correction else None,
     )
     return CompressionResult(model=quantized, plan=plan, table=table)

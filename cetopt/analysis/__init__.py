@@ -1,5 +1,6 @@
 """Analysis stage: how sensitive each layer is to compression."""
 
+from cetopt.analysis.channels import channel_bits, channel_sensitivity
 from cetopt.analysis.correlation import rank_correlation
 from cetopt.analysis.estimators import METHODS, sensitivity
 from cetopt.analysis.objective import LossObjective, quantizable_layers
@@ -9,6 +10,8 @@ __all__ = [
     "METHODS",
     "LossObjective",
     "SensitivityTable",
+    "channel_bits",
+    "channel_sensitivity",
     "quantizable_layers",
     "rank_correlation",
     "sensitivity",

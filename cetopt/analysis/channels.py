@@ -1,0 +1,147 @@
+"""Per-output-channel sensitivities: the allocation then picks a bit width for every channel.
+
+The quantizer already scales and stores each output channel on its own, and its clipping search
+is per channel, so channel ``c`` of a layer quantized to ``b`` bits is the same whatever width the
+other channels get. ``channel_sensitivity`` measures the calibration-loss increase of quantizing
+each channel alone to each width (one forward pass over the calibration data per entry). The
+resulting table has one row per channel, named ``"layer[c]"``, with that channel's weights as its
+parameters, so :func:`cetopt.allocate` solves the per-channel problem unchanged (the byte model
+counts each channel's codes plus its own scale and width; it rounds each channel's codes up to
+whole bytes, while :func:`cetopt.save` packs a layer's codes together, so the file is at most one
+byte per channel smaller than the plan says). :func:`channel_bits` turns the plan back into one
+bit width per channel for :func:`cetopt.quantize`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from cetopt.analysis.objective import LossObjective, quantizable_layers
+from cetopt.analysis.table import SensitivityTable
+from cetopt.errors import CetoptError
+from cetopt.quant.quantizer import fake_quantize
+
+__all__ = ["channel_bits", "channel_sensitivity"]
+
+_ROW = re.compile(r"^(?P<layer>.+)\[(?P<channel>\d+)\]$")
+
+
+def _row_name(layer: str, channel: int) -> str:
+    return f"{layer}[{channel}]"
+
+
+def _split(value: int, parts: int) -> list[int]:
+    """``value`` as ``parts`` integers that sum to it (the remainder on the first)."""
+    share = value // parts
+    return [value - share * (parts - 1)] + [share] * (parts - 1)
+
+
+def channel_sensitivity(
+    model: nn.Module,
+    data,
+    bits: Sequence[int] = (2, 3, 4, 5, 6, 8),
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    layers: Sequence[str] | None = None,
+    max_batches: int | None = None,
+    clip_search: bool = True,
+    progress: bool = True,
+) -> SensitivityTable:
+    """Measured loss increase of quantizing each output channel alone to each bit width.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Evaluated in eval mode; not modified.
+    data : iterable of (inputs, targets)
+        Calibration batches; the loss is averaged over all of them.
+    bits : sequence of int
+        Candidate bit widths (2 to 16).
+    loss_fn, layers, max_batches, clip_search, progress
+        As in :func:`cetopt.sensitivity`.
+
+    Returns
+    -------
+    SensitivityTable
+        One row per output channel, named ``"layer[c]"``, method ``"measured-channel"``.
+        ``meta["layers"]`` lists the layers in order.
+    """
+    from cetopt.analysis.estimators import _progress
+
+    names = quantizable_layers(model, layers)
+    bits = [int(b) for b in bits]
+    if any(b < 2 or b > 16 for b in bits):
+        raise CetoptError(f"bits must lie in 2..16, got {bits}")
+    start = time.perf_counter()
+    obj = LossObjective(model, data, names, loss_fn=loss_fn, max_batches=max_batches)
+    base = obj.loss()
+    rows, values, params, macs, fixed = [], [], [], [], []
+    total = sum(info.channels for info in obj.layers) * len(bits)
+    with _progress(total, "measured: quantize each channel alone", progress) as bar:
+        for name, key, info in zip(names, obj.keys, obj.layers):
+            weight = obj.weights[key]
+            quantized = {b: fake_quantize(weight, b, clip_search=clip_search) for b in bits}
+            for c in range(info.channels):
+                row = []
+                for b in bits:
+                    trial = weight.clone()
+                    trial[c] = quantized[b][c]
+                    row.append(obj.loss({key: trial}) - base)
+                    bar.update(1)
+                rows.append(_row_name(name, c))
+                values.append(row)
+                params.append(weight[c].numel())
+            macs += _split(info.macs, info.channels)
+            fixed += _split(info.fixed_bytes, info.channels)
+    return SensitivityTable(
+        layers=rows,
+        bits=bits,
+        values=np.asarray(values),
+        params=params,
+        method="measured-channel",
+        channels=[1] * len(rows),
+        macs=macs,
+        fixed_bytes=fixed,
+        meta={
+            "layers": names,
+            "seconds": time.perf_counter() - start,
+            "examples": obj.total,
+            "base_loss": base,
+        },
+    )
+
+
+def channel_bits(plan) -> dict[str, list[int]]:
+    """One bit width per output channel, per layer, from a plan over ``"layer[c]"`` rows.
+
+    Parameters
+    ----------
+    plan : Plan or mapping
+        A :class:`cetopt.Plan` from a :func:`channel_sensitivity` table, or its ``bits`` mapping.
+
+    Returns
+    -------
+    dict
+        Layer name → list of bit widths, channel by channel; what :func:`cetopt.quantize` takes.
+    """
+    bits = plan.bits if hasattr(plan, "bits") else plan
+    if not isinstance(bits, Mapping):
+        raise TypeError(f"plan must be a cetopt.Plan or a mapping, got {type(plan).__name__}")
+    per_layer: dict[str, dict[int, int]] = {}
+    for row, b in bits.items():
+        match = _ROW.match(row)
+        if match is None:
+            raise CetoptError(f"{row!r} is not a per-channel row (expected 'layer[c]')")
+        per_layer.setdefault(match["layer"], {})[int(match["channel"])] = int(b)
+    out = {}
+    for layer, widths in per_layer.items():
+        if sorted(widths) != list(range(len(widths))):
+            raise CetoptError(f"the plan does not give every channel of {layer!r} a width")
+        out[layer] = [widths[c] for c in range(len(widths))]
+    return out
