@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
+from benchmarks.harness import mean_sd
 from cetopt.allocation import allocate, option_bytes
 from cetopt.analysis import SensitivityTable, rank_correlation, sensitivity
 from cetopt.errors import InfeasibleBudgetError
@@ -188,32 +187,28 @@ def _summary(rows: list[dict]) -> dict:
     for name in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == name]
 
-        def stat(values):
-            return {
-                "mean": float(np.mean(values)),
-                "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            }
-
-        entry = {"fp32": stat([r["fp32_accuracy"] for r in mine])}
+        entry = {"fp32": mean_sd([r["fp32_accuracy"] for r in mine])}
         for key in mine[0]["at_10x"]:
-            entry[f"10x {key}"] = stat([r["at_10x"][key]["accuracy"] for r in mine])
-            entry[f"10x {key} +bias-corr"] = stat([r["at_10x"][key]["accuracy_bias_corrected"] for r in mine])
-            entry[f"10x {key} +gptq+bias-corr"] = stat(
+            entry[f"10x {key}"] = mean_sd([r["at_10x"][key]["accuracy"] for r in mine])
+            entry[f"10x {key} +bias-corr"] = mean_sd(
+                [r["at_10x"][key]["accuracy_bias_corrected"] for r in mine]
+            )
+            entry[f"10x {key} +gptq+bias-corr"] = mean_sd(
                 [r["at_10x"][key]["accuracy_gptq_bias_corrected"] for r in mine]
             )
         for key in mine[0]["at_uniform_3bit_bytes"]:
             if key != "budget_bytes":
-                entry[f"uniform-3bit bytes {key}"] = stat([r["at_uniform_3bit_bytes"][key] for r in mine])
+                entry[f"uniform-3bit bytes {key}"] = mean_sd([r["at_uniform_3bit_bytes"][key] for r in mine])
         for alpha in mine[0]["hawq_budgets"]:
             for key in ("hawq-v3", "ilp+cet"):
-                entry[f"{alpha} {key}"] = stat([r["hawq_budgets"][alpha][key]["accuracy"] for r in mine])
-                entry[f"{alpha} {key} +bias-corr"] = stat(
+                entry[f"{alpha} {key}"] = mean_sd([r["hawq_budgets"][alpha][key]["accuracy"] for r in mine])
+                entry[f"{alpha} {key} +bias-corr"] = mean_sd(
                     [r["hawq_budgets"][alpha][key]["accuracy_bias_corrected"] for r in mine]
                 )
-                entry[f"{alpha} {key} +gptq+bias-corr"] = stat(
+                entry[f"{alpha} {key} +gptq+bias-corr"] = mean_sd(
                     [r["hawq_budgets"][alpha][key]["accuracy_gptq_bias_corrected"] for r in mine]
                 )
-        entry["rank_correlation"] = {m: stat([r["rank_correlation"][m] for r in mine]) for m in ESTIMATORS}
+        entry["rank_correlation"] = {m: mean_sd([r["rank_correlation"][m] for r in mine]) for m in ESTIMATORS}
         out[name] = entry
     return out
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import cetopt
+from benchmarks.harness import mean_sd
 from cetopt.analysis import channel_bits, channel_sensitivity, sensitivity
 from cetopt.zoo import accuracy, load_dataset, load_model, zoo_entry
 
@@ -82,20 +83,16 @@ def _summary(rows: list[dict]) -> dict:
     for name in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == name]
 
-        def stat(values):
-            sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-            return {"mean": float(np.mean(values)), "sd": sd}
-
         out[name] = {
-            "fp32": stat([r["fp32_accuracy"] for r in mine]),
+            "fp32": mean_sd([r["fp32_accuracy"] for r in mine]),
             **{
-                key: stat([r[key]["accuracy"] for r in mine])
+                key: mean_sd([r[key]["accuracy"] for r in mine])
                 for key in ("per_layer_cet", "per_channel_measured", "uniform_3bit")
             },
-            "per_channel_minus_fp32_pp": stat(
+            "per_channel_minus_fp32_pp": mean_sd(
                 [100 * (r["per_channel_measured"]["accuracy"] - r["fp32_accuracy"]) for r in mine]
             ),
-            "per_channel_minus_per_layer_pp": stat(
+            "per_channel_minus_per_layer_pp": mean_sd(
                 [100 * (r["per_channel_measured"]["accuracy"] - r["per_layer_cet"]["accuracy"]) for r in mine]
             ),
         }

@@ -8,7 +8,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +108,10 @@ def write_result(name: str, data: dict[str, Any], *, quick: bool = False) -> Pat
     """Write ``results/<name>.json`` (``<name>.quick.json`` for quick runs) with machine information."""
     path = RESULTS / (f"{name}.quick.json" if quick else f"{name}.json")
     return atomic_write_json(path, {"benchmark": name, "quick": quick, "machine": machine_info(), **data})
+
+
+def mean_sd(values: Sequence[float]) -> dict[str, float]:
+    """``{"mean", "sd"}`` of ``values``; the sample standard deviation, 0 for a single value."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return {"mean": float(mean), "sd": float(var**0.5)}
