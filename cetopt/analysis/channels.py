@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cetopt.analysis._common import checked_bits, progress_bar
 from cetopt.analysis.objective import LossObjective, quantizable_layers
 from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import CetoptError
@@ -72,18 +73,14 @@ def channel_sensitivity(
         One row per output channel, named ``"layer[c]"``, method ``"measured-channel"``.
         ``meta["layers"]`` lists the layers in order.
     """
-    from cetopt.analysis.estimators import _progress
-
     names = quantizable_layers(model, layers)
-    bits = [int(b) for b in bits]
-    if any(b < 2 or b > 16 for b in bits):
-        raise CetoptError(f"bits must lie in 2..16, got {bits}")
+    bits = checked_bits(bits)
     start = time.perf_counter()
     obj = LossObjective(model, data, names, loss_fn=loss_fn, max_batches=max_batches)
     base = obj.loss()
     rows, values, params, macs, fixed = [], [], [], [], []
     total = sum(info.channels for info in obj.layers) * len(bits)
-    with _progress(total, "measured: quantize each channel alone", progress) as bar:
+    with progress_bar(total, "measured: quantize each channel alone", progress) as bar:
         for name, key, info in zip(names, obj.keys, obj.layers):
             weight = obj.weights[key]
             quantized = {b: fake_quantize(weight, b, clip_search=clip_search) for b in bits}

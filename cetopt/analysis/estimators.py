@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cetopt.analysis._common import checked_bits, progress_bar
 from cetopt.analysis.objective import LossObjective, quantizable_layers
 from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import CetoptError
@@ -33,12 +34,6 @@ from cetopt.quant.quantizer import fake_quantize
 __all__ = ["METHODS", "sensitivity"]
 
 Deltas = dict[int, dict[str, torch.Tensor]]
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
 def _chunks(n: int, size: int) -> Iterable[range]:
@@ -53,7 +48,7 @@ def _cet(obj: LossObjective, deltas: Deltas, opts: dict):
     g = obj.gradient()
     linear = np.array([[float((g[k] * deltas[b][k]).sum()) for b in bits] for k in keys])
     samples = np.zeros((len(keys), len(bits), probes))
-    with _progress(len(bits) * probes, "cet: Hessian-vector probes", opts["progress"]) as bar:
+    with progress_bar(len(bits) * probes, "cet: Hessian-vector probes", opts["progress"]) as bar:
         for j, b in enumerate(bits):
             for block in _chunks(probes, chunk):
                 signs = (torch.randint(0, 2, (len(block), len(keys)), generator=gen) * 2 - 1).float()
@@ -82,7 +77,7 @@ def _hutchinson(obj: LossObjective, deltas: Deltas, opts: dict):
     gen = torch.Generator().manual_seed(opts["seed"])
     draws: list[np.ndarray] = []
     done, estimate = False, None
-    with _progress(opts["max_probes"], "hutchinson: trace probes", opts["progress"]) as bar:
+    with progress_bar(opts["max_probes"], "hutchinson: trace probes", opts["progress"]) as bar:
         while not done and len(draws) < opts["max_probes"]:
             n = min(opts["chunk"], opts["max_probes"] - len(draws))
             v = {
@@ -109,7 +104,7 @@ def _hutchinson(obj: LossObjective, deltas: Deltas, opts: dict):
 
 def _fisher(obj: LossObjective, deltas: Deltas, opts: dict):
     fisher = {k: torch.zeros_like(w) for k, w in obj.weights.items()}
-    with _progress(len(obj.batches), "fisher: per-example gradients", opts["progress"]) as bar:
+    with progress_bar(len(obj.batches), "fisher: per-example gradients", opts["progress"]) as bar:
         for x, y in obj.batches:
             for block in _chunks(len(x), opts["sample_chunk"]):
                 grads = obj.per_sample_gradients(x[block.start : block.stop], y[block.start : block.stop])
@@ -125,7 +120,7 @@ def _fisher(obj: LossObjective, deltas: Deltas, opts: dict):
 def _measured(obj: LossObjective, deltas: Deltas, opts: dict):
     base = obj.loss()
     values = np.zeros((len(obj.keys), len(deltas)))
-    with _progress(values.size, "measured: quantize each layer alone", opts["progress"]) as bar:
+    with progress_bar(values.size, "measured: quantize each layer alone", opts["progress"]) as bar:
         for i, k in enumerate(obj.keys):
             for j, b in enumerate(deltas):
                 values[i, j] = obj.loss({k: obj.weights[k] + deltas[b][k]}) - base
@@ -196,9 +191,7 @@ def sensitivity(
     if method not in METHODS:
         raise CetoptError(f"unknown sensitivity method {method!r}; available: {', '.join(METHODS)}")
     names = quantizable_layers(model, layers)
-    bits = [int(b) for b in bits]
-    if any(b < 2 or b > 16 for b in bits):
-        raise CetoptError(f"bits must lie in 2..16, got {bits}")
+    bits = checked_bits(bits)
     start = time.perf_counter()
     obj = LossObjective(model, data, names, loss_fn=loss_fn, max_batches=max_batches)
     deltas = {
