@@ -1,9 +1,12 @@
 """Mixed-precision quality at 10× smaller weights: ILP + {cet, hutchinson, fisher} vs uniform 3-bit
 vs the HAWQ-V3 recipe, on the digits ResNet and the MNIST-1D CNN, with no fine-tuning.
 
-For each model and seed: the four sensitivity tables (cet, hutchinson, fisher, measured) are
-computed on the training split (the calibration data); each estimator's rank correlation with
-``measured`` is recorded, with its time as a ratio to ``measured``'s in the same run. Then
+For each model and seed: the four per-layer sensitivity tables (cet, hutchinson, fisher, measured)
+and the two per-channel ones (``cet-channel``: CET's quadratic form for each output channel's own
+perturbation, 64 Hessian-vector probes per bit width; ``measured-channel``) are computed on the
+training split (the calibration data); each estimator's rank correlation with its ``measured``
+counterpart is recorded, with its time as a ratio to the per-layer ``measured`` table's in the same
+run. Then
 
 * at the 10× budget: the ILP plan of each estimator (and of ``measured``, for reference), and
   uniform 3-bit, whose real bytes (codes plus a float32 scale and a bit-width byte per channel) may
@@ -27,7 +30,7 @@ import time
 
 from benchmarks.harness import mean_sd
 from cetopt.allocation import allocate, option_bytes
-from cetopt.analysis import SensitivityTable, rank_correlation, sensitivity
+from cetopt.analysis import SensitivityTable, channel_bits, channel_sensitivity, rank_correlation, sensitivity
 from cetopt.errors import InfeasibleBudgetError
 from cetopt.quant.apply import quantize
 from cetopt.zoo import accuracy, load_dataset, load_model, zoo_entry
@@ -46,6 +49,12 @@ def _tables(model, data, quick):
         t0 = time.perf_counter()
         tables[method] = sensitivity(model, loader, BITS, method, probes=8 if quick else 16, progress=False)
         seconds[method] = time.perf_counter() - t0
+    for method in ("measured", "cet"):
+        t0 = time.perf_counter()
+        tables[f"{method}-channel"] = channel_sensitivity(
+            model, loader, BITS, method, probes=32 if quick else 64, progress=False
+        )
+        seconds[f"{method}-channel"] = time.perf_counter() - t0
     return tables, seconds
 
 
@@ -60,8 +69,10 @@ def _evaluate(model, data, bits: dict[str, int], *, bias_correction: bool = Fals
     return accuracy(quantized, data.x_test, data.y_test)
 
 
-def _both(model, data, bits: dict[str, int]) -> dict:
+def _both(model, data, bits) -> dict:
     """Test accuracy as quantized, after bias correction, and after GPTQ rounding + bias correction."""
+    if any(name.endswith("]") for name in bits):  # a per-channel plan
+        bits = channel_bits(bits)
     return {
         "accuracy": _evaluate(model, data, bits),
         "accuracy_bias_corrected": _evaluate(model, data, bits, bias_correction=True),
@@ -115,13 +126,21 @@ def _one(name: str, seed: int, quick: bool) -> dict:
         "seed": seed,
         "fp32_accuracy": accuracy(model, data.x_test, data.y_test),
         "fp32_weight_bytes": 4.0 * float(tables["cet"].params.sum()),
-        "rank_correlation": {m: rank_correlation(tables[m], tables["measured"]) for m in ESTIMATORS},
-        "sensitivity_seconds_ratio_to_measured": {m: seconds[m] / seconds["measured"] for m in ESTIMATORS},
+        "rank_correlation": {
+            **{m: rank_correlation(tables[m], tables["measured"]) for m in ESTIMATORS},
+            "cet-channel": rank_correlation(tables["cet-channel"], tables["measured-channel"]),
+        },
+        "sensitivity_seconds_ratio_to_measured": {
+            m: seconds[m] / seconds["measured"] for m in (*ESTIMATORS, "cet-channel", "measured-channel")
+        },
         "cet_hvps": tables["cet"].meta["hvps"],
+        "cet_exact": tables["cet"].meta["exact"],
+        "cet_channel_hvps": tables["cet-channel"].meta["hvps"],
+        "channels": tables["cet-channel"].num_layers,
         "at_10x": {},
         "hawq_budgets": {},
     }
-    for method in ESTIMATORS:
+    for method in (*ESTIMATORS, "cet-channel"):
         plan = allocate(tables[method], "10x")
         row["at_10x"][f"ilp+{method}"] = {
             **_both(model, data, plan.bits),
@@ -141,8 +160,10 @@ def _one(name: str, seed: int, quick: bool) -> dict:
     }
     # uniform 3-bit's real bytes (codes + per-channel scales) can exceed 10x: compare at equal bytes too
     same = {"budget_bytes": uniform_bytes, "uniform-3bit": row["at_10x"]["uniform-3bit"]["accuracy"]}
-    for method in (*ESTIMATORS, "measured"):
+    for method in (*ESTIMATORS, "measured", "cet-channel"):
         plan_bits = allocate(tables[method], uniform_bytes).bits
+        if method.endswith("-channel"):
+            plan_bits = channel_bits(plan_bits)
         same[f"ilp+{method}"] = _evaluate(model, data, plan_bits)
         same[f"ilp+{method} +bias-corr"] = _evaluate(model, data, plan_bits, bias_correction=True)
         same[f"ilp+{method} +gptq+bias-corr"] = _evaluate(
@@ -151,12 +172,10 @@ def _one(name: str, seed: int, quick: bool) -> dict:
     same["uniform-3bit +bias-corr"] = row["at_10x"]["uniform-3bit"]["accuracy_bias_corrected"]
     same["uniform-3bit +gptq+bias-corr"] = row["at_10x"]["uniform-3bit"]["accuracy_gptq_bias_corrected"]
     row["at_uniform_3bit_bytes"] = same
-    plan = allocate(tables["measured"], "10x")
-    row["at_10x"]["ilp+measured"] = {
-        **_both(model, data, plan.bits),
-        "bytes": plan.bytes,
-        "bits": plan.bits,
-    }
+    for method in ("measured", "measured-channel"):
+        plan = allocate(tables[method], "10x")
+        entry = {**_both(model, data, plan.bits), "bytes": plan.bytes, "bits": plan.bits}
+        row["at_10x"][f"ilp+{method}"] = entry
     if tables["cet"].num_layers <= 5:  # small enough to enumerate every plan
         row["exhaustive_joint_loss_at_10x"] = _exhaustive(
             model, data, tables["cet"], row["at_10x"]["ilp+cet"]["budget"]
@@ -169,8 +188,9 @@ def _one(name: str, seed: int, quick: bool) -> dict:
         entry = {"budget_bytes": budget, "compression": row["fp32_weight_bytes"] / budget}
         hawq = allocate(hawq_table, budget, use_greedy=False)
         entry["hawq-v3"] = {**_both(model, data, hawq.bits), "bytes": hawq.bytes}
-        cet = allocate(tables["cet"], budget)
-        entry["ilp+cet"] = {**_both(model, data, cet.bits), "bytes": cet.bytes}
+        for method in ("cet", "cet-channel"):
+            plan = allocate(tables[method], budget)
+            entry[f"ilp+{method}"] = {**_both(model, data, plan.bits), "bytes": plan.bytes}
         row["hawq_budgets"][f"alpha={alpha}"] = entry
     try:
         allocate(hawq_table, "10x")
@@ -200,7 +220,7 @@ def _summary(rows: list[dict]) -> dict:
             if key != "budget_bytes":
                 entry[f"uniform-3bit bytes {key}"] = mean_sd([r["at_uniform_3bit_bytes"][key] for r in mine])
         for alpha in mine[0]["hawq_budgets"]:
-            for key in ("hawq-v3", "ilp+cet"):
+            for key in ("hawq-v3", "ilp+cet", "ilp+cet-channel"):
                 entry[f"{alpha} {key}"] = mean_sd([r["hawq_budgets"][alpha][key]["accuracy"] for r in mine])
                 entry[f"{alpha} {key} +bias-corr"] = mean_sd(
                     [r["hawq_budgets"][alpha][key]["accuracy_bias_corrected"] for r in mine]
@@ -208,7 +228,15 @@ def _summary(rows: list[dict]) -> dict:
                 entry[f"{alpha} {key} +gptq+bias-corr"] = mean_sd(
                     [r["hawq_budgets"][alpha][key]["accuracy_gptq_bias_corrected"] for r in mine]
                 )
-        entry["rank_correlation"] = {m: mean_sd([r["rank_correlation"][m] for r in mine]) for m in ESTIMATORS}
+        entry["rank_correlation"] = {
+            m: mean_sd([r["rank_correlation"][m] for r in mine]) for m in mine[0]["rank_correlation"]
+        }
+        entry["10x ilp+cet-channel +gptq+bias-corr minus fp32 (pp)"] = mean_sd(
+            [
+                100 * (r["at_10x"]["ilp+cet-channel"]["accuracy_gptq_bias_corrected"] - r["fp32_accuracy"])
+                for r in mine
+            ]
+        )
         out[name] = entry
     return out
 

@@ -115,11 +115,17 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", required=True, help='weight bytes, "10x" against fp32, or "3.2bits"')
     parser.add_argument("--out", required=True, help="directory for model.safetensors and report.json")
     parser.add_argument("--data", help="dataset for a module:attr model (digits or mnist1d)")
-    parser.add_argument("--method", default="cet", help="sensitivity: cet, hutchinson, fisher, measured")
+    parser.add_argument(
+        "--method",
+        default="cet",
+        help="sensitivity: cet, hutchinson, fisher, measured (per channel: cet, measured)",
+    )
     parser.add_argument("--bits", default="2,3,4,5,6,8", help="candidate bit widths, comma-separated")
     parser.add_argument("--solver", default="highs", help="any registered solver (`cetopt solvers`)")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds for the allocation MILP")
-    parser.add_argument("--probes", type=int, default=16, help="random-sign probes per bit width (cet)")
+    parser.add_argument(
+        "--probes", type=int, default=None, help="HVP probes per bit width (cet; default 16, 64 per channel)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--calibration",
@@ -135,7 +141,7 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
         "--no-gptq", action="store_true", help="round to nearest (no error-compensating GPTQ rounding)"
     )
     parser.add_argument(
-        "--per-channel", action="store_true", help="a bit width per output channel (measured sensitivities)"
+        "--per-channel", action="store_true", help="a bit width per output channel (per-channel sensitivities)"
     )
 
 
@@ -208,7 +214,7 @@ def run_compress(args: argparse.Namespace) -> int:
         "bits": result.plan.bits,
         "plan": result.plan.to_dict(),
         "solver_status": result.plan.status,
-        "sensitivity_method": "measured-channel" if args.per_channel else args.method,
+        "sensitivity_method": result.table.method,
         "gptq": not args.no_gptq,
         "bias_correction": not args.no_bias_correction,
         "sensitivity_seconds": result.table.meta.get("seconds"),

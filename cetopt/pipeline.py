@@ -35,7 +35,7 @@ def compress(
     solver="highs",
     time_limit: float | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    probes: int = 16,
+    probes: int | None = None,
     seed: int = 0,
     progress: bool = True,
     gptq: bool = True,
@@ -53,17 +53,18 @@ def compress(
     budget : float or str
         Weight bytes, ``"10x"`` (against float32) or ``"3.2bits"``.
     method : str
-        Sensitivity estimator (:data:`cetopt.analysis.METHODS`), for per-layer bit widths.
+        Sensitivity estimator: any of :data:`cetopt.analysis.METHODS` per layer; ``"cet"`` or
+        ``"measured"`` per channel.
     per_channel : bool
-        Give every output channel its own bit width, from measured per-channel sensitivities
-        (:func:`cetopt.channel_sensitivity`; ``method`` and ``probes`` are then unused). The plan's
-        rows are then ``"layer[c]"``.
+        Give every output channel its own bit width, from per-channel sensitivities
+        (:func:`cetopt.channel_sensitivity`). The plan's rows are then ``"layer[c]"``.
     bits : sequence of int
         Candidate bit widths.
     solver, time_limit
         Passed to :func:`cetopt.allocate`.
     loss_fn, probes, seed, progress
-        Passed to :func:`cetopt.sensitivity`.
+        Passed to :func:`cetopt.sensitivity` or :func:`cetopt.channel_sensitivity` (``probes``
+        defaults to theirs: 16 per layer, 64 per channel).
     gptq : bool
         Round the codes with GPTQ on ``data`` (:func:`cetopt.quant.gptq_round`), so each layer's
         output stays close; scales, bits and bytes are unchanged.
@@ -73,12 +74,9 @@ def compress(
     **allocate_options
         Any other keyword of :func:`cetopt.allocate` (``bops_budget``, ``ties``, ``min_bits`` ...).
     """
-    if per_channel:
-        table = channel_sensitivity(model, data, bits, loss_fn=loss_fn, progress=progress)
-    else:
-        table = sensitivity(
-            model, data, bits, method, loss_fn=loss_fn, probes=probes, seed=seed, progress=progress
-        )
+    estimate = channel_sensitivity if per_channel else sensitivity
+    options = {} if probes is None else {"probes": probes}
+    table = estimate(model, data, bits, method, loss_fn=loss_fn, seed=seed, progress=progress, **options)
     plan = allocate(table, budget, solver, time_limit, **allocate_options)
     quantized = quantize(
         model,

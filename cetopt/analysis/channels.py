@@ -2,8 +2,10 @@
 
 The quantizer already scales and stores each output channel on its own, and its clipping search
 is per channel, so channel ``c`` of a layer quantized to ``b`` bits is the same whatever width the
-other channels get. ``channel_sensitivity`` measures the calibration-loss increase of quantizing
-each channel alone to each width (one forward pass over the calibration data per entry). The
+other channels get. ``channel_sensitivity`` estimates the calibration-loss increase of quantizing
+each channel alone to each width, either with CET's second-order form (``cet``: the per-layer
+estimator's Hessian-vector probes with one sign per channel instead of one per layer) or by
+measuring it (``measured``: one forward pass over the calibration data per entry). The
 resulting table has one row per channel, named ``"layer[c]"``, with that channel's weights as its
 parameters, so :func:`cetopt.allocate` solves the per-channel problem unchanged (the byte model
 counts each channel's codes plus its own scale and width; it rounds each channel's codes up to
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from cetopt.analysis._common import checked_bits, progress_bar
+from cetopt.analysis.estimators import cet_quadratic
 from cetopt.analysis.objective import LossObjective, quantizable_layers
 from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import CetoptError
@@ -43,18 +46,49 @@ def _split(value: int, parts: int) -> list[int]:
     return [value - share * (parts - 1)] + [share] * (parts - 1)
 
 
+def _measured(obj: LossObjective, quantized: dict, progress: bool) -> np.ndarray:
+    base = obj.loss()
+    values = []
+    total = sum(info.channels for info in obj.layers) * len(quantized)
+    with progress_bar(total, "measured: quantize each channel alone", progress) as bar:
+        for key, info in zip(obj.keys, obj.layers):
+            weight = obj.weights[key]
+            for c in range(info.channels):
+                row = []
+                for b in quantized:
+                    trial = weight.clone()
+                    trial[c] = quantized[b][key][c]
+                    row.append(obj.loss({key: trial}) - base)
+                    bar.update(1)
+                values.append(row)
+    return np.asarray(values)
+
+
+def _cet(obj: LossObjective, quantized: dict, opts: dict):
+    deltas = {b: {k: quantized[b][k] - w for k, w in obj.weights.items()} for b in quantized}
+    units, start = {}, 0
+    for key, info in zip(obj.keys, obj.layers):
+        units[key] = torch.arange(start, start + info.channels)
+        start += info.channels
+    return cet_quadratic(obj, deltas, units, opts)
+
+
 def channel_sensitivity(
     model: nn.Module,
     data,
     bits: Sequence[int] = (2, 3, 4, 5, 6, 8),
+    method: str = "cet",
     *,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     layers: Sequence[str] | None = None,
+    probes: int = 64,
+    rounds: int = 2,
     max_batches: int | None = None,
     clip_search: bool = True,
+    seed: int = 0,
     progress: bool = True,
 ) -> SensitivityTable:
-    """Measured loss increase of quantizing each output channel alone to each bit width.
+    """Predicted loss increase of quantizing each output channel alone to each bit width.
 
     Parameters
     ----------
@@ -64,52 +98,60 @@ def channel_sensitivity(
         Calibration batches; the loss is averaged over all of them.
     bits : sequence of int
         Candidate bit widths (2 to 16).
+    method : {"cet", "measured"}
+        ``cet``: ``gᵀΔ_c + ½ Δ_cᵀHΔ_c`` for each channel's own perturbation, with the same
+        Hessian-vector probes as :func:`cetopt.sensitivity` (``bits × probes`` HVPs whatever the
+        channel count; exact once ``probes`` reaches the next power of two above the channel
+        count). ``measured``: the loss increase itself, one pass over ``data`` per channel and
+        bit width; on a model with a few hundred channels it is the cheaper of the two.
+    probes, rounds, seed
+        ``cet``'s probes, as in :func:`cetopt.sensitivity`.
     loss_fn, layers, max_batches, clip_search, progress
         As in :func:`cetopt.sensitivity`.
 
     Returns
     -------
     SensitivityTable
-        One row per output channel, named ``"layer[c]"``, method ``"measured-channel"``.
-        ``meta["layers"]`` lists the layers in order.
+        One row per output channel, named ``"layer[c]"``, method ``"cet-channel"`` or
+        ``"measured-channel"``. ``meta["layers"]`` lists the layers in order.
     """
+    if method not in ("cet", "measured"):
+        raise CetoptError(f"unknown per-channel sensitivity method {method!r}; available: cet, measured")
     names = quantizable_layers(model, layers)
     bits = checked_bits(bits)
     start = time.perf_counter()
     obj = LossObjective(model, data, names, loss_fn=loss_fn, max_batches=max_batches)
-    base = obj.loss()
-    rows, values, params, macs, fixed = [], [], [], [], []
-    total = sum(info.channels for info in obj.layers) * len(bits)
-    with progress_bar(total, "measured: quantize each channel alone", progress) as bar:
-        for name, key, info in zip(names, obj.keys, obj.layers):
-            weight = obj.weights[key]
-            quantized = {b: fake_quantize(weight, b, clip_search=clip_search) for b in bits}
-            for c in range(info.channels):
-                row = []
-                for b in bits:
-                    trial = weight.clone()
-                    trial[c] = quantized[b][c]
-                    row.append(obj.loss({key: trial}) - base)
-                    bar.update(1)
-                rows.append(_row_name(name, c))
-                values.append(row)
-                params.append(weight[c].numel())
-            macs += _split(info.macs, info.channels)
-            fixed += _split(info.fixed_bytes, info.channels)
+    quantized = {
+        b: {k: fake_quantize(w, b, clip_search=clip_search) for k, w in obj.weights.items()} for b in bits
+    }
+    stderr, meta = None, {}
+    if method == "cet":
+        opts = {"probes": max(int(probes), 1), "rounds": max(int(rounds), 1), "chunk": 16}
+        values, stderr, meta = _cet(obj, quantized, {**opts, "seed": seed, "progress": progress})
+    else:
+        values = _measured(obj, quantized, progress)
+    rows, params, macs, fixed = [], [], [], []
+    for name, key, info in zip(names, obj.keys, obj.layers):
+        rows += [_row_name(name, c) for c in range(info.channels)]
+        params += [obj.weights[key][c].numel() for c in range(info.channels)]
+        macs += _split(info.macs, info.channels)
+        fixed += _split(info.fixed_bytes, info.channels)
     return SensitivityTable(
         layers=rows,
         bits=bits,
-        values=np.asarray(values),
+        values=values,
         params=params,
-        method="measured-channel",
+        method=f"{method}-channel",
+        stderr=stderr,
         channels=[1] * len(rows),
         macs=macs,
         fixed_bytes=fixed,
         meta={
+            **meta,
             "layers": names,
             "seconds": time.perf_counter() - start,
             "examples": obj.total,
-            "base_loss": base,
+            "base_loss": obj.loss(),
         },
     )
 

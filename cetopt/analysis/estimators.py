@@ -4,10 +4,12 @@ Each method is one function ``(objective, deltas, options) -> (values, stderr, m
 ``METHODS``, where ``deltas[b][layer] = Q_b(W) − W`` is the actual quantization perturbation.
 
 * ``cet`` — ``gᵀΔ + ½ ΔᵀHΔ`` per (layer, bits), CET's second-order form. The quadratic term uses
-  Hessian-vector products along random-sign combinations ``u = Σ_l s_l Δ_l`` (Rademacher ``s``):
-  ``E[s_l Δ_lᵀ (H u)_l] = Δ_lᵀ H_ll Δ_l`` because ``E[s_l s_m] = 0`` for ``l ≠ m``. One HVP serves
-  every layer at a bit width, so the cost is ``bits × probes`` HVPs whatever the layer count; all
-  probes of a pass run together under ``vmap``. The standard error is over the probes.
+  Hessian-vector products along signed combinations ``u = Σ_l s_l Δ_l``: ``s_l Δ_lᵀ (H u)_l`` is
+  ``Δ_lᵀ H_ll Δ_l`` plus cross terms ``s_l s_m Δ_lᵀ H_lm Δ_m`` that the probes' signs cancel
+  (:mod:`cetopt.analysis.probes`: orthogonal Hadamard signs, exact once the probes reach the next
+  power of two above the layer count; random signs and a standard error over independent rounds
+  otherwise). One HVP serves every layer at a bit width, so the cost is ``bits × probes`` HVPs
+  whatever the layer count; all probes of a pass run together under ``vmap``.
 * ``hutchinson`` — HAWQ-V2/V3: ``½ · Tr(H_ll)/n_l · ‖Δ_l‖²``, with the per-layer traces from one set
   of Rademacher probes over all layers, stopped when every trace changes by less than ``tol``.
 * ``fisher`` — ``½ Σ_i F_ii Δ_i²`` with the diagonal empirical Fisher (mean squared per-example
@@ -27,6 +29,7 @@ from torch import nn
 
 from cetopt.analysis._common import checked_bits, progress_bar
 from cetopt.analysis.objective import LossObjective, quantizable_layers
+from cetopt.analysis.probes import probe_design
 from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import CetoptError
 from cetopt.quant.quantizer import fake_quantize
@@ -41,35 +44,62 @@ def _chunks(n: int, size: int) -> Iterable[range]:
         yield range(start, min(start + size, n))
 
 
-def _cet(obj: LossObjective, deltas: Deltas, opts: dict):
+def cet_quadratic(obj: LossObjective, deltas: Deltas, units: dict[str, torch.Tensor], opts: dict):
+    """``gᵀΔ_u + ½ Δ_uᵀH_uuΔ_u`` for every unit and bit width, with its standard error.
+
+    ``units[key][c]`` is the unit that output channel ``c`` of weight ``key`` belongs to: one unit
+    per layer for :func:`sensitivity`, one per channel for :func:`cetopt.channel_sensitivity`.
+    The probes follow :func:`cetopt.analysis.probes.probe_design`.
+    """
     keys, bits = obj.keys, list(deltas)
-    probes, chunk = opts["probes"], opts["chunk"]
-    gen = torch.Generator().manual_seed(opts["seed"])
+    count = 1 + max(int(units[k].max()) for k in keys)
+    design = probe_design(count, opts["probes"], opts["rounds"], np.random.default_rng(opts["seed"]))
     g = obj.gradient()
-    linear = np.array([[float((g[k] * deltas[b][k]).sum()) for b in bits] for k in keys])
-    samples = np.zeros((len(keys), len(bits), probes))
-    with progress_bar(len(bits) * probes, "cet: Hessian-vector probes", opts["progress"]) as bar:
+    linear = np.zeros((count, len(bits)))
+    samples = np.zeros((count, len(bits), design.probes))
+    with progress_bar(len(bits) * design.probes, "cet: Hessian-vector probes", opts["progress"]) as bar:
         for j, b in enumerate(bits):
-            for block in _chunks(probes, chunk):
-                signs = (torch.randint(0, 2, (len(block), len(keys)), generator=gen) * 2 - 1).float()
+            for k in keys:
+                per_channel = (g[k] * deltas[b][k]).flatten(1).sum(1).double().numpy()
+                np.add.at(linear[:, j], units[k].numpy(), per_channel)
+            for block in _chunks(design.probes, opts["chunk"]):
+                signs = design.signs[block.start : block.stop]
+                channel_signs = {k: signs[:, units[k]] for k in keys}
                 u = {
-                    k: signs[:, i].view(-1, *[1] * deltas[b][k].dim()) * deltas[b][k]
-                    for i, k in enumerate(keys)
+                    k: channel_signs[k].view(*channel_signs[k].shape, *[1] * (deltas[b][k].dim() - 1))
+                    * deltas[b][k]
+                    for k in keys
                 }
                 hu = obj.hvp(u)
-                for i, k in enumerate(keys):
-                    # s_l Δ_lᵀ (H u)_l, one value per probe
-                    dims = tuple(range(1, hu[k].dim()))
-                    per_probe = signs[:, i] * (deltas[b][k].unsqueeze(0) * hu[k]).sum(dim=dims)
-                    samples[i, j, block.start : block.stop] = per_probe.double().numpy()
+                for k in keys:
+                    # s_u Δ_uᵀ (H v)_u, one value per probe and channel, summed into the units
+                    per_channel = channel_signs[k] * (deltas[b][k].unsqueeze(0) * hu[k]).flatten(2).sum(2)
+                    window = samples[:, j, block.start : block.stop]  # a view: filled in place
+                    np.add.at(window, units[k].numpy(), per_channel.T.double().numpy())
                 bar.update(len(block))
-    quad = samples.mean(axis=2)
-    stderr = 0.5 * samples.std(axis=2, ddof=1) / np.sqrt(probes) if probes > 1 else np.zeros_like(quad)
-    return (
-        linear + 0.5 * quad,
-        stderr,
-        {"probes": probes, "hvps": len(bits) * probes, "first_order": linear.tolist()},
+    per_round = np.stack(
+        [samples[:, :, design.rounds == r].mean(axis=2) for r in np.unique(design.rounds)], axis=2
     )
+    quad = per_round.mean(axis=2)
+    if design.exact:
+        stderr = np.zeros_like(quad)
+    elif per_round.shape[2] > 1:
+        stderr = 0.5 * per_round.std(axis=2, ddof=1) / np.sqrt(per_round.shape[2])
+    else:
+        stderr = np.full_like(quad, np.nan)
+    meta = {
+        "probes": design.probes,
+        "rounds": per_round.shape[2],
+        "exact": design.exact,
+        "hvps": len(bits) * design.probes,
+        "first_order": linear.tolist(),
+    }
+    return linear + 0.5 * quad, stderr, meta
+
+
+def _cet(obj: LossObjective, deltas: Deltas, opts: dict):
+    units = {k: torch.full((obj.weights[k].shape[0],), i) for i, k in enumerate(obj.keys)}
+    return cet_quadratic(obj, deltas, units, opts)
 
 
 def _hutchinson(obj: LossObjective, deltas: Deltas, opts: dict):
@@ -145,6 +175,7 @@ def sensitivity(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     layers: Sequence[str] | None = None,
     probes: int = 16,
+    rounds: int = 2,
     tol: float = 1e-2,
     max_probes: int = 200,
     max_batches: int | None = None,
@@ -169,7 +200,11 @@ def sensitivity(
     layers : sequence of str, optional
         Layers to score; default every Linear / Conv layer.
     probes : int
-        ``cet``: random-sign probes per bit width.
+        ``cet``: HVP probes per bit width. With at least the next power of two above the layer
+        count the quadratic term is exact (standard error 0).
+    rounds : int
+        ``cet``: independent rounds the probes are split into when they cannot be exact; the
+        standard error is taken over them (NaN with one round).
     tol, max_probes : float, int
         ``hutchinson``: stop when every layer's trace changes by less than ``tol`` (relative), or
         after ``max_probes``.
@@ -199,6 +234,7 @@ def sensitivity(
     }
     opts = {
         "probes": max(int(probes), 1),
+        "rounds": max(int(rounds), 1),
         "chunk": 16,
         "seed": seed,
         "progress": progress,

@@ -30,7 +30,7 @@ def _loss(model, data) -> float:
 
 def test_one_row_per_channel_and_each_value_is_that_channel_alone():
     model, data = _net(), _data()
-    table = channel_sensitivity(model, data, bits=(2, 4), progress=False)
+    table = channel_sensitivity(model, data, bits=(2, 4), method="measured", progress=False)
     assert list(table.layers) == [f"0[{c}]" for c in range(4)] + [f"3[{c}]" for c in range(3)]
     assert list(table.params) == [3] * 4 + [24] * 3
     assert int(table.params.sum()) == sum(model[i].weight.numel() for i in (0, 3))
@@ -43,7 +43,65 @@ def test_one_row_per_channel_and_each_value_is_that_channel_alone():
     finally:
         with torch.no_grad():
             model[3].weight.copy_(weight)
-    assert table.values[5, 0] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    # both are differences of float32 losses near 1.1, whose ulp is 1.2e-7
+    assert table.values[5, 0] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def _exact_channel_quadratic(model, data, bits):
+    """gᵀΔ_c + ½ Δ_cᵀHΔ_c per channel from the full Hessian, in float64."""
+    model = _net().double()
+    x = torch.cat([b[0] for b in data]).double()
+    y = torch.cat([b[1] for b in data])
+    layers = [model[0], model[3]]
+    shapes = [m.weight.shape for m in layers]
+    sizes = [m.weight.numel() for m in layers]
+
+    def loss(flat):
+        w0, w3 = flat[: sizes[0]].view(shapes[0]), flat[sizes[0] :].view(shapes[1])
+        params = {**dict(model.named_parameters()), "0.weight": w0, "3.weight": w3}
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    flat = torch.cat([m.weight.detach().reshape(-1) for m in layers])
+    g = torch.func.grad(loss)(flat)
+    h = torch.autograd.functional.hessian(loss, flat)
+    rows, start = [], 0
+    for m in layers:
+        w = m.weight.detach().float()
+        for c in range(w.shape[0]):
+            row = []
+            for b in bits:
+                d = torch.zeros_like(w)
+                d[c] = fake_quantize(w, b)[c] - w[c]
+                full = torch.zeros_like(flat)
+                full[start : start + w.numel()] = d.reshape(-1).double()
+                row.append(float((g @ full + 0.5 * full @ h @ full).detach()))
+            rows.append(row)
+        start += w.numel()
+    return torch.tensor(rows)
+
+
+def test_cet_per_channel_is_the_exact_quadratic_form_once_the_probes_suffice():
+    model, data = _net(), _data()
+    table = channel_sensitivity(model, data, bits=(2, 4), probes=8, progress=False)  # 7 channels
+    assert table.method == "cet-channel" and table.meta["exact"]
+    assert table.meta["hvps"] == 2 * 8
+    exact = _exact_channel_quadratic(model, data, (2, 4)).numpy()
+    assert table.values == pytest.approx(exact, rel=1e-3, abs=1e-7)
+    assert (table.stderr == 0).all()
+
+
+def test_cet_per_channel_below_exactness_reports_a_standard_error():
+    model, data = _net(), _data()
+    table = channel_sensitivity(model, data, bits=(2, 4), probes=4, rounds=2, progress=False)
+    exact = _exact_channel_quadratic(model, data, (2, 4)).numpy()
+    assert not table.meta["exact"] and table.meta["rounds"] == 2
+    assert (table.stderr > 0).any()
+    assert abs(table.values - exact).max() > 0  # cross terms remain: it is an estimate
+
+
+def test_unknown_per_channel_method_is_named():
+    with pytest.raises(CetoptError, match="hutchinson"):
+        channel_sensitivity(_net(), _data(), method="hutchinson", progress=False)
 
 
 def test_a_per_channel_plan_quantizes_each_channel_at_its_width_within_the_budget(tmp_path):
