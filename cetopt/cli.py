@@ -141,7 +141,7 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
         "--no-gptq", action="store_true", help="round to nearest (no error-compensating GPTQ rounding)"
     )
     parser.add_argument(
-        "--per-channel", action="store_true", help="a bit width per output channel (per-channel sensitivities)"
+        "--per-channel", action="store_true", help="a bit width per output channel (--method cet or measured)"
     )
 
 
