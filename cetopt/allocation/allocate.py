@@ -291,7 +291,11 @@ def choose_options(
 
 def _solve_milp(cost, resources, limits, allowed, greedy, solver, time_limit, mip_gap, names):
     keep = allowed & ~_dominated(cost, resources, allowed)
-    problem = _milp(cost, resources, np.asarray(limits, dtype=np.float64), keep)
+    # Loss increases are often ~1e-6: far below the solvers' absolute tolerances (HiGHS's dual
+    # feasibility 1e-7 and MIP gap 1e-6), which then accept plans that are percents off. A positive
+    # scale leaves the argmin unchanged.
+    scale = float(np.abs(cost[keep]).max()) or 1.0
+    problem = _milp(cost / scale, resources, np.asarray(limits, dtype=np.float64), keep)
     start = np.zeros(problem.num_cols)
     start[np.arange(cost.shape[0]) * cost.shape[1] + greedy.choice] = 1.0
     start = start if problem.violation(start) <= 1e-9 else None
@@ -308,7 +312,8 @@ def _solve_milp(cost, resources, limits, allowed, greedy, solver, time_limit, mi
             solution,
         )
     choice = solution.x.reshape(cost.shape).argmax(axis=1)
-    return choice, solution.status.value, solution.bound, solution.solver
+    bound = None if solution.bound is None else solution.bound * scale
+    return choice, solution.status.value, bound, solution.solver
 
 
 def _make_plan(

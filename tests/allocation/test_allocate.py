@@ -23,6 +23,25 @@ def test_ilp_optimum_equals_brute_force_for_every_backend(solver, budget):
     assert plan.bound is None or plan.bound <= plan.predicted_loss + 1e-12
 
 
+@pytest.mark.parametrize("solver", ["highs", "cbc"])
+def test_loss_increases_far_below_the_solver_tolerances_still_get_the_optimal_plan(solver):
+    # real sensitivities are often ~1e-6, below HiGHS's 1e-6 absolute MIP gap and 1e-7 dual tolerance
+    rng = np.random.default_rng(0)
+    layers, bits = 30, (2, 3, 4, 8)
+    values = np.sort(rng.random((layers, len(bits))), axis=1)[:, ::-1].copy()
+    tables = [
+        cetopt.SensitivityTable(
+            layers=[f"l{i}" for i in range(layers)], bits=bits, values=v, params=37 * np.arange(1, layers + 1)
+        )
+        for v in (values, 1e-6 * values)
+    ]
+    plans = [allocate(t, "5x", solver=solver, use_greedy=False) for t in tables]
+    assert plans[1].bits == plans[0].bits
+    assert plans[1].predicted_loss == pytest.approx(1e-6 * plans[0].predicted_loss, rel=1e-9)
+    if plans[0].bound is not None:  # CBC reports none
+        assert plans[1].bound == pytest.approx(1e-6 * plans[0].bound, rel=1e-4)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_greedy_certificate_is_sound(seed):
     # many layers: the convex-hull greedy usually certifies itself; its plan must be within the gap.
