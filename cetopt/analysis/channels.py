@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cetopt.analysis._common import checked_bits, progress_bar
-from cetopt.analysis.estimators import cet_quadratic
+from cetopt.analysis.estimators import cet_options, cet_quadratic
 from cetopt.analysis.objective import LossObjective, quantizable_layers
 from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import CetoptError
@@ -46,8 +46,7 @@ def _split(value: int, parts: int) -> list[int]:
     return [value - share * (parts - 1)] + [share] * (parts - 1)
 
 
-def _measured(obj: LossObjective, quantized: dict, progress: bool) -> np.ndarray:
-    base = obj.loss()
+def _measured(obj: LossObjective, quantized: dict, base: float, progress: bool) -> np.ndarray:
     values = []
     total = sum(info.channels for info in obj.layers) * len(quantized)
     with progress_bar(total, "measured: quantize each channel alone", progress) as bar:
@@ -124,12 +123,12 @@ def channel_sensitivity(
     quantized = {
         b: {k: fake_quantize(w, b, clip_search=clip_search) for k, w in obj.weights.items()} for b in bits
     }
+    base = obj.loss()
     stderr, meta = None, {}
     if method == "cet":
-        opts = {"probes": max(int(probes), 1), "rounds": max(int(rounds), 1), "chunk": 16}
-        values, stderr, meta = _cet(obj, quantized, {**opts, "seed": seed, "progress": progress})
+        values, stderr, meta = _cet(obj, quantized, cet_options(probes, rounds, seed, progress))
     else:
-        values = _measured(obj, quantized, progress)
+        values = _measured(obj, quantized, base, progress)
     rows, params, macs, fixed = [], [], [], []
     for name, key, info in zip(names, obj.keys, obj.layers):
         rows += [_row_name(name, c) for c in range(info.channels)]
@@ -151,7 +150,7 @@ def channel_sensitivity(
             "layers": names,
             "seconds": time.perf_counter() - start,
             "examples": obj.total,
-            "base_loss": obj.loss(),
+            "base_loss": base,
         },
     )
 

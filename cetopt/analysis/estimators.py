@@ -97,6 +97,17 @@ def cet_quadratic(obj: LossObjective, deltas: Deltas, units: dict[str, torch.Ten
     return linear + 0.5 * quad, stderr, meta
 
 
+def cet_options(probes: int, rounds: int, seed: int, progress: bool) -> dict:
+    """The options :func:`cet_quadratic` reads, from the public keywords."""
+    return {
+        "probes": max(int(probes), 1),
+        "rounds": max(int(rounds), 1),
+        "chunk": 16,
+        "seed": seed,
+        "progress": progress,
+    }
+
+
 def _cet(obj: LossObjective, deltas: Deltas, opts: dict):
     units = {k: torch.full((obj.weights[k].shape[0],), i) for i, k in enumerate(obj.keys)}
     return cet_quadratic(obj, deltas, units, opts)
@@ -233,11 +244,7 @@ def sensitivity(
         b: {k: fake_quantize(w, b, clip_search=clip_search) - w for k, w in obj.weights.items()} for b in bits
     }
     opts = {
-        "probes": max(int(probes), 1),
-        "rounds": max(int(rounds), 1),
-        "chunk": 16,
-        "seed": seed,
-        "progress": progress,
+        **cet_options(probes, rounds, seed, progress),
         "tol": tol,
         "max_probes": max(int(max_probes), 2),
         "min_probes": 8,
