@@ -141,6 +141,11 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
         "--no-gptq", action="store_true", help="round to nearest (no error-compensating GPTQ rounding)"
     )
     parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="calibrate (GPTQ, bias correction) layer by layer on the quantized model's own inputs",
+    )
+    parser.add_argument(
         "--per-channel", action="store_true", help="a bit width per output channel (--method cet or measured)"
     )
 
@@ -192,6 +197,7 @@ def run_compress(args: argparse.Namespace) -> int:
         per_channel=args.per_channel,
         gptq=not args.no_gptq,
         bias_correction=not args.no_bias_correction,
+        sequential=args.sequential,
     )
     print(result.plan.summary())
     before = accuracy(model, data.x_test, data.y_test)
@@ -217,6 +223,7 @@ def run_compress(args: argparse.Namespace) -> int:
         "sensitivity_method": result.table.method,
         "gptq": not args.no_gptq,
         "bias_correction": not args.no_bias_correction,
+        "sequential_calibration": args.sequential and not (args.no_gptq and args.no_bias_correction),
         "sensitivity_seconds": result.table.meta.get("seconds"),
     }
     atomic_write_json(out / "report.json", report)

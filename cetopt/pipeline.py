@@ -40,6 +40,7 @@ def compress(
     progress: bool = True,
     gptq: bool = True,
     bias_correction: bool = True,
+    sequential: bool = False,
     **allocate_options,
 ) -> CompressionResult:
     """Quantize ``model``'s weights to mixed precision within ``budget``.
@@ -71,6 +72,10 @@ def compress(
     bias_correction : bool
         Cancel each quantized layer's mean output shift, measured on ``data``
         (:func:`cetopt.quant.correct_bias`); no gradient steps.
+    sequential : bool
+        Run GPTQ and bias correction layer by layer on the inputs the quantized model gives each
+        layer, not the float model's (:func:`cetopt.quant.calibrate_sequentially`; two passes over
+        ``data`` per layer). Ignored when both ``gptq`` and ``bias_correction`` are off.
     **allocate_options
         Any other keyword of :func:`cetopt.allocate` (``bops_budget``, ``ties``, ``min_bits`` ...).
     """
@@ -83,5 +88,6 @@ def compress(
         channel_bits(plan) if per_channel else plan,
         gptq=data if gptq else None,
         bias_correction=data if bias_correction else None,
+        sequential=sequential and (gptq or bias_correction),
     )
     return CompressionResult(model=quantized, plan=plan, table=table)

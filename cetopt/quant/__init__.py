@@ -2,7 +2,14 @@
 
 from cetopt.quant.quantizer import QuantizedWeight, fake_quantize, quantize_weight
 
-__all__ = ["QuantizedWeight", "correct_bias", "fake_quantize", "gptq_round", "quantize_weight"]
+__all__ = [
+    "QuantizedWeight",
+    "calibrate_sequentially",
+    "correct_bias",
+    "fake_quantize",
+    "gptq_round",
+    "quantize_weight",
+]
 
 
 def __getattr__(name: str):
@@ -14,4 +21,8 @@ def __getattr__(name: str):
         from cetopt.quant.gptq import gptq_round
 
         return gptq_round
+    if name == "calibrate_sequentially":
+        from cetopt.quant.sequential import calibrate_sequentially
+
+        return calibrate_sequentially
     raise AttributeError(f"module 'cetopt.quant' has no attribute {name!r}")

@@ -13,7 +13,13 @@ __all__ = ["quantize"]
 
 
 def quantize(
-    model: nn.Module, plan, *, clip_search: bool = True, gptq=None, bias_correction=None
+    model: nn.Module,
+    plan,
+    *,
+    clip_search: bool = True,
+    gptq=None,
+    bias_correction=None,
+    sequential: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` with the planned layers quantized (integer codes, per-channel scales).
 
@@ -36,14 +42,28 @@ def quantize(
         Calibration batches. If given, each quantized layer gets a bias (added where the float
         layer has none) that cancels the mean output shift its rounding causes
         (:func:`cetopt.quant.correct_bias`).
+    sequential : bool
+        Calibrate layer by layer in execution order, each on the inputs the quantized model gives
+        it, instead of all at once on the float model's inputs
+        (:func:`cetopt.quant.calibrate_sequentially`): GPTQ then sees the earlier layers' errors,
+        and bias correction cancels the mean shift they left. Needs ``gptq`` or
+        ``bias_correction`` data (the same data when both are given); costs two calibration
+        passes per layer.
     """
     bits = plan.bits if hasattr(plan, "bits") else plan
     if not isinstance(bits, Mapping):
         raise TypeError(
             f"plan must be a cetopt.Plan or a mapping of layer name to bits, got {type(plan).__name__}"
         )
+    if sequential:
+        _check_sequential_data(gptq, bias_correction)
     add_bias = bias_correction is not None
     quantized = rewrite(model, [Quantize(layer, b, clip_search, add_bias) for layer, b in bits.items()])
+    if sequential:
+        from cetopt.quant.sequential import calibrate_sequentially
+
+        data = gptq if gptq is not None else bias_correction
+        return calibrate_sequentially(model, quantized, data, gptq=gptq is not None, bias_correction=add_bias)
     if gptq is not None:
         from cetopt.quant.gptq import gptq_round
 
@@ -53,3 +73,14 @@ def quantize(
     from cetopt.quant.bias_correction import correct_bias
 
     return correct_bias(model, quantized, bias_correction)
+
+
+def _check_sequential_data(gptq, bias_correction) -> None:
+    if gptq is None and bias_correction is None:
+        raise ValueError(
+            "sequential=True needs calibration data: pass gptq=<data> and/or bias_correction=<data>"
+        )
+    if gptq is not None and bias_correction is not None and gptq is not bias_correction:
+        raise ValueError(
+            "sequential calibration uses one data set: pass the same data to gptq and bias_correction"
+        )

@@ -30,6 +30,27 @@ def _channel_rows(layer: nn.Module, output: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def output_means(model: nn.Module, names: list[str], data, max_batches: int | None, geometry: dict) -> dict:
+    """Mean output of each named layer per channel over ``data`` (float64).
+
+    ``geometry[name]`` is the float layer that says where the output's channels are.
+    """
+    sums = {n: 0 for n in names}
+    counts = dict.fromkeys(names, 0)
+
+    def hook(name):
+        def measure(module, args, output):
+            rows = _channel_rows(geometry[name], output.detach().double())
+            sums[name] = sums[name] + rows.sum(dim=0)
+            counts[name] += rows.shape[0]
+
+        return measure
+
+    run_with_hooks(model, {n: hook(n) for n in names}, data, max_batches)
+    return {n: sums[n] / max(counts[n], 1) for n in names}
+
+
+@torch.no_grad()
 def correct_bias(
     original: nn.Module, quantized: nn.Module, data, *, max_batches: int | None = None
 ) -> nn.Module:

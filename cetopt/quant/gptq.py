@@ -10,7 +10,8 @@ column ``j`` is rounded and the rest updated by
 
 Columns are taken in order of decreasing ``diag H`` (the most active inputs first). The scales and
 bit widths the quantizer chose stay as they are, so sizes on disk and the bit plan do not change;
-only the codes do. The inputs are the float model's own (one calibration pass for all layers).
+only the codes do. The inputs are the float model's own (one calibration pass for all layers);
+:mod:`cetopt.quant.sequential` rounds each layer on the quantized model's inputs instead.
 
 Linear layers and Conv1d/Conv2d with ``groups=1`` and numeric padding are rounded this way; other
 quantized layers keep their round-to-nearest codes.
@@ -32,17 +33,25 @@ __all__ = ["gptq_round"]
 
 
 @torch.no_grad()
-def _input_gram(original: nn.Module, names: list[str], data, max_batches: int | None) -> dict:
+def input_gram(
+    model: nn.Module, names: list[str], data, max_batches: int | None, geometry: dict | None = None
+) -> dict:
+    """``Σ rows·rowsᵀ`` of each named layer's inputs over ``data``, in float64.
+
+    ``geometry[name]`` is the float layer whose shape unfolds the inputs (needed when ``model``'s
+    layer is a quantized one); by default the hooked layer itself.
+    """
     grams: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def accumulate(module, args, output):
-            cols = input_rows(module, args[0].detach()).double()
+            shaped = module if geometry is None else geometry[name]
+            cols = input_rows(shaped, args[0].detach()).double()
             grams[name] = grams.get(name, 0) + cols.T @ cols
 
         return accumulate
 
-    run_with_hooks(original, {n: hook(n) for n in names}, data, max_batches)
+    run_with_hooks(model, {n: hook(n) for n in names}, data, max_batches)
     return grams
 
 
@@ -106,13 +115,18 @@ def gptq_round(
     rounded = copy.deepcopy(quantized)
     if not names:
         return rounded
-    grams = _input_gram(original, names, data, max_batches)
+    grams = input_gram(original, names, data, max_batches)
     modules = dict(rounded.named_modules())
     for name in names:
-        layer = modules[name]
-        shape = layer.weight_q.shape
-        weight = floats[name].weight.detach().double().reshape(shape[0], -1)
-        qmax = 2.0 ** (layer.weight_bits.double() - 1) - 1
-        codes = _round_columns(weight, grams[name], layer.weight_scale.double(), qmax, damp)
-        layer.weight_q = codes.reshape(shape).to(layer.weight_q.dtype)
+        reround(modules[name], floats[name].weight, grams[name], damp)
     return rounded
+
+
+@torch.no_grad()
+def reround(layer: nn.Module, weight: torch.Tensor, gram: torch.Tensor, damp: float) -> None:
+    """Replace ``layer``'s codes (in place) by GPTQ's for the float ``weight`` and input ``gram``."""
+    shape = layer.weight_q.shape
+    qmax = 2.0 ** (layer.weight_bits.double() - 1) - 1
+    target = weight.detach().double().reshape(shape[0], -1)
+    codes = _round_columns(target, gram, layer.weight_scale.double(), qmax, damp)
+    layer.weight_q = codes.reshape(shape).to(layer.weight_q.dtype)
