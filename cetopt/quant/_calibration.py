@@ -6,9 +6,32 @@ from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
-from cetopt.errors import DataShapeError
+from cetopt.errors import CetoptError, DataShapeError
+from cetopt.nn.quantized import QuantizedMixin
 
-__all__ = ["run_with_hooks"]
+__all__ = ["paired_layers", "run_with_hooks"]
+
+
+def paired_layers(original: nn.Module, quantized: nn.Module, *, need_bias: bool = False) -> dict:
+    """The quantized layers of ``quantized`` by name, each checked to have a float twin in ``original``.
+
+    Raises
+    ------
+    CetoptError
+        If ``original`` lacks one of the names, or (with ``need_bias``) a quantized layer has no bias.
+    """
+    floats = dict(original.named_modules())
+    layers = {n: m for n, m in quantized.named_modules() if isinstance(m, QuantizedMixin)}
+    absent = [n for n in layers if n not in floats]
+    if absent:
+        raise CetoptError(f"the original model has no layers named {absent}")
+    missing = [n for n, m in layers.items() if getattr(m, "bias", None) is None]
+    if need_bias and missing:
+        raise CetoptError(
+            f"quantized layers without a bias cannot be corrected: {missing}; "
+            "quantize with bias_correction=<data> (it adds the biases)"
+        )
+    return layers
 
 
 def _inputs(batch):

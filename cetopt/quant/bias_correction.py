@@ -14,9 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from cetopt.errors import CetoptError
-from cetopt.nn.quantized import QuantizedMixin
-from cetopt.quant._calibration import run_with_hooks
+from cetopt.quant._calibration import paired_layers, run_with_hooks
 
 __all__ = ["correct_bias"]
 
@@ -73,17 +71,7 @@ def correct_bias(
     nn.Module
         The corrected copy, in eval mode.
     """
-    layers = {n: m for n, m in quantized.named_modules() if isinstance(m, QuantizedMixin)}
-    missing = [n for n, m in layers.items() if getattr(m, "bias", None) is None]
-    if missing:
-        raise CetoptError(
-            f"quantized layers without a bias cannot be corrected: {missing}; "
-            "quantize with bias_correction=<data> (it adds the biases)"
-        )
-    floats = dict(original.named_modules())
-    absent = [n for n in layers if n not in floats]
-    if absent:
-        raise CetoptError(f"the original model has no layers named {absent}")
+    layers = paired_layers(original, quantized, need_bias=True)
     sums = {n: torch.zeros_like(m.bias, dtype=torch.float64) for n, m in layers.items()}
     counts = dict.fromkeys(layers, 0)
 

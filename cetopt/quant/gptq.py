@@ -24,10 +24,8 @@ import copy
 import torch
 from torch import nn
 
-from cetopt.errors import CetoptError
-from cetopt.nn.quantized import QuantizedMixin
 from cetopt.nn.unfold import input_rows, is_matmul_layer
-from cetopt.quant._calibration import run_with_hooks
+from cetopt.quant._calibration import paired_layers, run_with_hooks
 
 __all__ = ["gptq_round"]
 
@@ -107,10 +105,7 @@ def gptq_round(
     if not damp > 0:
         raise ValueError(f"damp must be positive, got {damp}")
     floats = dict(original.named_modules())
-    layers = {n: m for n, m in quantized.named_modules() if isinstance(m, QuantizedMixin)}
-    absent = [n for n in layers if n not in floats]
-    if absent:
-        raise CetoptError(f"the original model has no layers named {absent}")
+    layers = paired_layers(original, quantized)
     names = [n for n in layers if is_matmul_layer(floats[n])]
     rounded = copy.deepcopy(quantized)
     if not names:

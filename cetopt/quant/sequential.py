@@ -18,10 +18,8 @@ import copy
 import torch
 from torch import nn
 
-from cetopt.errors import CetoptError
-from cetopt.nn.quantized import QuantizedMixin
 from cetopt.nn.unfold import is_matmul_layer
-from cetopt.quant._calibration import run_with_hooks
+from cetopt.quant._calibration import paired_layers, run_with_hooks
 from cetopt.quant.bias_correction import output_means
 from cetopt.quant.gptq import input_gram, reround
 
@@ -89,17 +87,7 @@ def calibrate_sequentially(
         )
     floats = dict(original.named_modules())
     calibrated = copy.deepcopy(quantized).eval()
-    layers = {n: m for n, m in calibrated.named_modules() if isinstance(m, QuantizedMixin)}
-    absent = [n for n in layers if n not in floats]
-    if absent:
-        raise CetoptError(f"the original model has no layers named {absent}")
-    if bias_correction:
-        missing = [n for n, m in layers.items() if getattr(m, "bias", None) is None]
-        if missing:
-            raise CetoptError(
-                f"quantized layers without a bias cannot be corrected: {missing}; "
-                "quantize with bias_correction=<data> (it adds the biases)"
-            )
+    layers = paired_layers(original, calibrated, need_bias=bias_correction)
     names = _execution_order(original, list(layers), data, max_batches)
     geometry = {n: floats[n] for n in names}
     targets = output_means(original, names, data, max_batches, geometry) if bias_correction else {}
