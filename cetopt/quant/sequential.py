@@ -26,7 +26,7 @@ from cetopt.quant.gptq import input_gram, reround
 __all__ = ["calibrate_sequentially"]
 
 
-def _execution_order(model: nn.Module, names: list[str], data, max_batches: int | None) -> list[str]:
+def _execution_order(model: nn.Module, names: list[str], data) -> list[str]:
     """``names`` in the order their layers first run on a batch of ``data``."""
     seen: list[str] = []
 
@@ -88,15 +88,14 @@ def calibrate_sequentially(
     floats = dict(original.named_modules())
     calibrated = copy.deepcopy(quantized).eval()
     layers = paired_layers(original, calibrated, need_bias=bias_correction)
-    names = _execution_order(original, list(layers), data, max_batches)
-    geometry = {n: floats[n] for n in names}
-    targets = output_means(original, names, data, max_batches, geometry) if bias_correction else {}
+    names = _execution_order(original, list(layers), data)
+    targets = output_means(original, names, data, max_batches, floats) if bias_correction else {}
     for name in names:
         layer = layers[name]
         if gptq and is_matmul_layer(floats[name]):
-            gram = input_gram(calibrated, [name], data, max_batches, geometry)[name]
+            gram = input_gram(calibrated, [name], data, max_batches, floats)[name]
             reround(layer, floats[name].weight, gram, damp)
         if bias_correction:
-            mean = output_means(calibrated, [name], data, max_batches, geometry)[name]
+            mean = output_means(calibrated, [name], data, max_batches, floats)[name]
             layer.bias.sub_((mean - targets[name]).to(layer.bias.dtype))
     return calibrated
