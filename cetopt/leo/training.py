@@ -22,7 +22,7 @@ from cetopt._io import atomic_write_bytes
 from cetopt.errors import CetoptError
 from cetopt.zoo.data import cache_dir, load_dataset
 from cetopt.zoo.models import MLP
-from cetopt.zoo.training import Recipe, train
+from cetopt.zoo.training import TRAINING_THREADS, Recipe, train
 
 __all__ = ["DigitsConvNet", "build_leo_model", "leo_recipe", "load_leo_model"]
 
@@ -86,7 +86,14 @@ def load_leo_model(name: str, l1: float, seed: int = 0, epochs: int | None = Non
         model = build_leo_model(name)
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     key = json.dumps(
-        {"name": name, "recipe": recipe.to_dict(), "seed": seed, "shapes": shapes, "v": CACHE_VERSION},
+        {
+            "name": name,
+            "recipe": recipe.to_dict(),
+            "seed": seed,
+            "shapes": shapes,
+            "v": CACHE_VERSION,
+            "threads": TRAINING_THREADS,
+        },
         sort_keys=True,
     )
     path = (

@@ -17,7 +17,7 @@ from cetopt._io import atomic_write_bytes
 from cetopt.errors import CetoptError
 from cetopt.zoo import models
 from cetopt.zoo.data import cache_dir, load_dataset
-from cetopt.zoo.training import Recipe, train
+from cetopt.zoo.training import TRAINING_THREADS, Recipe, train
 
 __all__ = ["ZOO", "ZooEntry", "build_model", "load_model", "model_names", "zoo_entry"]
 
@@ -124,6 +124,7 @@ def _cache_path(entry: ZooEntry, recipe: Recipe, seed: int, model: nn.Module):
             "recipe": recipe.to_dict(),
             "seed": seed,
             "torch": torch.__version__.split("+")[0],
+            "threads": TRAINING_THREADS,
         },
         sort_keys=True,
     )

@@ -47,6 +47,20 @@ def test_training_is_deterministic():
     assert not torch.equal(a.state_dict()["layers.1.weight"], c.state_dict()["layers.1.weight"])
 
 
+def test_training_gives_the_same_weights_whatever_the_callers_thread_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = load_model("digits-cnn", epochs=1, retrain=True, progress=False)
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+        torch.set_num_threads(1)
+        b = load_model("digits-cnn", epochs=1, retrain=True, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+
+
 def test_l1_changes_the_recipe_and_the_cache_key():
     plain = load_model("digits-mlp-1x8", epochs=2, progress=False)
     sparse = load_model("digits-mlp-1x8", epochs=2, l1=1e-2, progress=False)
