@@ -26,6 +26,7 @@ from torch import nn
 
 from cetopt.nn.unfold import input_rows, is_matmul_layer
 from cetopt.quant._calibration import paired_layers, run_with_hooks
+from cetopt.quant.quantizer import codes_for
 
 __all__ = ["gptq_round"]
 
@@ -68,7 +69,7 @@ def _round_columns(
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.empty_like(w)
     for j in range(w.shape[1]):
-        codes[:, j] = torch.clamp(torch.round(w[:, j] / scale), -qmax, qmax)
+        codes[:, j] = codes_for(w[:, j], scale, qmax)
         err = (w[:, j] - codes[:, j] * scale) / upper[j, j]
         w[:, j + 1 :] -= err[:, None] * upper[j, j + 1 :][None, :]
     return codes[:, torch.argsort(order)]

@@ -59,8 +59,9 @@ def test_gptq_lowers_every_layers_output_error_and_keeps_scales_and_bits():
         a, b = dict(plain.named_modules())[name], dict(rounded.named_modules())[name]
         assert torch.equal(a.weight_scale, b.weight_scale)
         assert torch.equal(a.weight_bits, b.weight_bits)
-        qmax = 2 ** (b.weight_bits.long() - 1) - 1
-        assert bool((b.weight_q.abs().reshape(len(qmax), -1) <= qmax[:, None]).all())
+        qmax = (2 ** (b.weight_bits.long() - 1) - 1)[:, None]
+        codes = b.weight_q.reshape(len(qmax), -1)
+        assert bool(((-qmax - 1 <= codes) & (codes <= qmax)).all())
 
 
 def test_gptq_keeps_the_saved_size(tmp_path):

@@ -10,8 +10,8 @@ def test_codes_fit_their_bits_and_dequantize_to_scale_multiples(bits):
     torch.manual_seed(bits)
     w = torch.randn(7, 5, 3)
     qw = quantize_weight(w, bits)
-    qmax = 2 ** (bits - 1) - 1
-    assert int(qw.q.abs().max()) <= qmax and qw.q.shape == w.shape
+    assert -(2 ** (bits - 1)) <= int(qw.q.min()) and int(qw.q.max()) <= 2 ** (bits - 1) - 1
+    assert qw.q.shape == w.shape
     assert not qw.q.is_floating_point()
     exact = qw.q.double() * qw.scale.double().view(-1, 1, 1)  # scale multiples, up to float32 rounding
     torch.testing.assert_close(qw.dequantize().double(), exact, rtol=1e-7, atol=0)
@@ -37,11 +37,40 @@ def test_clip_search_never_does_worse_and_pays_off_on_heavy_tails():
             assert searched.sum() < 0.6 * plain.sum()
 
 
+def _restricted_grid_error(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row error of the best positive step on the restricted grid ±(2^(b−1) − 1), same ratios."""
+    qmax = 2 ** (bits - 1) - 1
+    wmax = w.abs().amax(dim=1, keepdim=True)
+    best = torch.full((w.shape[0],), float("inf"))
+    for ratio in torch.linspace(0.3, 1.0, 64):
+        s = ratio * wmax / qmax
+        best = torch.minimum(best, ((torch.clamp(torch.round(w / s), -qmax, qmax) * s - w) ** 2).sum(1))
+    return best
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_full_twos_complement_grid_never_does_worse_than_the_restricted_one(bits):
+    torch.manual_seed(3)
+    w = torch.randn(64, 48) * torch.rand(64, 1)
+    full = ((fake_quantize(w, bits) - w) ** 2).sum(dim=1)
+    restricted = _restricted_grid_error(w, bits)
+    assert torch.all(full <= restricted * (1 + 1e-5))
+    assert full.sum() < (0.85 if bits <= 3 else 0.95) * restricted.sum()
+
+
+def test_a_negative_step_gives_the_extra_level_to_the_heavier_positive_tail():
+    w = torch.tensor([[2.0, 1.0, 0.0, -1.0], [-2.0, -1.0, 0.0, 1.0]])
+    qw = quantize_weight(w, 2)  # 2 bits: codes -2..1, so only a mirrored grid holds +2 exactly
+    assert qw.scale[0] < 0 < qw.scale[1]
+    torch.testing.assert_close(qw.dequantize(), w)
+    assert qw.q.min() >= -2 and qw.q.max() <= 1
+
+
 def test_per_channel_bits_and_zero_channel():
     w = torch.randn(3, 10)
     w[1] = 0.0
     qw = quantize_weight(w, [2, 8, 16])
-    assert qw.q.dtype == torch.int16 and int(qw.q[0].abs().max()) <= 1 and int(qw.q[2].abs().max()) <= 32767
+    assert qw.q.dtype == torch.int16 and int(qw.q[0].abs().max()) <= 2 and int(qw.q[2].abs().max()) <= 32768
     assert torch.equal(qw.dequantize()[1], torch.zeros(10))
 
 
