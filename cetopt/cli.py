@@ -142,8 +142,10 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--sequential",
-        action="store_true",
-        help="calibrate (GPTQ, bias correction) layer by layer on the quantized model's own inputs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="calibrate (GPTQ, bias correction) layer by layer on the quantized model's own inputs "
+        "(default); --no-sequential calibrates all layers at once on the float model's inputs",
     )
     parser.add_argument(
         "--per-channel", action="store_true", help="a bit width per output channel (--method cet or measured)"

@@ -40,7 +40,7 @@ def compress(
     progress: bool = True,
     gptq: bool = True,
     bias_correction: bool = True,
-    sequential: bool = False,
+    sequential: bool = True,
     **allocate_options,
 ) -> CompressionResult:
     """Quantize ``model``'s weights to mixed precision within ``budget``.
@@ -74,8 +74,10 @@ def compress(
         (:func:`cetopt.quant.correct_bias`); no gradient steps.
     sequential : bool
         Run GPTQ and bias correction layer by layer on the inputs the quantized model gives each
-        layer, not the float model's (:func:`cetopt.quant.calibrate_sequentially`; two passes over
-        ``data`` per layer). Ignored when both ``gptq`` and ``bias_correction`` are off.
+        layer (:func:`cetopt.quant.calibrate_sequentially`; two passes over ``data`` per layer), so
+        each layer also compensates the errors of the layers before it. ``False`` calibrates every
+        layer at once on the float model's inputs. Ignored when both ``gptq`` and
+        ``bias_correction`` are off.
     **allocate_options
         Any other keyword of :func:`cetopt.allocate` (``bops_budget``, ``ties``, ``min_bits`` ...).
     """

@@ -58,17 +58,18 @@ def test_compress_writes_model_and_report(tmp_path, capsys):
     assert not torch.equal(restored(x), load_model("digits-mlp-2x25", progress=False)(x))
 
 
-def test_compress_sequential_calibration_is_recorded_and_reloads(tmp_path, capsys):
+@pytest.mark.parametrize("flag, sequential", [([], True), (["--no-sequential"], False)])
+def test_compress_calibrates_sequentially_by_default_and_reloads(tmp_path, capsys, flag, sequential):
     import json
 
     import cetopt
     from cetopt.zoo import load_dataset
 
     args = ["compress", "--model", "digits-mlp-2x25", "--budget", "10x", "--out", str(tmp_path)]
-    assert main([*args, "--probes", "4", "--sequential"]) == 0
+    assert main([*args, "--probes", "4", *flag]) == 0
     capsys.readouterr()
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["sequential_calibration"] is True
+    assert report["sequential_calibration"] is sequential
     data = load_dataset("digits")
     restored = cetopt.load(tmp_path / "model.safetensors")
     acc = (restored(data.x_test).argmax(1) == data.y_test).float().mean().item()

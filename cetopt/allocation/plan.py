@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from cetopt.analysis.channels import split_channel_row
 from cetopt.graph.decisions import Quantize
 
 __all__ = ["Plan"]
@@ -88,11 +90,15 @@ class Plan:
         return out
 
     def summary(self) -> str:
-        """A table of the plan, one row per layer."""
+        """A table of the plan, one row per layer.
+
+        A per-channel plan's rows (``"layer[c]"``) are grouped by layer; its bits column counts the
+        channels at each width, e.g. ``2×10 3×54`` (10 channels at 2 bits, 54 at 3).
+        """
         rows = [("layer", "bits", "bytes", "predicted Δloss")]
         rows += [
-            (name, str(b), f"{self.layer_bytes.get(name, 0):.0f}", f"{self.layer_loss.get(name, 0):.3g}")
-            for name, b in self.bits.items()
+            (name, bits, f"{size:.0f}", f"{loss:.3g}")
+            for name, (bits, size, loss) in self._layer_rows().items()
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
@@ -104,3 +110,24 @@ class Plan:
             f"gap {gap}, solved by {self.solver} in {self.solve_time:.3f} s"
         )
         return "\n".join(lines)
+
+    def _layer_rows(self) -> dict[str, tuple[str, float, float]]:
+        """Layer → (bits text, bytes, predicted loss), per-channel rows summed over their layer."""
+        widths: dict[str, Counter] = {}
+        totals: dict[str, list[float]] = {}
+        for row, b in self.bits.items():
+            split = split_channel_row(row)
+            layer = row if split is None else split[0]
+            widths.setdefault(layer, Counter())[int(b)] += 1
+            total = totals.setdefault(layer, [0.0, 0.0])
+            total[0] += self.layer_bytes.get(row, 0)
+            total[1] += self.layer_loss.get(row, 0)
+        return {
+            layer: (
+                str(next(iter(count)))
+                if layer in self.bits
+                else " ".join(f"{b}×{n}" for b, n in sorted(count.items())),
+                *totals[layer],
+            )
+            for layer, count in widths.items()
+        }

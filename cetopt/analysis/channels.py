@@ -40,6 +40,12 @@ def _row_name(layer: str, channel: int) -> str:
     return f"{layer}[{channel}]"
 
 
+def split_channel_row(row: str) -> tuple[str, int] | None:
+    """``("layer", c)`` for a per-channel row name ``"layer[c]"``; ``None`` for any other name."""
+    match = _ROW.match(row)
+    return None if match is None else (match["layer"], int(match["channel"]))
+
+
 def _split(value: int, parts: int) -> list[int]:
     """``value`` as ``parts`` integers that sum to it (the remainder on the first)."""
     share = value // parts
@@ -173,10 +179,10 @@ def channel_bits(plan) -> dict[str, list[int]]:
         raise TypeError(f"plan must be a cetopt.Plan or a mapping, got {type(plan).__name__}")
     per_layer: dict[str, dict[int, int]] = {}
     for row, b in bits.items():
-        match = _ROW.match(row)
-        if match is None:
+        split = split_channel_row(row)
+        if split is None:
             raise CetoptError(f"{row!r} is not a per-channel row (expected 'layer[c]')")
-        per_layer.setdefault(match["layer"], {})[int(match["channel"])] = int(b)
+        per_layer.setdefault(split[0], {})[split[1]] = int(b)
     out = {}
     for layer, widths in per_layer.items():
         if sorted(widths) != list(range(len(widths))):

@@ -149,6 +149,22 @@ def test_plan_is_plain_data():
     assert "total:" in plan.summary()
 
 
+def test_a_per_channel_plans_summary_has_one_row_per_layer_counting_channels_per_width():
+    from cetopt.analysis import SensitivityTable
+
+    rows = [f"conv[{c}]" for c in range(4)] + ["fc"]
+    values = np.array([[3.0, 2.0, 1.0]] * 5) * np.arange(1, 6)[:, None]
+    table = SensitivityTable(layers=rows, bits=(2, 3, 4), values=values, params=np.array([100] * 4 + [400]))
+    plan = allocate(table, "9x")
+    lines = plan.summary().splitlines()
+    assert len(lines) == 2 + 2 + 1  # header, rule, two layers, total
+    conv = next(ln.split() for ln in lines if ln.startswith("conv"))
+    widths = [int(b) for b in plan.bits.values()][:4]
+    assert conv[1:-2] == [f"{b}×{widths.count(b)}" for b in sorted(set(widths))]
+    assert float(conv[-2]) == pytest.approx(sum(plan.layer_bytes[r] for r in rows[:4]), abs=0.5)
+    assert next(ln.split() for ln in lines if ln.startswith("fc"))[1] == str(plan.bits["fc"])
+
+
 def test_nan_sensitivity_is_a_named_error():
     from cetopt.analysis import SensitivityTable
     from cetopt.errors import NonFiniteError

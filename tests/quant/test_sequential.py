@@ -109,3 +109,20 @@ def test_a_layer_without_bias_is_named_when_bias_correction_is_asked():
     plain = cetopt.quantize(model, {"0": 2})
     with pytest.raises(cetopt.errors.CetoptError, match="without a bias"):
         calibrate_sequentially(model, plain, [(torch.randn(5, 4), None)])
+
+
+def test_compress_calibrates_sequentially_unless_told_otherwise():
+    model = _ReversedNet().eval()
+    g = torch.Generator().manual_seed(2)
+    data = [(x, torch.randint(0, 6, (32,), generator=g)) for x, _ in _data()]
+    options = {"bits": (2, 3, 4), "probes": 4, "progress": False}
+    default = cetopt.compress(model, data, "8x", **options)
+    one_pass = cetopt.compress(model, data, "8x", sequential=False, **options)
+    assert default.plan.bits == one_pass.plan.bits
+    bits = default.plan.bits
+    sequential = cetopt.quantize(model, bits, gptq=data, bias_correction=data, sequential=True)
+    at_once = cetopt.quantize(model, bits, gptq=data, bias_correction=data)
+    x = data[0][0]
+    assert torch.equal(default.model(x), sequential(x))
+    assert torch.equal(one_pass.model(x), at_once(x))
+    assert not torch.equal(default.model(x), one_pass.model(x))
