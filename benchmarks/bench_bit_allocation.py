@@ -17,11 +17,11 @@ run. Then
   ILP + cet plan over all bit widths at the same bytes.
 
 Accuracy is top-1 on the test split, which nothing here is tuned on. Each plan is evaluated as
-quantized, and again after bias correction (each layer's mean output shift measured on the
-calibration split and cancelled; no gradient steps), and again with GPTQ rounding before the bias
-correction (codes re-rounded to keep each layer's output close on the calibration split; same
-scales, bits and bytes). Bias correction adds a float32 bias to layers that had none (4 bytes per
-channel, outside the weight budget, like every bias).
+quantized (round to nearest), then with GPTQ rounding and bias correction calibrated on the
+calibration split all at once on the float model's inputs (``one_pass``), and layer by layer on
+the quantized model's own inputs (``sequential``, what ``cetopt compress`` does by default). No
+gradient steps; GPTQ keeps the scales, bits and bytes; bias correction adds a float32 bias to
+layers that had none (4 bytes per channel, outside the weight budget, like every bias).
 """
 
 from __future__ import annotations
@@ -58,26 +58,24 @@ def _tables(model, data, quick):
     return tables, seconds
 
 
-def _evaluate(model, data, bits: dict[str, int], *, bias_correction: bool = False, gptq: bool = False):
-    calibration = data.loader(CALIBRATION, batch_size=512)
-    quantized = quantize(
-        model,
-        bits,
-        gptq=calibration if gptq else None,
-        bias_correction=calibration if bias_correction else None,
-    )
+def _evaluate(model, data, bits: dict[str, int], *, calibrate: bool = False, sequential: bool = False):
+    calibration = data.loader(CALIBRATION, batch_size=512) if calibrate else None
+    quantized = quantize(model, bits, gptq=calibration, bias_correction=calibration, sequential=sequential)
     return accuracy(quantized, data.x_test, data.y_test)
 
 
+VARIANTS = {  # result key → how the plan is quantized
+    "accuracy": {},
+    "accuracy_one_pass": {"calibrate": True},
+    "accuracy_sequential": {"calibrate": True, "sequential": True},
+}
+
+
 def _both(model, data, bits) -> dict:
-    """Test accuracy as quantized, after bias correction, and after GPTQ rounding + bias correction."""
+    """Test accuracy as quantized, with one-pass GPTQ + bias correction, and with the sequential one."""
     if any(name.endswith("]") for name in bits):  # a per-channel plan
         bits = channel_bits(bits)
-    return {
-        "accuracy": _evaluate(model, data, bits),
-        "accuracy_bias_corrected": _evaluate(model, data, bits, bias_correction=True),
-        "accuracy_gptq_bias_corrected": _evaluate(model, data, bits, bias_correction=True, gptq=True),
-    }
+    return {key: _evaluate(model, data, bits, **options) for key, options in VARIANTS.items()}
 
 
 def _fixed_bits_bytes(table, bits: int) -> float:
@@ -159,18 +157,9 @@ def _one(name: str, seed: int, quick: bool) -> dict:
         "bits": uniform,
     }
     # uniform 3-bit's real bytes (codes + per-channel scales) can exceed 10x: compare at equal bytes too
-    same = {"budget_bytes": uniform_bytes, "uniform-3bit": row["at_10x"]["uniform-3bit"]["accuracy"]}
+    same = {"budget_bytes": uniform_bytes, "uniform-3bit": row["at_10x"]["uniform-3bit"]}
     for method in (*ESTIMATORS, "measured", "cet-channel"):
-        plan_bits = allocate(tables[method], uniform_bytes).bits
-        if method.endswith("-channel"):
-            plan_bits = channel_bits(plan_bits)
-        same[f"ilp+{method}"] = _evaluate(model, data, plan_bits)
-        same[f"ilp+{method} +bias-corr"] = _evaluate(model, data, plan_bits, bias_correction=True)
-        same[f"ilp+{method} +gptq+bias-corr"] = _evaluate(
-            model, data, plan_bits, bias_correction=True, gptq=True
-        )
-    same["uniform-3bit +bias-corr"] = row["at_10x"]["uniform-3bit"]["accuracy_bias_corrected"]
-    same["uniform-3bit +gptq+bias-corr"] = row["at_10x"]["uniform-3bit"]["accuracy_gptq_bias_corrected"]
+        same[f"ilp+{method}"] = _both(model, data, allocate(tables[method], uniform_bytes).bits)
     row["at_uniform_3bit_bytes"] = same
     for method in ("measured", "measured-channel"):
         plan = allocate(tables[method], "10x")
@@ -207,36 +196,27 @@ def _summary(rows: list[dict]) -> dict:
     for name in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == name]
 
+        def stats(pick):
+            return {variant: mean_sd([pick(r)[variant] for r in mine]) for variant in VARIANTS}
+
         entry = {"fp32": mean_sd([r["fp32_accuracy"] for r in mine])}
         for key in mine[0]["at_10x"]:
-            entry[f"10x {key}"] = mean_sd([r["at_10x"][key]["accuracy"] for r in mine])
-            entry[f"10x {key} +bias-corr"] = mean_sd(
-                [r["at_10x"][key]["accuracy_bias_corrected"] for r in mine]
-            )
-            entry[f"10x {key} +gptq+bias-corr"] = mean_sd(
-                [r["at_10x"][key]["accuracy_gptq_bias_corrected"] for r in mine]
-            )
+            entry[f"10x {key}"] = stats(lambda r, key=key: r["at_10x"][key])
         for key in mine[0]["at_uniform_3bit_bytes"]:
             if key != "budget_bytes":
-                entry[f"uniform-3bit bytes {key}"] = mean_sd([r["at_uniform_3bit_bytes"][key] for r in mine])
+                entry[f"uniform-3bit bytes {key}"] = stats(lambda r, key=key: r["at_uniform_3bit_bytes"][key])
         for alpha in mine[0]["hawq_budgets"]:
             for key in ("hawq-v3", "ilp+cet", "ilp+cet-channel"):
-                entry[f"{alpha} {key}"] = mean_sd([r["hawq_budgets"][alpha][key]["accuracy"] for r in mine])
-                entry[f"{alpha} {key} +bias-corr"] = mean_sd(
-                    [r["hawq_budgets"][alpha][key]["accuracy_bias_corrected"] for r in mine]
-                )
-                entry[f"{alpha} {key} +gptq+bias-corr"] = mean_sd(
-                    [r["hawq_budgets"][alpha][key]["accuracy_gptq_bias_corrected"] for r in mine]
-                )
+                entry[f"{alpha} {key}"] = stats(lambda r, a=alpha, key=key: r["hawq_budgets"][a][key])
+        if "exhaustive_joint_loss_at_10x" in mine[0]:
+            entry["10x exhaustive best joint loss"] = stats(lambda r: r["exhaustive_joint_loss_at_10x"])
         entry["rank_correlation"] = {
             m: mean_sd([r["rank_correlation"][m] for r in mine]) for m in mine[0]["rank_correlation"]
         }
-        entry["10x ilp+cet-channel +gptq+bias-corr minus fp32 (pp)"] = mean_sd(
-            [
-                100 * (r["at_10x"]["ilp+cet-channel"]["accuracy_gptq_bias_corrected"] - r["fp32_accuracy"])
-                for r in mine
-            ]
-        )
+        for key in ("ilp+cet", "ilp+cet-channel", "uniform-3bit"):
+            entry[f"10x {key} sequential minus fp32 (pp)"] = mean_sd(
+                [100 * (r["at_10x"][key]["accuracy_sequential"] - r["fp32_accuracy"]) for r in mine]
+            )
         out[name] = entry
     return out
 

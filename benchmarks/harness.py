@@ -111,7 +111,9 @@ def write_result(name: str, data: dict[str, Any], *, quick: bool = False) -> Pat
 
 
 def mean_sd(values: Sequence[float]) -> dict[str, float]:
-    """``{"mean", "sd"}`` of ``values``; the sample standard deviation, 0 for a single value."""
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return {"mean": float(mean), "sd": float(var**0.5)}
+    """``{"mean", "sd", "se", "n"}`` of ``values``: the sample standard deviation (0 for a single
+    value) and the standard error of the mean, ``sd / √n``."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return {"mean": float(mean), "sd": float(var**0.5), "se": float((var / n) ** 0.5), "n": n}
