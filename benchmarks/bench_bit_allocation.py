@@ -26,6 +26,7 @@ layers that had none (4 bytes per channel, outside the weight budget, like every
 
 from __future__ import annotations
 
+import functools
 import time
 
 from benchmarks.harness import mean_sd
@@ -191,14 +192,16 @@ def _one(name: str, seed: int, quick: bool) -> dict:
     return row
 
 
+def _variant_stats(rows: list[dict], pick) -> dict:
+    """Mean and spread over ``rows`` of each quantization variant of the entry ``pick(row)``."""
+    return {variant: mean_sd([pick(r)[variant] for r in rows]) for variant in VARIANTS}
+
+
 def _summary(rows: list[dict]) -> dict:
     out = {}
     for name in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == name]
-
-        def stats(pick):
-            return {variant: mean_sd([pick(r)[variant] for r in mine]) for variant in VARIANTS}
-
+        stats = functools.partial(_variant_stats, mine)
         entry = {"fp32": mean_sd([r["fp32_accuracy"] for r in mine])}
         for key in mine[0]["at_10x"]:
             entry[f"10x {key}"] = stats(lambda r, key=key: r["at_10x"][key])
