@@ -70,9 +70,10 @@ class QuantizedWeight:
     Attributes
     ----------
     q : Tensor (integer)
-        Codes, same shape as the weight; channel ``c`` fits a signed ``bits[c]``-bit field.
+        Codes, same shape as the weight; channel ``c``'s lie in ``[−2^(b−1), 2^(b−1) − 1]`` for
+        ``b = bits[c]``, a signed ``b``-bit field.
     scale : Tensor (float32), shape (out_channels,)
-        Step size per output channel.
+        Step per output channel; negative where the mirrored grid fits the channel better.
     bits : Tensor (int16), shape (out_channels,)
         Bit width per output channel.
     """
