@@ -10,8 +10,8 @@ level to the positive side instead. The step's size is ``α_c · max|W_c| / (2^(
 clip ratio ``α_c`` picked per channel from a grid, and both signs are tried: the pair with the
 smallest ``‖Q_b(W_c) − W_c‖²`` wins (clipping outliers buys resolution for the rest). The
 restricted grid ``±(2^(b−1) − 1)`` is a subset of these levels for the same steps, so the error is
-never above it; at 2 and 3 bits the extra level cuts the error by a quarter to a third on trained
-weights. Above 8 bits there is no search: ``s_c = max|W_c| / (2^(b−1) − 1)``.
+never above it; at 2 and 3 bits the extra level cut the error by a fifth to a third on the zoo's
+trained weights. Above 8 bits there is no search: ``s_c = max|W_c| / (2^(b−1) − 1)``.
 """
 
 from __future__ import annotations
