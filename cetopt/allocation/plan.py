@@ -122,12 +122,9 @@ class Plan:
             total = totals.setdefault(layer, [0.0, 0.0])
             total[0] += self.layer_bytes.get(row, 0)
             total[1] += self.layer_loss.get(row, 0)
-        return {
-            layer: (
-                str(next(iter(count)))
-                if layer in self.bits
-                else " ".join(f"{b}×{n}" for b, n in sorted(count.items())),
-                *totals[layer],
-            )
-            for layer, count in widths.items()
-        }
+        return {layer: (self._bits_text(layer, count), *totals[layer]) for layer, count in widths.items()}
+
+    def _bits_text(self, layer: str, count: Counter) -> str:
+        if layer in self.bits:  # a per-layer row
+            return str(self.bits[layer])
+        return " ".join(f"{b}×{n}" for b, n in sorted(count.items()))
