@@ -32,6 +32,7 @@ import time
 from benchmarks.harness import mean_sd
 from cetopt.allocation import allocate, option_bytes
 from cetopt.analysis import SensitivityTable, channel_bits, channel_sensitivity, rank_correlation, sensitivity
+from cetopt.analysis.channels import split_channel_row
 from cetopt.errors import InfeasibleBudgetError
 from cetopt.quant.apply import quantize
 from cetopt.zoo import accuracy, load_dataset, load_model, zoo_entry
@@ -72,9 +73,9 @@ VARIANTS = {  # result key → how the plan is quantized
 }
 
 
-def _both(model, data, bits) -> dict:
+def _accuracies(model, data, bits) -> dict:
     """Test accuracy as quantized, with one-pass GPTQ + bias correction, and with the sequential one."""
-    if any(name.endswith("]") for name in bits):  # a per-channel plan
+    if any(split_channel_row(name) for name in bits):  # a per-channel plan
         bits = channel_bits(bits)
     return {key: _evaluate(model, data, bits, **options) for key, options in VARIANTS.items()}
 
@@ -112,7 +113,7 @@ def _exhaustive(model, data, table, budget_bytes: float) -> dict:
         "plans_checked": feasible,
         "joint_loss": best[0],
         "bits": bits,
-        **_both(model, data, bits),
+        **_accuracies(model, data, bits),
     }
 
 
@@ -142,7 +143,7 @@ def _one(name: str, seed: int, quick: bool) -> dict:
     for method in (*ESTIMATORS, "cet-channel"):
         plan = allocate(tables[method], "10x")
         row["at_10x"][f"ilp+{method}"] = {
-            **_both(model, data, plan.bits),
+            **_accuracies(model, data, plan.bits),
             "bytes": plan.bytes,
             "bits": plan.bits,
             "status": plan.status,
@@ -153,18 +154,18 @@ def _one(name: str, seed: int, quick: bool) -> dict:
     uniform = dict.fromkeys(tables["cet"].layers, 3)
     uniform_bytes = _fixed_bits_bytes(tables["cet"], 3)
     row["at_10x"]["uniform-3bit"] = {
-        **_both(model, data, uniform),
+        **_accuracies(model, data, uniform),
         "bytes": uniform_bytes,
         "bits": uniform,
     }
     # uniform 3-bit's real bytes (codes + per-channel scales) can exceed 10x: compare at equal bytes too
     same = {"budget_bytes": uniform_bytes, "uniform-3bit": row["at_10x"]["uniform-3bit"]}
     for method in (*ESTIMATORS, "measured", "cet-channel"):
-        same[f"ilp+{method}"] = _both(model, data, allocate(tables[method], uniform_bytes).bits)
+        same[f"ilp+{method}"] = _accuracies(model, data, allocate(tables[method], uniform_bytes).bits)
     row["at_uniform_3bit_bytes"] = same
     for method in ("measured", "measured-channel"):
         plan = allocate(tables[method], "10x")
-        entry = {**_both(model, data, plan.bits), "bytes": plan.bytes, "bits": plan.bits}
+        entry = {**_accuracies(model, data, plan.bits), "bytes": plan.bytes, "bits": plan.bits}
         row["at_10x"][f"ilp+{method}"] = entry
     if tables["cet"].num_layers <= 5:  # small enough to enumerate every plan
         row["exhaustive_joint_loss_at_10x"] = _exhaustive(
@@ -177,10 +178,10 @@ def _one(name: str, seed: int, quick: bool) -> dict:
         budget = four + alpha * (eight - four)
         entry = {"budget_bytes": budget, "compression": row["fp32_weight_bytes"] / budget}
         hawq = allocate(hawq_table, budget, use_greedy=False)
-        entry["hawq-v3"] = {**_both(model, data, hawq.bits), "bytes": hawq.bytes}
+        entry["hawq-v3"] = {**_accuracies(model, data, hawq.bits), "bytes": hawq.bytes}
         for method in ("cet", "cet-channel"):
             plan = allocate(tables[method], budget)
-            entry[f"ilp+{method}"] = {**_both(model, data, plan.bits), "bytes": plan.bytes}
+            entry[f"ilp+{method}"] = {**_accuracies(model, data, plan.bits), "bytes": plan.bytes}
         row["hawq_budgets"][f"alpha={alpha}"] = entry
     try:
         allocate(hawq_table, "10x")
