@@ -31,6 +31,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from cetopt._io import atomic_write_bytes
+from cetopt._modes import in_eval_mode
 from cetopt.errors import CetoptError
 from cetopt.graph.decisions import decision_from_dict
 from cetopt.graph.rewriter import _SOURCE, history, rewrite
@@ -83,6 +84,7 @@ def _quantized_layers(model: nn.Module) -> dict[str, QuantizedMixin]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedMixin)}
 
 
+@in_eval_mode("model")
 def save(model: nn.Module, path: str | os.PathLike, *, source: str | None = None) -> SavedModel:
     """Write ``model`` to ``path`` atomically.
 

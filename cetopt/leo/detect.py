@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cetopt._modes import in_eval_mode
 from cetopt.errors import DataShapeError, DomainError, UntraceableModelError
 from cetopt.leo.domain import Domain, as_domain
 from cetopt.leo.formulation import ACTIVE, INACTIVE, UNDECIDED, BoxState, interval_bounds, layer_problem
@@ -334,6 +335,7 @@ def _data_points(data, domain: Domain, features: int) -> np.ndarray:
     return arr[domain.contains(arr)]  # only points of the domain are witnesses
 
 
+@in_eval_mode("model")
 def find_stable_units(
     model: nn.Module,
     domain=None,

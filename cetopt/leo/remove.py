@@ -22,6 +22,7 @@ import scipy.linalg
 import torch
 from torch import fx, nn
 
+from cetopt._modes import in_eval_mode
 from cetopt.errors import RewriteError
 from cetopt.graph import FoldBatchNorm, FoldLinearUnits, MergeAffine, RemoveUnits, rewrite
 from cetopt.graph.dependency import channel_groups, find_group
@@ -155,6 +156,7 @@ class _Remover:
             entry["folded"] = len(coefficients)
 
 
+@in_eval_mode("model")
 def remove_stable_units(model: nn.Module, report: StabilityReport) -> nn.Module:
     """A compressed copy of ``model`` with the stable units of ``report`` removed or folded.
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from cetopt._modes import to_eval
 from cetopt.errors import CalibrationShapeError, UnsupportedLayerError
 from cetopt.nn.unfold import input_rows, is_matmul_layer
 
@@ -194,8 +195,7 @@ def collect(
         modules[n].register_forward_hook(lambda m, args, out, n=n: chunks[n].append(_columns(m, args[0])))
         for n in names
     ]
-    was_training = model.training
-    model.eval()
+    saved = to_eval(model)
     try:
         for i, x in enumerate(_batches(calibration)):
             _check_batch(x, i)
@@ -208,7 +208,7 @@ def collect(
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
+        saved.restore()
     if not all(chunks.values()):
         raise CalibrationShapeError("the calibration data holds no batch")
     followers = _followers(model, names)

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
+from cetopt._modes import to_eval
 from cetopt.errors import CetoptError, DataShapeError
 from cetopt.nn.quantized import QuantizedMixin
 
@@ -52,8 +53,7 @@ def run_with_hooks(
     """
     modules = dict(model.named_modules())
     handles = [modules[name].register_forward_hook(hook) for name, hook in hooks.items()]
-    was_training = model.training
-    model.eval()
+    saved = to_eval(model)
     batches = 0
     try:
         for batch in data:
@@ -64,7 +64,7 @@ def run_with_hooks(
     except (RuntimeError, ValueError) as exc:
         raise DataShapeError(f"the model cannot run on the calibration data: {exc}") from exc
     finally:
-        model.train(was_training)
+        saved.restore()
         for handle in handles:
             handle.remove()
     if batches == 0:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cetopt._modes import eval_mode, in_eval_mode
 from cetopt.errors import DataShapeError, NoQuantizableLayerError
 from cetopt.graph.decisions import Decision, Quantize
 from cetopt.graph.rewriter import rewrite
@@ -202,11 +203,8 @@ def storage_bytes(model: nn.Module) -> int:
 
 @torch.no_grad()
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    was = model.training
-    model.eval()
-    acc = (model(x).argmax(-1) == y).float().mean().item()
-    model.train(was)
-    return acc
+    with eval_mode(model):
+        return (model(x).argmax(-1) == y).float().mean().item()
 
 
 class _Trainer:
@@ -332,6 +330,7 @@ def _export(original: nn.Module, trained: nn.Module, removals: list[Decision], e
     return final.eval()
 
 
+@in_eval_mode("model")
 def self_compress(
     model: nn.Module,
     train_data,
