@@ -89,3 +89,16 @@ class UnreachableBudgetError(CetoptError, ValueError):
 
 class CalibrationShapeError(DataShapeError):
     """Calibration data does not fit the model (wrong shape, dtype or dimension); the message says how."""
+
+
+class ModelFileError(CetoptError, ValueError):
+    """A model file cannot be read: missing, not safetensors, not cetopt's, malformed, or not fitting the
+    architecture; the message names the file and what is wrong with it."""
+
+
+class ReportMismatchError(CetoptError, ValueError):
+    """A report is applied to a model other than the one it was computed on (other weights or layers)."""
+
+
+class OutputPathError(CetoptError, ValueError):
+    """An output path cannot be written (a file where a directory is needed, no permission, ...)."""
