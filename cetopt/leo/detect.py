@@ -26,7 +26,7 @@ from cetopt.errors import DataShapeError, DomainError, UntraceableModelError
 from cetopt.leo.domain import Domain, as_domain
 from cetopt.leo.formulation import ACTIVE, INACTIVE, UNDECIDED, BoxState, interval_bounds, layer_problem
 from cetopt.leo.network import ReluLayer, ReluNetwork, extract
-from cetopt.leo.report import _ALL_STAGES, STAGES, LayerReport, StabilityReport
+from cetopt.leo.report import _ALL_STAGES, STAGES, LayerReport, StabilityReport, weights_fingerprint
 from cetopt.problem import Solution, Status
 from cetopt.solving.api import default_workers, solve_many
 
@@ -436,7 +436,9 @@ def find_stable_units(
         t_layer = time.perf_counter()
         _analyse_layer(run, i)
         run.counters[i - 1].time = time.perf_counter() - t_layer
-    return _report(run, shape, domain, margin, time.perf_counter() - t0)
+    report = _report(run, shape, domain, margin, time.perf_counter() - t0)
+    report.fingerprint = weights_fingerprint(model)
+    return report
 
 
 def _new_run(net, domain, solver, stages, early_stop, propagate, margin, time_limit, workers, milp_units):
