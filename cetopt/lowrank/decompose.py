@@ -241,6 +241,8 @@ def decompose(
         A rank or sparsity that a layer cannot reach (names the layer).
     CalibrationShapeError
         Calibration data of the wrong shape or type.
+    NonFiniteError
+        Calibration data holding NaN or infinity (names the batch).
     UnsupportedLayerError
         A named layer is not a Linear/Conv1d/Conv2d.
     """

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from cetopt._modes import to_eval
-from cetopt.errors import CalibrationShapeError, UnsupportedLayerError
+from cetopt.errors import CalibrationShapeError, NonFiniteError, UnsupportedLayerError
 from cetopt.nn.unfold import input_rows, is_matmul_layer
 
 __all__ = ["LayerData", "collect", "supported_layers", "weight_matrix"]
@@ -109,6 +109,8 @@ def _check_batch(x, index: int) -> None:
         raise CalibrationShapeError(
             f"calibration batch {index} has shape {tuple(x.shape)}; expected (batch, *input_shape)"
         )
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"calibration batch {index} holds NaN or infinity")
 
 
 def _follower(graph: fx.Graph, modules: Mapping[str, nn.Module], name: str):
