@@ -54,7 +54,9 @@ def _prepare(model: nn.Module, mode: str) -> nn.Module:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
-        model.get_submodule(_frozen(model)).bias.requires_grad_(False)
+        frozen = model.get_submodule(_frozen(model))
+        frozen.bias.requires_grad_(False)
+        frozen.weight.grad = torch.ones_like(frozen.weight)  # a gradient the user accumulated
     return model
 
 
@@ -68,6 +70,7 @@ def _snapshot(model: nn.Module) -> dict:
         "training": {n: m.training for n, m in model.named_modules()},
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "grad": {n: p.grad for n, p in model.named_parameters()},
+        "grad_values": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
     }
 
 
@@ -76,6 +79,7 @@ def _assert_untouched(model: nn.Module, before: dict) -> None:
     assert after["training"] == before["training"]
     assert after["requires_grad"] == before["requires_grad"]
     assert all(after["grad"][n] is g for n, g in before["grad"].items())
+    assert all(g is None or torch.equal(g, before["grad_values"][n]) for n, g in after["grad"].items())
     assert after["state"].keys() == before["state"].keys()
     changed = [k for k, v in before["state"].items() if not torch.equal(after["state"][k], v)]
     assert changed == []
@@ -121,6 +125,11 @@ def _save(model, x, tmp_path):
     cetopt.save(model, tmp_path / "float.safetensors")
 
 
+def _load(model, x, tmp_path):
+    cetopt.save(cetopt.quantize(model, PLAN), tmp_path / "m.safetensors")
+    return cetopt.load(tmp_path / "m.safetensors", model=model)
+
+
 quiet = {"progress": False}
 ENTRY_POINTS = {
     "sensitivity-measured": lambda m, x, b, t: cetopt.sensitivity(m, b, (2, 4), "measured", **quiet),
@@ -150,6 +159,7 @@ ENTRY_POINTS = {
         m, (x, torch.cat([b[0][1], b[1][1]])), steps=3, preservation_size=8, check_every=1
     ),
     "save": lambda m, x, b, t: _save(m, x, t),
+    "load": lambda m, x, b, t: _load(m, x, t),
 }
 MODES = ("train", "eval", "mixed")
 
