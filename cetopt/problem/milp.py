@@ -65,7 +65,9 @@ def _integrality(value, n: int) -> np.ndarray:
         )
     if bad.any():
         j = int(np.flatnonzero(bad)[0])
-        raise ProblemError(f"integrality[{j}] is {np.ravel(arr)[j].tolist()!r}: expected True/False (or 1/0)")
+        value = np.ravel(arr)[j]
+        value = value.item() if isinstance(value, np.generic) else value
+        raise ProblemError(f"integrality[{j}] is {value!r}: expected True/False (or 1/0)")
     return arr.astype(bool)
 
 
