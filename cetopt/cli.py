@@ -43,8 +43,8 @@ def _configure_solvers(parser: argparse.ArgumentParser) -> None:
 def run_solvers(args: argparse.Namespace) -> int:
     from cetopt.solving import available_solvers
 
-    rows = []
-    for info in available_solvers():
+    rows, infos = [], available_solvers()
+    for info in infos:
         caps = info.capabilities
         flags = (
             ""
@@ -62,6 +62,12 @@ def run_solvers(args: argparse.Namespace) -> int:
     _print_table(
         ["solver", "available", "capabilities", "registered by"] + (["reason"] if args.all else []), rows
     )
+    for info in infos:
+        for target in info.clashes:
+            print(
+                f"clash: entry point {info.name!r} = {target} is ignored, {info.name!r} stays "
+                f"{info.origin}; register it with replace=True to use it"
+            )
     return 0
 
 

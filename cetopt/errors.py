@@ -91,6 +91,27 @@ class CalibrationShapeError(DataShapeError):
     """Calibration data does not fit the model (wrong shape, dtype or dimension); the message says how."""
 
 
+class SolveArgumentError(CetoptError, ValueError, TypeError):
+    """An argument of :func:`cetopt.solve` / :func:`cetopt.solve_many` has the wrong type or value.
+
+    The message names the argument (``time_limit``, ``mip_gap``, ``start``, ``options``, ``workers``).
+    It is also a ``TypeError``, so code that caught the raw ``TypeError`` of a wrong type still does.
+    """
+
+
+class CallbackError(CetoptError, RuntimeError):
+    """An ``on_done`` callback of :func:`cetopt.solve_many` raised; every solve still ran.
+
+    ``results`` holds all solutions in input order, ``index`` the first problem whose callback
+    failed; the callback's exception is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, results, index: int):
+        super().__init__(message)
+        self.results = results
+        self.index = index
+
+
 class ModelFileError(CetoptError, ValueError):
     """A model file cannot be read: missing, not safetensors, not cetopt's, malformed, or not fitting the
     architecture; the message names the file and what is wrong with it."""

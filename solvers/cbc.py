@@ -9,6 +9,7 @@ gap tolerance.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -157,10 +158,24 @@ class CbcSolver(Solver):
         binary = cbc_path()
         if binary is None:
             raise RuntimeError("CBC is not available: install PuLP (pip install pulp)")
+        first = self._run(binary, problem, time_limit, mip_gap, start, options, ())
+        if first.status != Status.UNBOUNDED:
+            return first
+        # CBC's dual simplex calls LPs with right-hand sides past ~1e15 unbounded; primal simplex
+        # only says so on a ray, so an "unbounded" stands only if primal simplex confirms it.
+        second = self._run(binary, problem, time_limit, mip_gap, start, options, ("-primalS",))
+        if second.status == Status.UNBOUNDED:
+            return first
+        return dataclasses.replace(
+            second, message=f"{second.message} (dual simplex had said unbounded; primal simplex did not)"
+        )
+
+    def _run(self, binary, problem, time_limit, mip_gap, start, options, extra) -> Solution:
         negate = problem.sense == "max"
         with tempfile.TemporaryDirectory(prefix="cetopt-cbc-") as tmp:
             model, sol = os.path.join(tmp, "model.mps"), os.path.join(tmp, "model.sol")
-            write_mps(problem, model, negate=negate)
+            exact = os.path.join(tmp, "model.bin")
+            rows = write_mps(problem, model, negate=negate).size
             cmd = [binary, model, "-timeMode", "elapsed", "-ratio", repr(0.0 if mip_gap is None else mip_gap)]
             if time_limit is not None:
                 cmd += ["-sec", repr(float(time_limit))]
@@ -170,7 +185,7 @@ class CbcSolver(Solver):
                 cmd += ["-mips", mst]
             for key, value in (options or {}).items():
                 cmd += [f"-{key}", str(value)]
-            cmd += ["-solve", "-solu", sol]
+            cmd += [*extra, "-solve", "-solu", sol, "-saveS", exact]
             t0 = time.perf_counter()
             run = subprocess.run(cmd, capture_output=True, text=True, check=False)
             elapsed = time.perf_counter() - t0
@@ -178,7 +193,15 @@ class CbcSolver(Solver):
                 tail = (run.stdout + run.stderr)[-800:]
                 raise RuntimeError(f"CBC exited with code {run.returncode} and wrote no solution: {tail}")
             head, x = _read_solution_file(sol, problem.num_cols)
-        return self._make_solution(problem, head, x, run.stdout, elapsed, negate, mip_gap)
+            cbc_objective, x_exact = _read_saved_solution(exact, rows, problem.num_cols)
+        if x_exact is not None:
+            x = x_exact  # the text file has 8 significant digits; the binary one is exact
+        solution = self._make_solution(problem, head, x, run.stdout, elapsed, negate, mip_gap)
+        if solution.x is not None and cbc_objective is not None:
+            # CBC's own objective, so that cetopt.solve compares it with c·x
+            reported = (-cbc_objective if negate else cbc_objective) + problem.offset
+            solution = dataclasses.replace(solution, objective=reported, gap=None)
+        return solution
 
     def _make_solution(self, problem, head, x, log, elapsed, negate, mip_gap) -> Solution:
         status = next((s for word, s in _STATUS_WORDS if head.startswith(word)), Status.ERROR)
@@ -192,7 +215,7 @@ class CbcSolver(Solver):
         )
         if status in (Status.TIME_LIMIT, Status.STOPPED) and "objective value" not in head:
             has_point = False
-        if has_point and problem.violation(x) > 1e-5:
+        if has_point and status != Status.OPTIMAL and problem.violation(x) > 1e-5:
             has_point = False  # a stopped run may list an infeasible point; never return it as a solution
         if has_point:
             objective = problem.objective_value(x)
@@ -216,6 +239,26 @@ class CbcSolver(Solver):
             message=head,
             stats=stats,
         )
+
+
+def _read_saved_solution(path: str, rows: int, cols: int) -> tuple[float | None, np.ndarray | None]:
+    """CBC's binary ``-saveSolution`` file: objective and column values at full double precision.
+
+    Layout: two int32 (rows, columns), the objective, then row activities, row duals, column
+    values and reduced costs as float64. Anything else (missing, other sizes) gives ``None``.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None, None
+    if len(data) < 8:
+        return None, None
+    m, n = (int(v) for v in np.frombuffer(data[:8], dtype=np.int32))
+    values = np.frombuffer(data[8:], dtype=np.float64)
+    if (m, n) != (rows, cols) or values.size != 1 + 2 * m + 2 * n:
+        return None, None
+    return float(values[0]), values[1 + 2 * m : 1 + 2 * m + n].copy()
 
 
 def _printed_lower_bound(text: str) -> float:

@@ -126,6 +126,9 @@ class HighsSolver(Solver):
             h.setOptionValue("time_limit", float(time_limit))
         if mip_gap is not None:
             h.setOptionValue("mip_rel_gap", float(mip_gap))
+            # HiGHS also stops at an absolute gap of 1e-6, which on a small objective is a wide
+            # relative one; a requested relative gap is what cetopt.solve checks.
+            h.setOptionValue("mip_abs_gap", 0.0)
         for key, value in options.items():
             if h.setOptionValue(key, value) == highspy.HighsStatus.kError:
                 raise ValueError(f"HiGHS rejected option {key}={value!r}")

@@ -14,6 +14,7 @@ matrix entries of magnitude ≤ 1e-9, which HiGHS would drop silently, are dropp
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -94,16 +95,46 @@ class _Run:
     stages: list[list[np.ndarray]]  # stages[b][i]: stage that proved each neuron's state in box b
     counters: list[_Counters]
     lp_done: dict = field(default_factory=dict)
+    # seen[b][i - 1]: (max, min) pre-activation of layer i over the points evaluated in box b
+    seen: list[list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
 
     # -- witnesses -------------------------------------------------------------------------
     def witness(self, x: np.ndarray, stage: str) -> None:
         """Mark units seen positive / negative at the domain points ``x``."""
         if len(x) == 0:
             return
-        for layer, flags, g in zip(self.net.layers, self.flags, self.net.preactivations(x)):
+        pres = self.observe(x)
+        for layer, flags, g in zip(self.net.layers, self.flags, pres):
             ch = layer.channel_of
             flags.mark("pos", np.unique(ch[(g > 0).any(axis=0)]), stage)
             flags.mark("neg", np.unique(ch[(g < 0).any(axis=0)]), stage)
+
+    def observe(self, x: np.ndarray) -> list[np.ndarray]:
+        """Pre-activations at ``x``; each box records the extremes over its own points."""
+        pres = self.net.preactivations(x)
+        for b, box in enumerate(self.boxes):
+            inside = ((x >= box.lo[0]) & (x <= box.hi[0])).all(axis=1)
+            if not inside.any():
+                continue
+            for k, g in enumerate(pres):
+                hi, lo = self.seen[b][k]
+                np.maximum(hi, g[inside].max(axis=0), out=hi)
+                np.minimum(lo, g[inside].min(axis=0), out=lo)
+        return pres
+
+    def contradicted(self, b: int, i: int, n: int, sense: str, sol: Solution) -> bool:
+        """Whether a point the network was evaluated at refutes ``sol.bound`` (and so the solver)."""
+        hi, lo = self.seen[b][i - 1]
+        margin = self.cfg.margin
+        wrong = sol.bound + margin < hi[n] if sense == "max" else sol.bound - margin > lo[n]
+        if wrong:
+            seen = hi[n] if sense == "max" else lo[n]
+            self.rejected.append(
+                f"layer {i} unit {n}: {sol.solver} bounded the {sense} by {sol.bound:.6g}, "
+                f"but the network reaches {seen:.6g} inside the box"
+            )
+        return bool(wrong)
 
     # -- proofs ----------------------------------------------------------------------------
     def prove(self, b: int, i: int, neurons: np.ndarray, state: int, stage: str) -> None:
@@ -178,12 +209,17 @@ class _Run:
     def absorb(self, b: int, i: int, jobs, sols: Sequence[Solution], relax: bool) -> None:
         """Turn solver answers into bounds, proofs and witnesses."""
         box, margin, stage = self.boxes[b], self.cfg.margin, "lp" if relax else "milp"
-        points = []
+        points = [np.clip(s.x[: self.net.features], box.lo[0], box.hi[0]) for s in sols if s.x is not None]
+        points = np.array(points).reshape(-1, self.net.features)
+        if self.cfg.propagate:
+            self.witness(points, stage)
+        elif len(points):
+            self.observe(points)  # refutes false bounds below, without counting as a witness stage
         for (n, sense), sol in zip(jobs, sols):
-            if sol.x is not None:
-                points.append(np.clip(sol.x[: self.net.features], box.lo[0], box.hi[0]))
-            usable = sol.status in (Status.OPTIMAL, Status.STOPPED, Status.TIME_LIMIT)
+            usable = sol.verified and sol.status in (Status.OPTIMAL, Status.STOPPED, Status.TIME_LIMIT)
             if sol.bound is None or not usable or (relax and sol.status != Status.OPTIMAL):
+                continue
+            if self.contradicted(b, i, n, sense, sol):
                 continue
             if sense == "max":
                 box.hi[i][n] = min(box.hi[i][n], sol.bound + margin)
@@ -193,8 +229,6 @@ class _Run:
                 box.lo[i][n] = max(box.lo[i][n], sol.bound - margin)
                 if sol.bound >= margin:
                     self.prove(b, i, np.array([n]), ACTIVE, stage)
-        if self.cfg.propagate:
-            self.witness(np.array(points).reshape(-1, self.net.features), stage)
         if relax:
             return
         ch = self.net.layers[i - 1].channel_of
@@ -436,6 +470,13 @@ def find_stable_units(
         t_layer = time.perf_counter()
         _analyse_layer(run, i)
         run.counters[i - 1].time = time.perf_counter() - t_layer
+    if run.rejected:
+        warnings.warn(
+            f"{len(run.rejected)} solver bound(s) contradicted by the network's own values were ignored "
+            f"(their units stay undecided); first: {run.rejected[0]}",
+            RuntimeWarning,
+            stacklevel=3,  # past the in_eval_mode wrapper, to the caller
+        )
     report = _report(run, shape, domain, margin, time.perf_counter() - t0)
     report.fingerprint = weights_fingerprint(model)
     return report
@@ -459,7 +500,7 @@ def _new_run(net, domain, solver, stages, early_stop, propagate, margin, time_li
         state = [np.full(layer.size, UNDECIDED, dtype=np.int8) for layer in net.layers]
         boxes.append(BoxState(lo, hi, state))
         stage_arrays.append([np.full(layer.size, "", dtype=object) for layer in net.layers])
-    return _Run(
+    run = _Run(
         net,
         domain,
         cfg,
@@ -468,6 +509,20 @@ def _new_run(net, domain, solver, stages, early_stop, propagate, margin, time_li
         stage_arrays,
         [_Counters() for _ in net.layers],
     )
+    run.seen = [
+        [(np.full(layer.size, -np.inf), np.full(layer.size, np.inf)) for layer in net.layers] for _ in boxes
+    ]
+    run.observe(_check_points(domain))
+    return run
+
+
+def _check_points(domain: Domain, per_box: int = 32) -> np.ndarray:
+    """Each box's centre and a few seeded random points: the network's values there refute false bounds."""
+    rng = np.random.default_rng(12345)
+    u = rng.random((domain.boxes, per_box, domain.features))
+    random = domain.lo[:, None] + u * (domain.hi - domain.lo)[:, None]
+    centres = (domain.lo + domain.hi)[:, None] / 2
+    return np.concatenate([centres, random], axis=1).reshape(-1, domain.features)
 
 
 def _analyse_layer(run: _Run, i: int) -> None:

@@ -201,7 +201,7 @@ def remove_stable_units(model: nn.Module, report: StabilityReport) -> nn.Module:
         names = [r.name for r in report.layers if len(r.inactive) == r.units]
         warnings.warn(
             f"layer(s) {names} are entirely stably inactive: the network is constant on this domain",
-            stacklevel=2,
+            stacklevel=3,  # past the in_eval_mode wrapper, to the caller
         )
     remover = _Remover(model, report)
     for r in report.layers:

@@ -13,10 +13,23 @@ from cetopt.errors import ProblemError
 __all__ = ["MILP"]
 
 
-def _vector(name: str, value, n: int, default: float, *, allow_inf: bool) -> np.ndarray:
+def _numbers(name: str, value) -> np.ndarray:
+    """``value`` as a float64 array; anything that is not real numbers raises ProblemError naming ``name``."""
+    arr = np.asarray(value) if not isinstance(value, np.ndarray) else value
+    if arr.dtype.kind in "biuf":
+        return arr.astype(np.float64, copy=False)
+    if arr.dtype.kind == "O":
+        try:
+            return np.array([float(v) for v in arr.ravel()], dtype=np.float64).reshape(arr.shape)
+        except (TypeError, ValueError):
+            pass
+    raise ProblemError(f"{name} must hold real numbers, got dtype {arr.dtype} ({np.ravel(arr)[:3]!r}...)")
+
+
+def _vector(name: str, value, n: int, default: float, *, allow_inf: bool, bad_inf: float = 0.0) -> np.ndarray:
     if value is None:
         return np.full(n, default, dtype=np.float64)
-    arr = np.asarray(value, dtype=np.float64)
+    arr = _numbers(name, value)
     if arr.ndim == 0:
         arr = np.full(n, float(arr))
     if arr.shape != (n,):
@@ -25,8 +38,37 @@ def _vector(name: str, value, n: int, default: float, *, allow_inf: bool) -> np.
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         what = "NaN" if allow_inf else "NaN or inf"
-        raise ProblemError(f"{name}[{i}] is {arr[i]!r}: {what} is not allowed")
+        raise ProblemError(f"{name}[{i}] is {float(arr[i])!r}: {what} is not allowed")
+    if bad_inf and (arr == bad_inf).any():
+        i = int(np.flatnonzero(arr == bad_inf)[0])
+        raise ProblemError(f"{name}[{i}] is {float(arr[i])!r}: no value satisfies it")
     return arr
+
+
+def _integrality(value, n: int) -> np.ndarray:
+    if value is None:
+        return np.zeros(n, dtype=bool)
+    arr = np.asarray(value)
+    if arr.shape != (n,):
+        raise ProblemError(f"integrality has shape {arr.shape}, expected ({n},)")
+    if arr.dtype == bool:
+        return arr
+    if arr.dtype.kind in "iuf":
+        bad = (arr != 0) & (arr != 1)
+    else:
+        bad = np.array(
+            [
+                not (isinstance(v, (bool, np.bool_)) or (type(v) in (int, float) and v in (0, 1)))
+                for v in arr.ravel()
+            ],
+            dtype=bool,
+        )
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        value = np.ravel(arr)[j]
+        value = value.item() if isinstance(value, np.generic) else value
+        raise ProblemError(f"integrality[{j}] is {value!r}: expected True/False (or 1/0)")
+    return arr.astype(bool)
 
 
 def _matrix(A, m_hint: int | None, n: int) -> sp.csr_matrix:
@@ -34,8 +76,15 @@ def _matrix(A, m_hint: int | None, n: int) -> sp.csr_matrix:
         return sp.csr_matrix((0 if m_hint is None else m_hint, n), dtype=np.float64)
     if isinstance(A, sp.csr_matrix) and A.dtype == np.float64:
         mat = A  # no copy: a large matrix is shared, never modified
-    else:
+    elif sp.issparse(A) and A.dtype.kind in "biuf":
         mat = sp.csr_matrix(A, dtype=np.float64)
+    elif sp.issparse(A):
+        raise ProblemError(f"A must hold real numbers, got dtype {A.dtype}")
+    else:
+        dense = _numbers("A", A)
+        if dense.ndim != 2:
+            raise ProblemError(f"A must be two-dimensional, got shape {dense.shape}")
+        mat = sp.csr_matrix(dense)
     if mat.shape[1] != n:
         raise ProblemError(f"A has {mat.shape[1]} columns but c has {n} entries")
     if not mat.has_canonical_format:
@@ -103,7 +152,7 @@ class MILP:
     row_names: Sequence[str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        c = np.asarray(self.c, dtype=np.float64)
+        c = _numbers("c", self.c)
         if c.ndim != 1:
             raise ProblemError(f"c must be one-dimensional, got shape {c.shape}")
         n = c.shape[0]
@@ -115,21 +164,20 @@ class MILP:
                 m_hint = len(value)
         A = _matrix(self.A, m_hint, n)
         m = A.shape[0]
-        row_lower = _vector("row_lower", self.row_lower, m, -np.inf, allow_inf=True)
-        row_upper = _vector("row_upper", self.row_upper, m, np.inf, allow_inf=True)
-        col_lower = _vector("col_lower", self.col_lower, n, 0.0, allow_inf=True)
-        col_upper = _vector("col_upper", self.col_upper, n, np.inf, allow_inf=True)
-        if self.integrality is None:
-            integrality = np.zeros(n, dtype=bool)
-        else:
-            integrality = np.asarray(self.integrality, dtype=bool)
-            if integrality.shape != (n,):
-                raise ProblemError(f"integrality has shape {integrality.shape}, expected ({n},)")
-        if self.sense not in ("min", "max"):
+        inf = np.inf
+        row_lower = _vector("row_lower", self.row_lower, m, -inf, allow_inf=True, bad_inf=inf)
+        row_upper = _vector("row_upper", self.row_upper, m, inf, allow_inf=True, bad_inf=-inf)
+        col_lower = _vector("col_lower", self.col_lower, n, 0.0, allow_inf=True, bad_inf=inf)
+        col_upper = _vector("col_upper", self.col_upper, n, inf, allow_inf=True, bad_inf=-inf)
+        integrality = _integrality(self.integrality, n)
+        if not isinstance(self.sense, str) or self.sense not in ("min", "max"):
             raise ProblemError(f"sense must be 'min' or 'max', got {self.sense!r}")
-        if not np.isfinite(self.offset):
-            raise ProblemError(f"offset is {self.offset!r}: NaN or inf is not allowed")
+        offset = _numbers("offset", self.offset)
+        if offset.ndim != 0 or not np.isfinite(offset):
+            raise ProblemError(f"offset is {self.offset!r}: a finite number is required")
         for kind, names, size in (("column", self.col_names, n), ("row", self.row_names, m)):
+            if names is not None and (isinstance(names, str) or not hasattr(names, "__len__")):
+                raise ProblemError(f"{kind} names must be a sequence of str, got {type(names).__name__}")
             if names is not None and len(names) != size:
                 raise ProblemError(f"{kind} names: got {len(names)}, expected {size}")
         _check_order("row", row_lower, row_upper, self.row_names)
@@ -142,7 +190,7 @@ class MILP:
             ("col_lower", col_lower),
             ("col_upper", col_upper),
             ("integrality", integrality),
-            ("offset", float(self.offset)),
+            ("offset", float(offset)),
         ):
             object.__setattr__(self, name, value)
 

@@ -74,6 +74,11 @@ class Solution:
         The solver's own words about the end of the solve.
     stats : dict
         Backend-specific figures (node count, time breakdown, native status).
+    verified : bool
+        Set by :func:`cetopt.solve` once the answer passed its checks (point, objective, bound).
+    raw : Solution or None
+        The backend's own answer, kept when :func:`cetopt.solve` changed it (an ``error`` from a
+        failed check, an ``optimal`` downgraded to ``stopped``), for debugging.
     """
 
     status: Status
@@ -85,6 +90,8 @@ class Solution:
     solver: str = ""
     message: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
+    verified: bool = False
+    raw: Solution | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", Status(self.status))

@@ -36,6 +36,7 @@ class _Entry:
     cls: type[Solver] | None = None
     target: str | None = None  # "module:attr", loaded on first use
     load_error: str | None = None
+    clashes: tuple[str, ...] = ()  # other entry points that claimed this name, ignored
 
     def load(self) -> type[Solver] | None:
         if self.cls is None and self.load_error is None and self.target is not None:
@@ -53,13 +54,20 @@ class _Entry:
 
 @dataclass(frozen=True)
 class SolverInfo:
-    """One row of :func:`available_solvers`: a registered backend and whether it can run here."""
+    """One row of :func:`available_solvers`: a registered backend and whether it can run here.
+
+    ``clashes`` lists the other entry points that claim the same name; they are ignored (a built-in
+    always wins; between plugins, the first target in sorted order) until one is registered
+    explicitly with ``register_solver(cls, replace=True)``.
+    """
 
     name: str
     available: bool
     capabilities: Capabilities | None
     origin: str
     reason: str = ""
+    clashes: tuple[str, ...] = ()
+    """Entry points (``module:attr``) that also claim this name and were ignored."""
 
 
 _lock = threading.RLock()
@@ -79,12 +87,23 @@ def _load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    found = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
-    for name, target in _BUILTIN_FALLBACK.items():
-        found.setdefault(name, target)
-    for name, target in found.items():
+    for name, (target, others) in _claims().items():
         if name not in _entries:
-            _entries[name] = _Entry(name=name, origin=f"entry point {target}", target=target)
+            _entries[name] = _Entry(name=name, origin=f"entry point {target}", target=target, clashes=others)
+
+
+def _claims() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Name → (the target that gets it, the other targets claiming it), built-ins first."""
+    claims: dict[str, list[str]] = {name: [target] for name, target in _BUILTIN_FALLBACK.items()}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        targets = claims.setdefault(ep.name, [])
+        if ep.value not in targets:
+            targets.append(ep.value)
+    out = {}
+    for name, targets in claims.items():
+        winner = _BUILTIN_FALLBACK.get(name) or min(targets)
+        out[name] = (winner, tuple(sorted(t for t in targets if t != winner)))
+    return out
 
 
 def register_solver(cls: type[Solver] | None = None, *, name: str | None = None, replace: bool = False):
@@ -166,10 +185,12 @@ def available_solvers() -> list[SolverInfo]:
     for entry in sorted(entries, key=lambda e: e.name):
         cls = entry.load()
         if cls is None:
-            rows.append(SolverInfo(entry.name, False, None, entry.origin, entry.load_error or ""))
+            rows.append(
+                SolverInfo(entry.name, False, None, entry.origin, entry.load_error or "", entry.clashes)
+            )
             continue
         ok, reason = _available(cls)
-        rows.append(SolverInfo(entry.name, ok, cls.capabilities, entry.origin, reason))
+        rows.append(SolverInfo(entry.name, ok, cls.capabilities, entry.origin, reason, entry.clashes))
     return rows
 
 

@@ -24,6 +24,7 @@ import scipy.sparse as sp
 
 from cetopt.problem import MILP, Status
 from cetopt.solving import get_solver, solve
+from cetopt.testing.misbehaving import check_misbehaviour_is_caught
 
 __all__ = [
     "CONTRACT_CHECKS",
@@ -32,6 +33,7 @@ __all__ = [
     "check_infeasible",
     "check_lp_optimum",
     "check_maximize_and_offset",
+    "check_misbehaviour_is_caught",
     "check_multiple_choice_knapsack",
     "check_time_limit_on_hard_instance",
     "check_unbounded",
@@ -299,4 +301,5 @@ CONTRACT_CHECKS = [
     check_time_limit_on_hard_instance,
     check_dual_bound_valid,
     check_warm_start,
+    check_misbehaviour_is_caught,
 ]
