@@ -120,6 +120,7 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a zoo name (see `cetopt zoo`) or module:attr")
     parser.add_argument("--budget", required=True, help='weight bytes, "10x" against fp32, or "3.2bits"')
     parser.add_argument("--out", required=True, help="directory for model.safetensors and report.json")
+    parser.set_defaults(out_kind="dir")
     parser.add_argument("--data", help="dataset for a module:attr model (digits or mnist1d)")
     parser.add_argument(
         "--method",
@@ -274,6 +275,7 @@ def _configure_decompose(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=20, help="ADMM iterations per option")
     parser.add_argument("--solver", default="highs", help="any registered solver (`cetopt solvers`)")
     parser.add_argument("--out", help="directory for model.safetensors and report.json")
+    parser.set_defaults(out_kind="dir")
     parser.add_argument("--allow-import", action="store_true", help="allow importing a module:attr model")
 
 
@@ -322,6 +324,7 @@ def run_decompose(args: argparse.Namespace) -> int:
 def _configure_self_compress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a zoo name (see `cetopt zoo`) or module:attr")
     parser.add_argument("--out", required=True, help="directory for model.safetensors and report.json")
+    parser.set_defaults(out_kind="dir")
     parser.add_argument("--data", help="dataset for a module:attr model (digits, mnist1d or pydoc-text)")
     parser.add_argument("--steps", type=int, default=600, help="training steps")
     parser.add_argument("--size-weight", type=float, default=0.1, help="weight of the size term Q")
@@ -342,7 +345,7 @@ def run_self_compress(args: argparse.Namespace) -> int:
 
     from cetopt._io import atomic_write_json
     from cetopt.selfcompress import self_compress
-    from cetopt.serialization import save
+    from cetopt.serialization import save, saved_size
     from cetopt.zoo import accuracy
     from cetopt.zoo.training import mean_loss
 
@@ -359,8 +362,7 @@ def run_self_compress(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     saved = save(result.model, out / "model.safetensors", source=source)
-    fp32 = save(model, out / "fp32.safetensors", source=source)
-    (out / "fp32.safetensors").unlink()
+    fp32_bytes = saved_size(model, source=source)  # in memory: no file of the user's is touched
     report = {
         "model": source,
         "accuracy_fp32": accuracy(model, data.x_test, data.y_test),
@@ -368,7 +370,7 @@ def run_self_compress(args: argparse.Namespace) -> int:
         "loss_fp32": mean_loss(model, data.x_test, data.y_test),
         "loss_compressed": mean_loss(result.model, data.x_test, data.y_test),
         "bytes_on_disk": saved.bytes_on_disk,
-        "fp32_bytes_on_disk": fp32.bytes_on_disk,
+        "fp32_bytes_on_disk": fp32_bytes,
         "quantized_weight_bytes": saved.quantized_bytes,
         "size_term_bytes": result.size_bytes,
         "bits": result.bits,
@@ -381,7 +383,7 @@ def run_self_compress(args: argparse.Namespace) -> int:
     print(
         f"test accuracy: fp32 {100 * report['accuracy_fp32']:.2f}%  ->  self-compressed "
         f"{100 * report['accuracy_compressed']:.2f}%; {saved.bytes_on_disk} bytes on disk "
-        f"({100 * saved.bytes_on_disk / fp32.bytes_on_disk:.1f}% of fp32); {len(result.restores)} restores"
+        f"({100 * saved.bytes_on_disk / fp32_bytes:.1f}% of fp32); {len(result.restores)} restores"
     )
     atomic_write_json(out / "report.json", report)
     print(f"wrote {saved.path} and {out / 'report.json'}")
@@ -402,6 +404,7 @@ def _configure_leo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solver", default="highs", help="any registered solver (`cetopt solvers`)")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per MILP")
     parser.add_argument("--out", default=None, help="write the stability report as JSON here")
+    parser.set_defaults(out_kind="file")
 
 
 @command("leo", "lossless compression: find stable ReLUs (LEO) and remove them")(_configure_leo)
@@ -442,6 +445,18 @@ def run_leo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """Fail in a line, before any work, when ``--out`` cannot be written."""
+    from cetopt._io import check_output_dir, check_output_file
+
+    if getattr(args, "out", None) is None:
+        return
+    if args.out_kind == "file":
+        check_output_file(args.out)
+    else:
+        check_output_dir(args.out, ("model.safetensors", "report.json"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cetopt", description="Solver-driven compression of PyTorch models."
@@ -457,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _, run, _ = COMMANDS[args.command]
     try:
+        _check_out(args)
         return run(args)
     except Exception as exc:  # named errors reach the user as one clear line, not a traceback
         from cetopt.errors import CetoptError

@@ -110,3 +110,16 @@ class CallbackError(CetoptError, RuntimeError):
         super().__init__(message)
         self.results = results
         self.index = index
+
+
+class ModelFileError(CetoptError, ValueError):
+    """A model file cannot be read: missing, not safetensors, not cetopt's, malformed, or not fitting the
+    architecture; the message names the file and what is wrong with it."""
+
+
+class ReportMismatchError(CetoptError, ValueError):
+    """A report is applied to a model other than the one it was computed on (other weights or layers)."""
+
+
+class OutputPathError(CetoptError, ValueError):
+    """An output path cannot be written (a file where a directory is needed, no permission, ...)."""

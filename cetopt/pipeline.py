@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cetopt._modes import in_eval_mode
 from cetopt.allocation import Plan, allocate
 from cetopt.analysis import SensitivityTable, channel_bits, channel_sensitivity, sensitivity
 from cetopt.quant.apply import quantize
@@ -24,6 +25,7 @@ class CompressionResult:
     table: SensitivityTable
 
 
+@in_eval_mode("model")
 def compress(
     model: nn.Module,
     data,

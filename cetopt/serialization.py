@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -31,16 +32,18 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from cetopt._io import atomic_write_bytes
-from cetopt.errors import CetoptError
+from cetopt._modes import in_eval_mode
+from cetopt.errors import CetoptError, ModelFileError
 from cetopt.graph.decisions import decision_from_dict
 from cetopt.graph.rewriter import _SOURCE, history, rewrite
 from cetopt.nn.quantized import QuantizedMixin
-from cetopt.quant.packing import pack_codes, unpack_codes
+from cetopt.quant.packing import pack_codes, packed_size, unpack_codes
 
-__all__ = ["SavedModel", "load", "mark_source", "save"]
+__all__ = ["SavedModel", "load", "mark_source", "save", "saved_size"]
 
 FORMAT = "cetopt-1"
 _QUANT_KEYS = ("weight_q", "weight_scale", "weight_bits")
+_MIN_LIMIT = 2**24  # elements any metadata size may ask for, whatever the file holds (64 MB of float32)
 
 
 def mark_source(model: nn.Module, source: str) -> nn.Module:
@@ -83,6 +86,7 @@ def _quantized_layers(model: nn.Module) -> dict[str, QuantizedMixin]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedMixin)}
 
 
+@in_eval_mode("model")
 def save(model: nn.Module, path: str | os.PathLike, *, source: str | None = None) -> SavedModel:
     """Write ``model`` to ``path`` atomically.
 
@@ -95,6 +99,28 @@ def save(model: nn.Module, path: str | os.PathLike, *, source: str | None = None
         Architecture source for :func:`load` (``"zoo:<name>"`` or ``"module:attr"``); defaults to
         the one recorded on the model (:func:`mark_source`, set by the zoo).
     """
+    blob, layers = _serialize(model, source)
+    atomic_write_bytes(path, blob)
+    header = 8 + struct.unpack("<Q", blob[:8])[0]
+    quantized_bytes = sum(v["packed"] + v["scale"] + v["bits"] for v in layers.values())
+    return SavedModel(
+        path=str(path),
+        bytes_on_disk=os.path.getsize(path),
+        quantized_bytes=quantized_bytes,
+        other_bytes=len(blob) - header - quantized_bytes,
+        header_bytes=header,
+        layers=layers,
+    )
+
+
+@in_eval_mode("model")
+def saved_size(model: nn.Module, *, source: str | None = None) -> int:
+    """The bytes :func:`save` would write for ``model``, measured in memory (no file is touched)."""
+    return len(_serialize(model, source)[0])
+
+
+def _serialize(model: nn.Module, source: str | None) -> tuple[bytes, dict]:
+    """The file's bytes, and per quantized layer its packed, scale and bit-width sizes."""
     record = history(model)
     source = source or record["source"]
     quantized = _quantized_layers(model)
@@ -124,26 +150,145 @@ def save(model: nn.Module, path: str | os.PathLike, *, source: str | None = None
         "example_inputs": json.dumps(record["example_inputs"]),
         "quantized": json.dumps(layers),
     }
-    blob = st_save(tensors, metadata=metadata)
-    atomic_write_bytes(path, blob)
-    header = 8 + struct.unpack("<Q", blob[:8])[0]
-    quantized_bytes = sum(v["packed"] + v["scale"] + v["bits"] for v in layers.values())
-    return SavedModel(
-        path=str(path),
-        bytes_on_disk=os.path.getsize(path),
-        quantized_bytes=quantized_bytes,
-        other_bytes=len(blob) - header - quantized_bytes,
-        header_bytes=header,
-        layers=layers,
-    )
+    return st_save(tensors, metadata=metadata), layers
 
 
-def _metadata(blob: bytes) -> dict:
-    size = struct.unpack("<Q", blob[:8])[0]
-    meta = json.loads(blob[8 : 8 + size]).get("__metadata__", {})
+def _read(path: str | os.PathLike) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ModelFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _tensors(blob: bytes, path) -> dict[str, torch.Tensor]:
+    """The file's tensors, read by safetensors itself (it checks the header and every offset)."""
+    try:
+        return st_load(blob)
+    except Exception as exc:  # SafetensorError, or anything its parser raises on garbage
+        raise ModelFileError(f"{path} is not a valid safetensors file: {exc}") from exc
+
+
+def _metadata(blob: bytes, path) -> dict:
+    size = struct.unpack("<Q", blob[:8])[0]  # safetensors has validated the header's framing
+    meta = json.loads(blob[8 : 8 + size]).get("__metadata__") or {}
     if meta.get("format") != FORMAT:
-        raise CetoptError(f"not a cetopt file (format {meta.get('format')!r}, expected {FORMAT!r})")
+        raise ModelFileError(
+            f"{path}: not a cetopt file (format {meta.get('format')!r}, expected {FORMAT!r})"
+        )
     return meta
+
+
+def _field(meta: dict, key: str, path, default: str | None = None):
+    text = meta.get(key, default)
+    if text is None:
+        raise ModelFileError(f"{path}: the metadata has no {key!r} entry")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ModelFileError(f"{path}: metadata entry {key!r} is not valid JSON ({exc})") from exc
+
+
+def _shape(value, what: str, path, limit: int) -> tuple[int, ...]:
+    """A shape from the metadata, checked before anything of that size is allocated."""
+    ok = isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
+    if not ok or len(value) > 8:
+        raise ModelFileError(f"{path}: {what} {value!r} is not a shape")
+    if math.prod(value) > limit:
+        raise ModelFileError(
+            f"{path}: {what} {value} asks for {math.prod(value)} elements, more than the file's tensors "
+            f"and architecture justify ({limit})"
+        )
+    return tuple(value)
+
+
+def _dtype(name, what: str, path) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ModelFileError(f"{path}: {what} {name!r} is not a torch dtype")
+    return dtype
+
+
+def _size_limit(tensors: dict[str, torch.Tensor], base: nn.Module) -> int:
+    """Most elements any size in the metadata may ask for: what the file and architecture hold."""
+    in_file = sum(t.numel() * (8 if t.dtype == torch.uint8 else 1) for t in tensors.values())
+    in_base = sum(t.numel() for t in base.state_dict().values())
+    return max(_MIN_LIMIT, in_file, in_base)
+
+
+def _example_inputs(spec, path, limit: int) -> tuple[torch.Tensor, ...] | None:
+    if spec is None:
+        return None
+    if not isinstance(spec, list) or not all(isinstance(s, dict) for s in spec):
+        raise ModelFileError(f"{path}: example_inputs {spec!r} is not a list of shapes")
+    shapes = [_shape(s.get("shape"), "example input shape", path, limit) for s in spec]
+    if sum(math.prod(s) for s in shapes) > limit:
+        raise ModelFileError(f"{path}: the example inputs ask for more than {limit} elements")
+    dtypes = [_dtype(s.get("dtype"), "example input dtype", path) for s in spec]
+    return tuple(torch.zeros(s, dtype=d) for s, d in zip(shapes, dtypes))
+
+
+def _decisions(records, path, limit: int) -> list:
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ModelFileError(f"{path}: the history is not a list of decisions")
+    out = []
+    for i, record in enumerate(records):
+        if record.get("type") == "Factorize":
+            _check_factorize(record, f"decision {i}", path, limit)
+        try:
+            out.append(decision_from_dict(record))
+        except Exception as exc:  # KeyError, TypeError, ValueError on a malformed record
+            raise ModelFileError(
+                f"{path}: decision {i} ({record.get('type')!r}) is malformed: {exc!r}"
+            ) from exc
+    return out
+
+
+def _check_factorize(record: dict, what: str, path, limit: int) -> None:
+    _shape(record.get("first_shape"), f"{what} first factor shape", path, limit)
+    _shape(record.get("second_shape"), f"{what} second factor shape", path, limit)
+    numel, nnz = record.get("sparse_numel"), record.get("nnz") or 0
+    if numel is not None:
+        _shape([numel], f"{what} sparse size", path, limit)
+    if not isinstance(nnz, int) or nnz < 0 or nnz > (numel or 0):
+        raise ModelFileError(f"{path}: {what} has {nnz!r} nonzeros in a sparse part of {numel!r} entries")
+
+
+def _quantized_state(tensors: dict, layers, path, limit: int) -> dict[str, torch.Tensor]:
+    """Unpack every quantized layer's codes, after checking its shape against its own tensors."""
+    if not isinstance(layers, dict):
+        raise ModelFileError(f"{path}: the quantized-layer table is not a mapping")
+    state = {}
+    for name, info in layers.items():
+        keys = [f"{name}.weight_{k}" for k in ("bits", "packed", "scale")]
+        if not isinstance(info, dict) or any(k not in tensors for k in keys):
+            raise ModelFileError(f"{path}: quantized layer {name!r} lacks its tensors or description")
+        shape = _shape(info.get("shape"), f"layer {name!r} weight shape", path, limit)
+        dtype = _dtype(info.get("dtype"), f"layer {name!r} code dtype", path)
+        bits, packed, scale = (tensors.pop(k) for k in keys)
+        _check_codes(name, shape, bits, packed, scale, path)
+        codes = unpack_codes(packed.numpy(), bits.to(torch.int64).numpy(), shape, dtype)
+        state[f"{name}.weight_q"] = codes
+        state[f"{name}.weight_scale"] = scale
+        state[f"{name}.weight_bits"] = bits.to(torch.int16)
+    return state
+
+
+def _check_codes(name: str, shape, bits, packed, scale, path) -> None:
+    channels = shape[0] if shape else 0
+    if not shape or bits.dtype != torch.uint8 or bits.shape != (channels,) or scale.shape != (channels,):
+        raise ModelFileError(
+            f"{path}: layer {name!r}: {tuple(bits.shape)} bit widths and {tuple(scale.shape)} scales "
+            f"for a weight of shape {shape}"
+        )
+    if (bits.numel() and int(bits.max()) > 32) or packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ModelFileError(f"{path}: layer {name!r} has bit widths above 32 or a malformed code stream")
+    expected = packed_size(math.prod(shape[1:]), bits.to(torch.int64).numpy())
+    if packed.numel() != expected:
+        raise ModelFileError(
+            f"{path}: layer {name!r} has {packed.numel()} bytes of codes; its shape and bits need {expected}"
+        )
 
 
 def _build_architecture(source: str | None, allow_import: bool) -> nn.Module:
@@ -152,7 +297,10 @@ def _build_architecture(source: str | None, allow_import: bool) -> nn.Module:
     if source.startswith("zoo:"):
         from cetopt.zoo import build_model
 
-        return build_model(source.removeprefix("zoo:"))
+        try:
+            return build_model(source.removeprefix("zoo:"))
+        except CetoptError as exc:
+            raise ModelFileError(f"the file names an unknown architecture: {exc}") from exc
     if not allow_import:
         raise CetoptError(
             f"the file names the architecture {source!r}; importing and calling it runs code named by the "
@@ -165,8 +313,22 @@ def _build_architecture(source: str | None, allow_import: bool) -> nn.Module:
     return obj() if not isinstance(obj, nn.Module) else obj
 
 
+def _rebuild(base: nn.Module, decisions: list, inputs, path) -> nn.Module:
+    if not decisions:
+        return _copy(base)
+    try:
+        return rewrite(base, decisions, inputs)
+    except Exception as exc:
+        raise ModelFileError(f"{path}: the recorded decisions do not fit the architecture: {exc}") from exc
+
+
+@in_eval_mode("model")
 def load(path: str | os.PathLike, model: nn.Module | None = None, *, allow_import: bool = False) -> nn.Module:
     """Rebuild a model written by :func:`save`; its outputs equal the saved model's exactly.
+
+    Only safetensors and JSON are read, never a pickle. Every size the metadata asks for (example
+    inputs, factor shapes, code shapes) is checked against the file's own tensors and the
+    architecture before anything is allocated.
 
     Parameters
     ----------
@@ -177,30 +339,42 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, allow_impor
         ``module:attr`` only with ``allow_import=True``.
     allow_import : bool
         Allow importing and calling the ``module:attr`` the file names.
+
+    Raises
+    ------
+    ModelFileError
+        The file cannot be read, is not a cetopt safetensors file, or its contents are malformed
+        or do not fit the architecture; the message says which.
     """
-    blob = Path(path).read_bytes()
-    meta = _metadata(blob)
-    source = json.loads(meta["source"])
+    try:
+        return _load(path, model, allow_import)
+    except CetoptError:
+        raise
+    except Exception as exc:  # a malformed file must never escape as a raw parser error
+        raise ModelFileError(f"{path}: cannot be loaded ({type(exc).__name__}: {exc})") from exc
+
+
+def _load(path, model: nn.Module | None, allow_import: bool) -> nn.Module:
+    blob = _read(path)
+    tensors = _tensors(blob, path)
+    meta = _metadata(blob, path)
+    source = _field(meta, "source", path)
+    if source is not None and not isinstance(source, str):
+        raise ModelFileError(f"{path}: the architecture source {source!r} is not a string")
+    history_records = _field(meta, "history", path)
+    spec = _field(meta, "example_inputs", path, "null")
+    layers = _field(meta, "quantized", path)
     base = model if model is not None else _build_architecture(source, allow_import)
-    decisions = [decision_from_dict(d) for d in json.loads(meta["history"])]
-    spec = json.loads(meta.get("example_inputs", "null"))
-    inputs = (
-        None
-        if spec is None
-        else tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in spec)
-    )
-    rebuilt = rewrite(base, decisions, inputs) if decisions else _copy(base)
-    tensors = st_load(blob)
-    state = {}
-    for name, info in json.loads(meta["quantized"]).items():
-        bits = tensors.pop(f"{name}.weight_bits").to(torch.int64)
-        packed = tensors.pop(f"{name}.weight_packed").numpy()
-        dtype = getattr(torch, info["dtype"])
-        state[f"{name}.weight_q"] = unpack_codes(packed, bits.numpy(), tuple(info["shape"]), dtype)
-        state[f"{name}.weight_scale"] = tensors.pop(f"{name}.weight_scale")
-        state[f"{name}.weight_bits"] = bits.to(torch.int16)
+    limit = _size_limit(tensors, base)
+    decisions = _decisions(history_records, path, limit)
+    inputs = _example_inputs(spec, path, limit)
+    state = _quantized_state(tensors, layers, path, limit)
+    rebuilt = _rebuild(base, decisions, inputs, path)
     state.update(tensors)
-    rebuilt.load_state_dict(state, strict=True)
+    try:
+        rebuilt.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise ModelFileError(f"{path}: the tensors do not fit the architecture: {exc}") from exc
     rebuilt.eval()
     if source is not None:
         setattr(rebuilt, _SOURCE, source)

@@ -367,7 +367,12 @@ class ParetoFront:
 
     def plot(self, path, *, title: str | None = None) -> str:
         """Save the frontier as an image (PNG/PDF/SVG by extension); returns the path."""
+        import io
+        from pathlib import Path
+
         import matplotlib
+
+        from cetopt._io import atomic_write_bytes
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
@@ -388,7 +393,9 @@ class ParetoFront:
         ax.set_title(title or f"Pareto frontier ({self.plans[0].method or 'user'} sensitivities)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path)
+        buffer = io.BytesIO()  # rendered in memory, then written by the one atomic writer
+        fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or None)
+        atomic_write_bytes(path, buffer.getvalue())
         plt.close(fig)
         return str(path)
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cetopt._modes import in_eval_mode
 from cetopt.analysis._common import checked_bits, progress_bar
 from cetopt.analysis.estimators import cet_options, cet_quadratic
 from cetopt.analysis.objective import LossObjective, quantizable_layers
@@ -78,6 +79,7 @@ def _cet(obj: LossObjective, quantized: dict, opts: dict):
     return cet_quadratic(obj, deltas, units, opts)
 
 
+@in_eval_mode("model")
 def channel_sensitivity(
     model: nn.Module,
     data,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cetopt._modes import in_eval_mode
 from cetopt.analysis._common import checked_bits, progress_bar
 from cetopt.analysis.objective import LossObjective, quantizable_layers
 from cetopt.analysis.probes import probe_design
@@ -177,6 +178,7 @@ METHODS: dict[str, Callable] = {
 }
 
 
+@in_eval_mode("model")
 def sensitivity(
     model: nn.Module,
     data,

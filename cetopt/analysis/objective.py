@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn import functional as F
 
+from cetopt._modes import to_eval
 from cetopt.errors import DataShapeError, NonFiniteError, NoQuantizableLayerError
 
 __all__ = ["LayerInfo", "LossObjective", "quantizable_layers"]
@@ -136,8 +137,7 @@ class LossObjective:
 
         handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
         x, y = self.batches[0]
-        was_training = self.model.training
-        self.model.eval()
+        saved = to_eval(self.model)
         try:
             with torch.no_grad():
                 out = self.model(x)
@@ -148,7 +148,7 @@ class LossObjective:
                 f"{tuple(y.shape)} failed with: {exc}"
             ) from exc
         finally:
-            self.model.train(was_training)
+            saved.restore()
             for h in handles:
                 h.remove()
         infos = []

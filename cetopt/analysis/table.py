@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,15 +13,43 @@ from cetopt.errors import DataShapeError, NonFiniteError
 __all__ = ["SensitivityTable"]
 
 
+_MAX_COUNT = 2**62  # counts above this would wrap around in int64 arithmetic
+
+
+def _float_array(name: str, value) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DataShapeError(f"{name} must be an array of numbers: {exc}") from None
+
+
 def _int_vector(name: str, value, n: int) -> np.ndarray | None:
     if value is None:
         return None
-    arr = np.asarray(value)
+    arr = _float_array(name, value)
     if arr.shape != (n,):
         raise DataShapeError(f"{name} has shape {arr.shape}, expected ({n},)")
-    if not np.all(np.isfinite(arr.astype(np.float64))) or np.any(arr < 0):
-        raise NonFiniteError(f"{name} must hold finite non-negative numbers")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr > _MAX_COUNT):
+        raise NonFiniteError(f"{name} must hold finite non-negative numbers below 2**62")
+    if np.any(arr != np.round(arr)):
+        raise DataShapeError(f"{name} must hold whole numbers")
     return arr.astype(np.int64)
+
+
+def _names(value) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise DataShapeError(f"layers must be a sequence of names, got {type(value).__name__}")
+    return tuple(str(x) for x in value)
+
+
+def _bit_widths(value) -> tuple[int, ...]:
+    try:
+        bits = tuple(value)
+        if all(float(b) == int(b) for b in bits):
+            return tuple(int(b) for b in bits)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise DataShapeError(f"bits must be whole numbers, got {value!r}")
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -68,13 +96,13 @@ class SensitivityTable:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        layers = tuple(str(x) for x in self.layers)
+        layers = _names(self.layers)
         if len(set(layers)) != len(layers):
             raise DataShapeError("layer names must be unique")
-        bits = tuple(int(b) for b in self.bits)
+        bits = _bit_widths(self.bits)
         if not bits or any(b2 <= b1 for b1, b2 in itertools.pairwise(bits)) or bits[0] < 1:
             raise DataShapeError(f"bits must be positive and strictly increasing, got {bits}")
-        values = np.asarray(self.values, dtype=np.float64)
+        values = _float_array("values", self.values)
         if values.shape != (len(layers), len(bits)):
             raise DataShapeError(f"values has shape {values.shape}, expected ({len(layers)}, {len(bits)})")
         bad = ~np.isfinite(values)
@@ -85,14 +113,18 @@ class SensitivityTable:
                 "values must be finite"
             )
         n = len(layers)
+        if self.params is None:
+            raise DataShapeError("params (the weight count of each layer) is required")
         params = _int_vector("params", self.params, n)
         if np.any(params == 0):
             raise DataShapeError(f"layer {layers[int(np.flatnonzero(params == 0)[0])]!r} has zero parameters")
         stderr = None
         if self.stderr is not None:
-            stderr = np.asarray(self.stderr, dtype=np.float64)
+            stderr = _float_array("stderr", self.stderr)
             if stderr.shape != values.shape:
                 raise DataShapeError(f"stderr has shape {stderr.shape}, expected {values.shape}")
+            if np.any(stderr < 0):  # NaN (one round, no spread) is allowed
+                raise NonFiniteError("stderr must not be negative")
         for name, value in (
             ("layers", layers),
             ("bits", bits),

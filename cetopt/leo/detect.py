@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from cetopt._modes import in_eval_mode
 from cetopt.errors import DataShapeError, DomainError, UntraceableModelError
 from cetopt.leo.domain import Domain, as_domain
 from cetopt.leo.formulation import ACTIVE, INACTIVE, UNDECIDED, BoxState, interval_bounds, layer_problem
 from cetopt.leo.network import ReluLayer, ReluNetwork, extract
-from cetopt.leo.report import _ALL_STAGES, STAGES, LayerReport, StabilityReport
+from cetopt.leo.report import _ALL_STAGES, STAGES, LayerReport, StabilityReport, weights_fingerprint
 from cetopt.problem import Solution, Status
 from cetopt.solving.api import default_workers, solve_many
 
@@ -368,6 +369,7 @@ def _data_points(data, domain: Domain, features: int) -> np.ndarray:
     return arr[domain.contains(arr)]  # only points of the domain are witnesses
 
 
+@in_eval_mode("model")
 def find_stable_units(
     model: nn.Module,
     domain=None,
@@ -473,9 +475,11 @@ def find_stable_units(
             f"{len(run.rejected)} solver bound(s) contradicted by the network's own values were ignored "
             f"(their units stay undecided); first: {run.rejected[0]}",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,  # past the in_eval_mode wrapper, to the caller
         )
-    return _report(run, shape, domain, margin, time.perf_counter() - t0)
+    report = _report(run, shape, domain, margin, time.perf_counter() - t0)
+    report.fingerprint = weights_fingerprint(model)
+    return report
 
 
 def _new_run(net, domain, solver, stages, early_stop, propagate, margin, time_limit, workers, milp_units):

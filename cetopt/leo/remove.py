@@ -22,11 +22,12 @@ import scipy.linalg
 import torch
 from torch import fx, nn
 
-from cetopt.errors import RewriteError
+from cetopt._modes import in_eval_mode
+from cetopt.errors import ReportMismatchError, RewriteError
 from cetopt.graph import FoldBatchNorm, FoldLinearUnits, MergeAffine, RemoveUnits, rewrite
 from cetopt.graph.dependency import channel_groups, find_group
 from cetopt.graph.trace import symbolic_trace, trace_model
-from cetopt.leo.report import LayerReport, StabilityReport
+from cetopt.leo.report import LayerReport, StabilityReport, weights_fingerprint
 
 __all__ = ["remove_stable_units"]
 
@@ -155,6 +156,15 @@ class _Remover:
             entry["folded"] = len(coefficients)
 
 
+def _check_fingerprint(model: nn.Module, report: StabilityReport) -> None:
+    if report.fingerprint is not None and weights_fingerprint(model) != report.fingerprint:
+        raise ReportMismatchError(
+            "the stability report was computed on a model with other weights: its units are stable "
+            "only for those weights; run find_stable_units on this model"
+        )
+
+
+@in_eval_mode("model")
 def remove_stable_units(model: nn.Module, report: StabilityReport) -> nn.Module:
     """A compressed copy of ``model`` with the stable units of ``report`` removed or folded.
 
@@ -173,6 +183,11 @@ def remove_stable_units(model: nn.Module, report: StabilityReport) -> nn.Module:
         merged into, and any decision the rewriter skipped; plus the parameter counts and
         ``constant_network``.
 
+    Raises
+    ------
+    ReportMismatchError
+        ``report`` was computed on a model with other weights or buffers.
+
     Warns
     -----
     UserWarning
@@ -181,11 +196,12 @@ def remove_stable_units(model: nn.Module, report: StabilityReport) -> nn.Module:
     """
     if not isinstance(report, StabilityReport):
         raise TypeError(f"report must be a StabilityReport, got {type(report).__name__}")
+    _check_fingerprint(model, report)
     if report.constant:
         names = [r.name for r in report.layers if len(r.inactive) == r.units]
         warnings.warn(
             f"layer(s) {names} are entirely stably inactive: the network is constant on this domain",
-            stacklevel=2,
+            stacklevel=3,  # past the in_eval_mode wrapper, to the caller
         )
     remover = _Remover(model, report)
     for r in report.layers:

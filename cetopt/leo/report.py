@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from torch import nn
 
-__all__ = ["STAGES", "LayerReport", "StabilityReport"]
+__all__ = ["STAGES", "LayerReport", "StabilityReport", "weights_fingerprint"]
 
 # Stages in the order they run; "timeout" and "skipped" mark units left unstable without a proof.
 STAGES = ("data", "samples", "interval", "lp", "milp")
@@ -112,6 +115,9 @@ class StabilityReport:
         The soundness margin: a unit is stable only if a solver's dual bound clears zero by it.
     time : float
         Total seconds.
+    fingerprint : str, optional
+        :func:`weights_fingerprint` of the model the report was computed on; removal refuses a
+        model whose weights differ. ``None`` (a report built by hand) skips that check.
     """
 
     layers: list[LayerReport]
@@ -121,6 +127,7 @@ class StabilityReport:
     time: float = 0.0
     extra: dict = field(default_factory=dict)
     network: object = field(default=None, repr=False)  # the extracted ReluNetwork, for removal
+    fingerprint: str | None = None
 
     @property
     def constant(self) -> bool:
@@ -168,9 +175,30 @@ class StabilityReport:
             "input_shape": list(self.input_shape),
             "domain": self.domain,
             "margin": self.margin,
+            "fingerprint": self.fingerprint,
             "time": self.time,
             "constant": self.constant,
             "decided_by": self.stage_counts(),
             "layers": [layer.to_dict() for layer in self.layers],
             **self.extra,
         }
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every state_dict entry's name, dtype, shape and bytes (parameters and buffers).
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Returns
+    -------
+    str
+        A hex digest: equal for models whose weights and buffers are bitwise equal.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

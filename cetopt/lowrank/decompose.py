@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from cetopt._modes import in_eval_mode
 from cetopt.errors import UnreachableBudgetError
 from cetopt.graph import Factorize, rewrite
 from cetopt.lowrank.fit import (
@@ -190,6 +191,7 @@ def _check_args(method: str, structure: str) -> None:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
 
 
+@in_eval_mode("model")
 def decompose(
     model: nn.Module,
     calibration,
@@ -239,6 +241,8 @@ def decompose(
         A rank or sparsity that a layer cannot reach (names the layer).
     CalibrationShapeError
         Calibration data of the wrong shape or type.
+    NonFiniteError
+        Calibration data holding NaN or infinity (names the batch).
     UnsupportedLayerError
         A named layer is not a Linear/Conv1d/Conv2d.
     """

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from cetopt.errors import CalibrationShapeError, UnsupportedLayerError
+from cetopt._modes import to_eval
+from cetopt.errors import CalibrationShapeError, NonFiniteError, UnsupportedLayerError
 from cetopt.nn.unfold import input_rows, is_matmul_layer
 
 __all__ = ["LayerData", "collect", "supported_layers", "weight_matrix"]
@@ -108,6 +109,8 @@ def _check_batch(x, index: int) -> None:
         raise CalibrationShapeError(
             f"calibration batch {index} has shape {tuple(x.shape)}; expected (batch, *input_shape)"
         )
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"calibration batch {index} holds NaN or infinity")
 
 
 def _follower(graph: fx.Graph, modules: Mapping[str, nn.Module], name: str):
@@ -194,8 +197,7 @@ def collect(
         modules[n].register_forward_hook(lambda m, args, out, n=n: chunks[n].append(_columns(m, args[0])))
         for n in names
     ]
-    was_training = model.training
-    model.eval()
+    saved = to_eval(model)
     try:
         for i, x in enumerate(_batches(calibration)):
             _check_batch(x, i)
@@ -208,7 +210,7 @@ def collect(
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
+        saved.restore()
     if not all(chunks.values()):
         raise CalibrationShapeError("the calibration data holds no batch")
     followers = _followers(model, names)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cetopt._modes import in_eval_mode, to_eval
 from cetopt.allocation import choose_options
 from cetopt.graph import Quantize, rewrite
 from cetopt.lowrank.decompose import factorize_decision, fit_layer
@@ -263,6 +264,7 @@ class Menu:
                 factored[i, j] = o.kind not in ("dense", "quant")
         return floats, factored
 
+    @in_eval_mode("model")
     def apply(self, model: nn.Module, plan: MenuPlan) -> nn.Module:
         """Write ``plan`` back through the rewriter; ``model`` is not modified."""
         modules = dict(model.named_modules())
@@ -276,6 +278,7 @@ class Menu:
                     decisions += [Quantize(f"{name}.first", o.bits), Quantize(f"{name}.second", o.bits)]
         return rewrite(model, decisions)
 
+    @in_eval_mode("model")
     def refit_sequential(
         self,
         model: nn.Module,
@@ -419,6 +422,7 @@ def _layer_options(
     return options
 
 
+@in_eval_mode("model")
 def build_menu(
     model: nn.Module,
     calibration,
@@ -515,8 +519,7 @@ def _with_weight(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> to
 def _measure_output_errors(model, calibration, options: dict[str, list[MenuOption]], max_examples: int):
     """Fill ``output_error``: the network's relative output error with one layer's weight replaced."""
     x = _calibration_inputs(calibration, max_examples)
-    was_training = model.training
-    model.eval()
+    saved = to_eval(model)
     reference = model(x)
     norm = float(reference.double().pow(2).sum().clamp_min(1e-30))
     modules = dict(model.named_modules())
@@ -536,7 +539,7 @@ def _measure_output_errors(model, calibration, options: dict[str, list[MenuOptio
                     hook.remove()
                 menu[i] = replace(option, output_error=err, approx=None)
     finally:
-        model.train(was_training)
+        saved.restore()
 
 
 def _module_bytes(module: nn.Module) -> int:

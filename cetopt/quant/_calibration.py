@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
+import torch
 from torch import nn
 
-from cetopt.errors import CetoptError, DataShapeError
+from cetopt._modes import to_eval
+from cetopt.errors import CetoptError, DataShapeError, NonFiniteError
 from cetopt.nn.quantized import QuantizedMixin
 
 __all__ = ["paired_layers", "run_with_hooks"]
@@ -34,8 +36,11 @@ def paired_layers(original: nn.Module, quantized: nn.Module, *, need_bias: bool 
     return layers
 
 
-def _inputs(batch):
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+def _inputs(batch, index: int = 0):
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
+        raise NonFiniteError(f"batch {index} of the calibration data holds NaN or infinity in its inputs")
+    return x
 
 
 def run_with_hooks(
@@ -49,22 +54,25 @@ def run_with_hooks(
     ------
     DataShapeError
         If the model cannot run on a batch, or ``data`` yields no batches.
+    NonFiniteError
+        If a batch's inputs hold NaN or infinity.
     """
     modules = dict(model.named_modules())
     handles = [modules[name].register_forward_hook(hook) for name, hook in hooks.items()]
-    was_training = model.training
-    model.eval()
+    saved = to_eval(model)
     batches = 0
     try:
         for batch in data:
             if max_batches is not None and batches >= max_batches:
                 break
-            model(_inputs(batch))
+            model(_inputs(batch, batches))
             batches += 1
+    except NonFiniteError:
+        raise
     except (RuntimeError, ValueError) as exc:
         raise DataShapeError(f"the model cannot run on the calibration data: {exc}") from exc
     finally:
-        model.train(was_training)
+        saved.restore()
         for handle in handles:
             handle.remove()
     if batches == 0:

@@ -6,12 +6,14 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from cetopt._modes import in_eval_mode
 from cetopt.graph.decisions import Quantize
 from cetopt.graph.rewriter import rewrite
 
 __all__ = ["quantize"]
 
 
+@in_eval_mode("model")
 def quantize(
     model: nn.Module,
     plan,

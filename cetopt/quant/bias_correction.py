@@ -14,6 +14,7 @@ import copy
 import torch
 from torch import nn
 
+from cetopt._modes import in_eval_mode
 from cetopt.quant._calibration import paired_layers, run_with_hooks
 
 __all__ = ["correct_bias"]
@@ -49,6 +50,7 @@ def output_means(model: nn.Module, names: list[str], data, max_batches: int | No
 
 
 @torch.no_grad()
+@in_eval_mode("original", "quantized")
 def correct_bias(
     original: nn.Module, quantized: nn.Module, data, *, max_batches: int | None = None
 ) -> nn.Module:

@@ -24,6 +24,7 @@ import copy
 import torch
 from torch import nn
 
+from cetopt._modes import in_eval_mode
 from cetopt.nn.unfold import input_rows, is_matmul_layer
 from cetopt.quant._calibration import paired_layers, run_with_hooks
 from cetopt.quant.quantizer import codes_for
@@ -75,6 +76,7 @@ def _round_columns(
     return codes[:, torch.argsort(order)]
 
 
+@in_eval_mode("original", "quantized")
 def gptq_round(
     original: nn.Module,
     quantized: nn.Module,

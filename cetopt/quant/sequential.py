@@ -18,6 +18,7 @@ import copy
 import torch
 from torch import nn
 
+from cetopt._modes import in_eval_mode
 from cetopt.nn.unfold import is_matmul_layer
 from cetopt.quant._calibration import paired_layers, run_with_hooks
 from cetopt.quant.bias_correction import output_means
@@ -42,6 +43,7 @@ def _execution_order(model: nn.Module, names: list[str], data) -> list[str]:
 
 
 @torch.no_grad()
+@in_eval_mode("original", "quantized")
 def calibrate_sequentially(
     original: nn.Module,
     quantized: nn.Module,

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cetopt.errors import DataShapeError, NoQuantizableLayerError
+from cetopt._modes import eval_mode, in_eval_mode
+from cetopt.errors import DataShapeError, NonFiniteError, NoQuantizableLayerError
 from cetopt.graph.decisions import Decision, Quantize
 from cetopt.graph.rewriter import rewrite
 from cetopt.quant.quantizer import QuantizedWeight, storage_dtype
@@ -132,6 +133,9 @@ def _check_data(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         raise DataShapeError(f"train_data: {len(x)} examples; self-compression needs at least 20")
     if y.is_floating_point():
         raise DataShapeError(f"train_data targets must be integer class labels, got {y.dtype}")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        bad = int(torch.nonzero(~torch.isfinite(x.reshape(len(x), -1)).all(dim=1))[0, 0])
+        raise NonFiniteError(f"train_data inputs hold NaN or infinity (example {bad})")
     try:
         with torch.no_grad():
             out = model.eval()(x[:2])
@@ -202,11 +206,8 @@ def storage_bytes(model: nn.Module) -> int:
 
 @torch.no_grad()
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    was = model.training
-    model.eval()
-    acc = (model(x).argmax(-1) == y).float().mean().item()
-    model.train(was)
-    return acc
+    with eval_mode(model):
+        return (model(x).argmax(-1) == y).float().mean().item()
 
 
 class _Trainer:
@@ -332,6 +333,7 @@ def _export(original: nn.Module, trained: nn.Module, removals: list[Decision], e
     return final.eval()
 
 
+@in_eval_mode("model")
 def self_compress(
     model: nn.Module,
     train_data,
@@ -407,6 +409,8 @@ def self_compress(
     ------
     DataShapeError
         ``train_data`` has the wrong form, shape or labels for the model.
+    NonFiniteError
+        ``train_data`` inputs hold NaN or infinity.
     NoQuantizableLayerError
         The model has no Linear/Conv layer to quantize (or ``layers`` names none).
     """

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cetopt._modes import eval_mode, in_eval_mode
+
 __all__ = ["PreservationSet", "build_preservation_set", "example_scores"]
 
 
@@ -86,16 +88,14 @@ def example_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_
         ``confidence`` (N,), ``features`` (N, D) and ``saliency`` (N,) as numpy arrays.
     """
     last, last_conv = _last_layers(model)
-    was_training = model.training
-    model.eval()
     conf, feats, sal = [], [], []
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        c, f, s = _batch_scores(model, last, last_conv, xb, yb)
-        conf.append(c)
-        feats.append(f)
-        sal.append(s)
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(x), batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            c, f, s = _batch_scores(model, last, last_conv, xb, yb)
+            conf.append(c)
+            feats.append(f)
+            sal.append(s)
     return {
         "confidence": torch.cat(conf).numpy(),
         "features": torch.cat(feats).numpy(),
@@ -164,6 +164,7 @@ def _diversity_order(features: np.ndarray, clusters: int, seed: int) -> np.ndarr
     return np.asarray(order, dtype=np.int64)
 
 
+@in_eval_mode("model")
 def build_preservation_set(
     model: nn.Module,
     x: torch.Tensor,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cetopt._modes import eval_mode
 from cetopt.zoo.data import Dataset
 
 __all__ = ["TRAINING_THREADS", "Recipe", "accuracy", "mean_loss", "task_loss", "train"]
@@ -57,27 +58,22 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024) -> float:
     """Top-1 accuracy of ``model`` (eval mode) on ``(x, y)`` as a fraction (per token for an LM)."""
-    was_training = model.training
-    model.eval()
     correct = 0
-    for start in range(0, len(x), batch_size):
-        correct += (
-            (model(x[start : start + batch_size]).argmax(-1) == y[start : start + batch_size]).sum().item()
-        )
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(x), batch_size):
+            out = model(x[start : start + batch_size])
+            correct += (out.argmax(-1) == y[start : start + batch_size]).sum().item()
     return correct / max(y.numel(), 1)
 
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024) -> float:
     """Mean cross-entropy (nats per example, or per token for a language model) of ``model`` in eval mode."""
-    was_training = model.training
-    model.eval()
     total = 0.0
-    for start in range(0, len(x), batch_size):
-        yb = y[start : start + batch_size]
-        total += task_loss(model(x[start : start + batch_size]), yb).item() * yb.numel()
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(x), batch_size):
+            yb = y[start : start + batch_size]
+            total += task_loss(model(x[start : start + batch_size]), yb).item() * yb.numel()
     return total / max(y.numel(), 1)
 
 
