@@ -19,8 +19,10 @@ def _int_vector(name: str, value, n: int) -> np.ndarray | None:
     arr = np.asarray(value)
     if arr.shape != (n,):
         raise DataShapeError(f"{name} has shape {arr.shape}, expected ({n},)")
-    if not np.all(np.isfinite(arr.astype(np.float64))) or np.any(arr < 0):
-        raise NonFiniteError(f"{name} must hold finite non-negative numbers")
+    as_float = arr.astype(np.float64)
+    # 2**53: beyond it float64 sums of sizes are inexact, and int64 casts of huge floats wrap around
+    if not np.all(np.isfinite(as_float)) or np.any(as_float < 0) or np.any(as_float >= 2.0**53):
+        raise NonFiniteError(f"{name} must hold finite non-negative numbers below 2**53")
     return arr.astype(np.int64)
 
 
