@@ -23,7 +23,7 @@ import numpy as np
 
 from cetopt.allocation.costs import fp32_weight_bytes, option_bytes, parse_budget
 from cetopt.allocation.inputs import Groups, bit_limits, check_options, positive_amount, tie_groups
-from cetopt.allocation.plan import Plan
+from cetopt.allocation.plan import LayerValues, Plan
 from cetopt.allocation.search import MultiChoice, relative_gap
 from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import AllocationArgumentError, DataShapeError, InfeasibleBudgetError
@@ -272,9 +272,9 @@ def _make_plan(setup: _Setup, answer, limits, seconds: float) -> Plan:
         method=table.method,
         bops=totals.get("BOPs"),
         latency=totals.get("latency"),
-        layer_bytes=dict(zip(table.layers, layer_bytes.tolist())),
-        layer_loss=dict(zip(table.layers, layer_loss.tolist())),
-        layer_params=dict(zip(table.layers, table.params.tolist())),
+        layer_bytes=LayerValues(table.layers, layer_bytes),
+        layer_loss=LayerValues(table.layers, layer_loss),
+        layer_params=LayerValues(table.layers, table.params),
     )
 
 

@@ -67,41 +67,75 @@ def _hull_points(cost: np.ndarray, weight: np.ndarray, allowed: np.ndarray) -> t
 
     Returns ``(points, count)``: ``points[g, :count[g]]`` are option indices of group ``g``.
     Options are first sorted by weight. Of equal-weight options only the cheapest (the first among
-    equals) stays; an option ``b`` is off the hull iff some pair ``a``, ``c`` with
-    ``w_a < w_b < w_c`` has ``b`` on or above the segment ``a → c``. With a handful of options per
-    group that is a few dozen whole-column comparisons, with no loop over groups.
+    equals) stays. Option ``b`` is a hull vertex iff the steepest slope into it from a lighter
+    option is below the shallowest slope out of it to a heavier one. With a handful of options per
+    group these are a few dozen whole-column operations, with no loop over groups.
     """
-    groups, options = cost.shape
+    options = cost.shape[1]
     order, ws = _sorted_by_weight(weight, allowed)
     cs = cost if order is None else _take(cost, order)
-    # one contiguous vector per sorted position
-    w_col, c_col = np.ascontiguousarray(ws.T), np.ascontiguousarray(cs.T)
+    w_col, c_col = np.ascontiguousarray(ws.T), np.ascontiguousarray(cs.T)  # one vector per position
     on = np.isfinite(w_col)
-    for a in range(options):
-        for b in range(a + 1, options):
-            same = w_col[a] == w_col[b]
-            on[b] &= ~(same & (c_col[b] >= c_col[a]))
-            on[a] &= ~(same & (c_col[b] < c_col[a]))
+    if (w_col[1:] == w_col[:-1]).any():  # equal weights sit side by side once sorted
+        for a in range(options - 1):
+            for b in range(a + 1, options):
+                same = w_col[a] == w_col[b]
+                on[b] &= ~(same & (c_col[b] >= c_col[a]))
+                on[a] &= ~(same & (c_col[b] < c_col[a]))
+    slope = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for a in range(options - 1):
+            for b in range(a + 1, options):
+                dw = w_col[b] - w_col[a]
+                slope[a, b] = np.where((dw > 0) & (dw < np.inf), (c_col[b] - c_col[a]) / dw, np.nan)
     for b in range(1, options - 1):
-        for a in range(b):
-            for c in range(b + 1, options):
-                wa, ca = w_col[a], c_col[a]
-                with np.errstate(invalid="ignore"):
-                    above = (c_col[b] - ca) * (w_col[c] - wa) >= (c_col[c] - ca) * (w_col[b] - wa)
-                on[b] &= ~(above & (wa < w_col[b]) & (w_col[b] < w_col[c]))
+        into = np.fmax.reduce([slope[a, b] for a in range(b)])
+        out = np.fmin.reduce([slope[b, c] for c in range(b + 1, options)])
+        on[b] &= ~(into >= out)
     # Past its cheapest point a hull climbs again: those points are dominated.
-    hull_cost = np.where(on, c_col, np.inf)
-    on &= np.arange(options)[:, None] <= np.argmin(hull_cost, axis=0)[None, :]
-    count = on.sum(axis=0)
-    rank = np.cumsum(on, axis=0) - 1
-    g, pos = np.nonzero(on.T)  # row-major: each group's points in sorted order
+    on &= np.arange(options)[:, None] <= np.argmin(np.where(on, c_col, np.inf), axis=0)[None, :]
+    points, count = _compact(on)
+    points, count = _strictly_convex(points, count, ws, cs)
+    return (points if order is None else _take(order, points)), count
+
+
+def _compact(on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per group (columns of ``on``), the positions that are on, first ones first."""
+    options, groups = on.shape
+    cum = np.cumsum(on, axis=0, dtype=np.int8)
     points = np.zeros((groups, options), dtype=np.int64)
-    points[g, rank.T[g, pos]] = pos if order is None else order[g, pos]
+    for r in range(options):
+        # the (r+1)-th set position is the number of positions with fewer than r+1 set up to them
+        points[:, r] = np.minimum((cum <= r).sum(axis=0), options - 1)
+    return points, cum[-1].astype(np.int64)
+
+
+def _strictly_convex(points, count, ws, cs) -> tuple[np.ndarray, np.ndarray]:
+    """Drop vertices whose segment efficiencies do not strictly fall (float rounding near collinear).
+
+    The greedy relies on it: a group's segments must come out of the sort in hull order.
+    """
+    options = points.shape[1]
+    for _ in range(options):
+        hw, hc = _take(ws, points), _take(cs, points)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            eff = (hc[:, :-1] - hc[:, 1:]) / (hw[:, 1:] - hw[:, :-1])
+        real = np.arange(1, options)[None, :] < count[:, None]
+        bad = real[:, 1:] & (eff[:, 1:] >= eff[:, :-1])  # vertex k+1 between segments k and k+1
+        if not bad.any():
+            break
+        g, k = np.nonzero(bad)
+        first = np.unique(g, return_index=True)[1]
+        g, k = g[first], k[first] + 1  # one vertex per group per pass
+        for r in range(options - 1):
+            move = k <= r
+            points[g[move], r] = points[g[move], r + 1]
+        count[g] -= 1
     return points, count
 
 
 class MCKHull:
-    """The budget-independent part of the greedy: hulls and the segments sorted by efficiency.
+    """The budget-independent part of the greedy: each group's hull and its upgrade segments.
 
     Parameters
     ----------
@@ -118,44 +152,72 @@ class MCKHull:
         if not allowed.any(axis=1).all():
             raise ValueError(f"group {int(np.flatnonzero(~allowed.any(axis=1))[0])} has no allowed option")
         self.cost, self.weight = cost, weight
-        groups = cost.shape[0]
-        points, count = _hull_points(cost, weight, allowed)
-        self.points, self.count = points, count
-        rows = np.arange(groups)
-        self.lightest = points[:, 0].astype(np.int64)
-        self.min_weight = float(weight[rows, self.lightest].sum())
-        self.base_cost = float(cost[rows, self.lightest].sum())
-        seg_group = [np.flatnonzero(count > k) for k in range(1, cost.shape[1])]
-        seg_rank = np.repeat(np.arange(1, cost.shape[1]), [s.size for s in seg_group])
-        seg_group = np.concatenate(seg_group) if seg_group else np.zeros(0, np.int64)
-        to = points[seg_group, seg_rank]
-        frm = points[seg_group, seg_rank - 1]
-        d_w = weight[seg_group, to] - weight[seg_group, frm]
-        d_c = cost[seg_group, to] - cost[seg_group, frm]  # negative: an upgrade saves cost
-        by_eff = np.argsort(d_c / d_w)  # most cost saved per unit weight first
-        self.seg_group = seg_group[by_eff]
-        self.d_w, self.d_c = d_w[by_eff], d_c[by_eff]
-        self.cum_w = self.min_weight + np.cumsum(self.d_w)
-        self.cum_c = self.base_cost + np.cumsum(self.d_c)
+        self.points, self.count = _hull_points(cost, weight, allowed)
+        hull_w, hull_c = _take(weight, self.points), _take(cost, self.points)
+        self.lightest = self.points[:, 0].copy()
+        self.min_weight = float(hull_w[:, 0].sum())
+        self.base_cost = float(hull_c[:, 0].sum())
+        # Segment k of a group goes from hull point k to k + 1; the mask keeps the real ones.
+        real = np.arange(1, cost.shape[1])[None, :] < self.count[:, None]
+        self.d_w = (hull_w[:, 1:] - hull_w[:, :-1])[real]
+        self.d_c = (hull_c[:, 1:] - hull_c[:, :-1])[real]  # negative: an upgrade saves cost
+        self.seg_group = np.repeat(np.arange(cost.shape[0], dtype=np.int32), self.count - 1)
+        self.efficiency = -self.d_c / self.d_w
+
+    def _cut(self, room: float) -> tuple[np.ndarray, int | None]:
+        """Segments taken whole (most efficient first) within ``room``, and the first that does not fit.
+
+        An exact sort of the few segments near the cut only: a sample of efficiencies places the
+        cut, ``argpartition`` splits off the segments surely above and below it, and the bracket is
+        widened until the cut provably lies inside.
+        """
+        n = self.efficiency.size
+        if n == 0 or float(self.d_w.sum()) <= room:
+            return np.arange(n), None
+        neg = -self.efficiency
+        pick = np.random.default_rng(0).integers(0, n, min(n, 20_000))
+        pick = pick[np.argsort(neg[pick], kind="stable")]
+        # cumulative weight of the sample, scaled up: where the cut falls in the full order
+        est = np.cumsum(self.d_w[pick]) * (n / pick.size)
+        guess = int(np.searchsorted(est, room) * n / pick.size)
+        margin = max(2_000, n // 100)
+        while True:
+            lo, hi = max(guess - margin, 0), min(guess + margin, n)
+            if hi - lo >= n // 2 or (lo == 0 and hi == n):
+                order = np.argsort(neg, kind="stable")
+                lo, hi = 0, n
+            else:
+                order = np.argpartition(neg, [lo, hi - 1]) if hi < n else np.argpartition(neg, lo)
+            top = float(self.d_w[order[:lo]].sum())
+            mid = order[lo:hi][np.argsort(neg[order[lo:hi]], kind="stable")]
+            cum = top + np.cumsum(self.d_w[mid])
+            if top <= room and (hi == n or cum[-1] > room):
+                k = int(np.searchsorted(cum, room, side="right"))
+                taken = np.concatenate([order[:lo], mid[:k]])
+                return taken, (int(mid[k]) if k < mid.size else None)
+            guess = lo if top > room else hi
+            margin *= 4
 
     def greedy(self, budget: float) -> MCKGreedyResult:
         """The LP optimum and a rounded integral choice for ``budget``."""
         groups = self.points.shape[0]
         rows = np.arange(groups)
         if self.min_weight > budget * (1 + _REL_TOL):
-            cost = self.base_cost
-            return MCKGreedyResult(self.lightest, cost, self.min_weight, np.inf, False, self.min_weight)
-        n_full = int(np.searchsorted(self.cum_w, budget * (1 + _REL_TOL), side="right"))
-        lp = float(self.cum_c[n_full - 1]) if n_full else self.base_cost
+            return MCKGreedyResult(
+                self.lightest, self.base_cost, self.min_weight, np.inf, False, self.min_weight
+            )
+        room = budget * (1 + _REL_TOL) - self.min_weight
+        taken, frac = self._cut(room)
+        lp = self.base_cost + float(self.d_c[taken].sum())
         multiplier = 0.0
-        if n_full < self.d_w.size:
-            room = budget - (self.cum_w[n_full - 1] if n_full else self.min_weight)
-            lp += float(self.d_c[n_full]) * max(0.0, room) / float(self.d_w[n_full])
-            multiplier = float(-self.d_c[n_full] / self.d_w[n_full])
+        if frac is not None:
+            left = budget - self.min_weight - float(self.d_w[taken].sum())
+            lp += float(self.d_c[frac]) * max(0.0, left) / float(self.d_w[frac])
+            multiplier = float(self.efficiency[frac])
         # The segments of a group are taken in hull order: its choice is the point after its last.
-        rank = np.bincount(self.seg_group[:n_full], minlength=groups)
+        rank = np.bincount(self.seg_group[taken], minlength=groups)
         rank = self._fill(rank, budget)
-        choice = self.points[rows, rank].astype(np.int64)
+        choice = self.points[rows, rank]
         cost = float(self.cost[rows, choice].sum())
         weight = float(self.weight[rows, choice].sum())
         return MCKGreedyResult(choice, cost, weight, min(lp, cost), True, self.min_weight, multiplier)
@@ -163,12 +225,11 @@ class MCKHull:
     def _fill(self, rank: np.ndarray, budget: float, rounds: int = 8) -> np.ndarray:
         """After the LP cut, keep taking next hull segments that still fit, best efficiency first."""
         rows = np.arange(rank.size)
+        room = budget * (1 + _REL_TOL) - float(self.weight[rows, self.points[rows, rank]].sum())
+        open_ = np.flatnonzero(rank + 1 < self.count)
         for _ in range(rounds):
-            choice = self.points[rows, rank]
-            room = budget * (1 + _REL_TOL) - float(self.weight[rows, choice].sum())
-            open_ = np.flatnonzero(rank + 1 < self.count)
+            cur = self.points[open_, rank[open_]]
             nxt = self.points[open_, rank[open_] + 1]
-            cur = choice[open_]
             d_w = self.weight[open_, nxt] - self.weight[open_, cur]
             fits = d_w <= room
             if not fits.any():
@@ -176,10 +237,10 @@ class MCKHull:
             open_, d_w = open_[fits], d_w[fits]
             d_c = self.cost[open_, nxt[fits]] - self.cost[open_, cur[fits]]
             order = np.argsort(d_c / d_w, kind="stable")
-            take = order[: int(np.searchsorted(np.cumsum(d_w[order]), room, side="right"))]
-            if take.size == 0:
-                take = order[:1]
+            take = order[: max(1, int(np.searchsorted(np.cumsum(d_w[order]), room, side="right")))]
             rank[open_[take]] += 1
+            room -= float(d_w[take].sum())
+            open_ = open_[rank[open_] + 1 < self.count[open_]]
         return rank
 
 
