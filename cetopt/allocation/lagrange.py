@@ -116,21 +116,25 @@ def dual_value(cost, resources, limits, allowed, multipliers) -> float:
     return float(z.min(axis=1).sum() - float(lam @ np.asarray(limits, dtype=np.float64)))
 
 
-def _moves(s: _Scaled, choice: np.ndarray, slack: np.ndarray, repair: bool):
+def _moves(s: _Scaled, choice: np.ndarray, slack: np.ndarray, repair: bool, subset: np.ndarray | None = None):
     """Per group, its best single move: (rows, option, score, Δusage per resource) of those that help.
 
     Filling: a move must save cost and fit every slack; its score is the cost saved per unit of
     slack used (higher first). Repairing: a move must not worsen any violated row nor overrun any
     slack; its score is the cost added per unit of violation removed (lower first).
     """
-    cur = s.c[s.rows, choice]
-    dc = s.c - cur[:, None]
+    sub = s.rows if subset is None else subset
+    c = s.c[sub]
+    ch = choice[sub]
+    at = np.arange(sub.size)
+    dc = c - c[at, ch][:, None]
     ok = np.isfinite(dc)
     ok &= (dc < 0) if not repair else True
     use = np.zeros_like(dc)
     over = slack < 0
-    for j, r in enumerate(s.r):
-        dr = r - r[s.rows, choice][:, None]
+    for j, r_all in enumerate(s.r):
+        r = r_all[sub]
+        dr = r - r[at, ch][:, None]
         if repair and over[j]:
             ok &= dr <= 0
             use -= dr / -slack[j]
@@ -145,21 +149,23 @@ def _moves(s: _Scaled, choice: np.ndarray, slack: np.ndarray, repair: bool):
     else:
         score = np.where(ok, -dc / np.maximum(use, 1e-300), -np.inf)
         k = np.argmax(score, axis=1)
-    best = score[s.rows, k]
-    rows = np.flatnonzero(np.isfinite(best))
-    k = k[rows]
+    best = score[at, k]
+    found = np.flatnonzero(np.isfinite(best))
+    rows, k = sub[found], k[found]
     delta = np.stack([r[rows, k] - r[rows, choice[rows]] for r in s.r], axis=1)
-    return rows, k, best[rows], delta
+    return rows, k, best[found], delta
 
 
 def _fill(s: _Scaled, choice: np.ndarray, rounds: int = 6) -> np.ndarray:
     """Spend the slack of a feasible plan on the moves that save most cost per unit of slack."""
     choice = choice.copy()
+    subset = None  # slack only shrinks: a group with no move that fits never gets one later
     for _ in range(rounds):
         slack = 1.0 - s.usage(choice)
-        rows, k, score, delta = _moves(s, choice, slack, repair=False)
+        rows, k, score, delta = _moves(s, choice, slack, repair=False, subset=subset)
         if rows.size == 0:
             break
+        subset = rows
         order = np.argsort(-score, kind="stable")
         over = (np.cumsum(delta[order], axis=0) > slack[None, :] + _FEAS_TOL).any(axis=1)
         n = int(np.argmax(over)) if over.any() else order.size
@@ -264,7 +270,7 @@ def lagrangian_mck(
             if best[0] > -np.inf and np.abs(lam - best[1]).max() >= 0.999 * box:
                 box *= 2
             best = (value, lam.copy())
-        if (grad <= _FEAS_TOL).all():
+        if (grad <= _FEAS_TOL).all() and s.cost(choice) < inc_cost:
             plan = _fill(s, choice)
             plan_cost = s.cost(plan)
             if plan_cost < inc_cost:
