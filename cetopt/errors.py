@@ -123,3 +123,18 @@ class ReportMismatchError(CetoptError, ValueError):
 
 class OutputPathError(CetoptError, ValueError):
     """An output path cannot be written (a file where a directory is needed, no permission, ...)."""
+
+
+class AllocationArgumentError(CetoptError, ValueError):
+    """An argument of :func:`cetopt.allocate` or :func:`cetopt.pareto` is malformed; the message names it."""
+
+
+class BudgetError(AllocationArgumentError):
+    """A budget cannot be read, or is not a positive finite amount (NaN, ``"0x"``, ``"0.5x"``, ...)."""
+
+
+class UnknownLayerError(AllocationArgumentError, KeyError):
+    """Bit limits or tie groups name a layer the table does not have."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""

@@ -5,123 +5,101 @@ the sum of sensitivities under a byte budget, optionally also under BOPs and lat
 tie groups (layers forced to the same bits) and per-layer bit ranges.
 
 Ties are merged before solving: a tie group becomes one "super-layer" whose option ``k`` puts every
-member at bits ``k``, so the program stays a multiple-choice knapsack. With the byte budget as the
-only row, the convex-hull greedy (:mod:`cetopt.allocation.mck`) solves the LP relaxation exactly
-and rounds it; when its certified gap already meets ``mip_gap`` the plan is returned without a MILP
-solve. Otherwise the MILP goes to the chosen solver through :func:`cetopt.solve`, warm-started from
-the greedy choice when that is feasible.
+member at bits ``k``, so the program stays a multiple-choice knapsack. It is then solved as
+:mod:`cetopt.allocation.search` describes: the convex-hull greedy (byte budget alone) or the
+Lagrangian dual (several budgets) give a plan and a proven bound; only when their gap misses
+``mip_gap`` does a MILP, restricted to the layers that the multipliers leave undecided, go to the
+chosen solver through :func:`cetopt.solve`.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
-import scipy.sparse as sp
 
 from cetopt.allocation.costs import fp32_weight_bytes, option_bytes, parse_budget
-from cetopt.allocation.mck import mck_greedy
-from cetopt.allocation.plan import Plan
+from cetopt.allocation.inputs import Groups, bit_limits, check_options, positive_amount, tie_groups
+from cetopt.allocation.plan import LayerValues, Plan
+from cetopt.allocation.search import MultiChoice, relative_gap
 from cetopt.analysis.table import SensitivityTable
-from cetopt.errors import DataShapeError, InfeasibleBudgetError, SolverFailedError
-from cetopt.problem import MILP, Status
-from cetopt.solving import default_workers, solve
+from cetopt.errors import AllocationArgumentError, DataShapeError, InfeasibleBudgetError
+from cetopt.solving import default_workers
 
 __all__ = ["OptionChoice", "ParetoFront", "allocate", "choose_options", "pareto"]
 
 
-def _allowed(table: SensitivityTable, min_bits, max_bits) -> np.ndarray:
-    bits = np.asarray(table.bits)
-    lo = np.full(table.num_layers, -np.inf)
-    hi = np.full(table.num_layers, np.inf)
-    for arr, spec in ((lo, min_bits), (hi, max_bits)):
-        if spec is None:
-            continue
-        if isinstance(spec, Mapping):
-            unknown = sorted(set(spec) - set(table.layers))
-            if unknown:
-                raise KeyError(f"bit limits name layers not in the table: {unknown}")
-            for name, value in spec.items():
-                arr[table.layers.index(name)] = value
-        else:
-            arr[:] = spec
-    allowed = (bits[None, :] >= lo[:, None]) & (bits[None, :] <= hi[:, None])
-    empty = np.flatnonzero(~allowed.any(axis=1))
-    if empty.size:
-        name = table.layers[int(empty[0])]
-        raise ValueError(
-            f"layer {name!r} has no bit width within its limits [{lo[empty[0]]}, {hi[empty[0]]}] "
-            f"among {list(table.bits)}"
-        )
-    return allowed
-
-
-def _tie_groups(table: SensitivityTable, ties: Sequence[Sequence[str]]) -> list[list[int]]:
-    parent = list(range(table.num_layers))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    index = {name: i for i, name in enumerate(table.layers)}
-    for tie in ties:
-        missing = [name for name in tie if name not in index]
-        if missing:
-            raise KeyError(f"tie group names layers not in the table: {missing}")
-        for a, b in itertools.pairwise(tie):
-            parent[find(index[a])] = find(index[b])
-    groups: dict[int, list[int]] = {}
-    for i in range(table.num_layers):
-        groups.setdefault(find(i), []).append(i)
-    return sorted(groups.values(), key=lambda g: g[0])
-
-
-def _group_sum(per_layer: np.ndarray, groups: list[list[int]]) -> np.ndarray:
-    return np.stack([per_layer[g].sum(axis=0) for g in groups])
-
-
-def _dominated(cost: np.ndarray, resources: list[np.ndarray], allowed: np.ndarray) -> np.ndarray:
-    """Options no plan needs: another allowed option of the group is no worse in cost and every resource."""
-    stack = np.stack([cost, *resources])  # (R+1, G, K)
-    le = np.all(stack[:, :, :, None] >= stack[:, :, None, :], axis=0)  # [g, k, j]: j no worse than k
-    lt = np.any(stack[:, :, :, None] > stack[:, :, None, :], axis=0)
-    k = cost.shape[1]
-    first = np.arange(k)[None, :, None] > np.arange(k)[None, None, :]  # among exact equals keep the first
-    beats = allowed[:, None, :] & le & (lt | first)
-    return beats.any(axis=2) & allowed
-
-
-def _milp(cost, resources, limits, allowed) -> MILP:
-    groups, options = cost.shape
-    n = groups * options
-    one_hot = sp.csr_matrix(
-        (np.ones(n), (np.repeat(np.arange(groups), options), np.arange(n))), shape=(groups, n)
-    )
-    rows = [one_hot] + [sp.csr_matrix(r.reshape(1, n)) for r in resources]
-    return MILP(
-        c=cost.ravel(),
-        A=sp.vstack(rows).tocsr(),
-        row_lower=np.concatenate([np.ones(groups), np.full(len(resources), -np.inf)]),
-        row_upper=np.concatenate([np.ones(groups), limits]),
-        col_upper=allowed.ravel().astype(np.float64),
-        integrality=np.ones(n, dtype=bool),
-    )
-
-
-def _check_minimum(names: list[str], totals_min: list[float], limits: list[float], units: list[str]) -> None:
-    for name, lowest, limit, unit in zip(names, totals_min, limits, units):
+def _check_minimum(problem: MultiChoice, limits, units: list[str]) -> None:
+    for j, (name, limit, unit) in enumerate(zip(problem.names, limits, units)):
+        lowest = problem.minimum(j)
         if lowest > limit * (1 + 1e-12):
             raise InfeasibleBudgetError(
                 f"the {name} budget of {limit:.6g} {unit} is below the minimum of {lowest:.6g} {unit}, "
                 "reached with every layer at its smallest allowed bit width",
                 minimum=lowest,
             )
+
+
+class _Setup(NamedTuple):
+    """Everything ``allocate`` needs besides the byte budget: shared by a budget sweep."""
+
+    table: SensitivityTable
+    groups: Groups
+    problem: MultiChoice
+    extra_limits: list[float]
+    units: list[str]
+    layer_bytes: np.ndarray
+
+
+def _setup(
+    table,
+    ties,
+    min_bits,
+    max_bits,
+    bops_budget,
+    activation_bits,
+    latency,
+    latency_budget,
+    time_limit,
+    mip_gap,
+) -> _Setup:
+    if not isinstance(table, SensitivityTable):
+        raise AllocationArgumentError(f"table must be a cetopt.SensitivityTable, got {type(table).__name__}")
+    check_options(time_limit, mip_gap, activation_bits)
+    groups = tie_groups(table, ties)
+    allowed = groups.all(bit_limits(table, min_bits, max_bits))
+    empty = np.flatnonzero(~allowed.any(axis=1))
+    if empty.size:
+        names = [table.layers[i] for i in groups.members(int(empty[0]))]
+        raise AllocationArgumentError(f"tied layers {names} share no allowed bit width")
+    layer_bytes = option_bytes(table)
+    resources, names, units, limits = [groups.sum(layer_bytes)], ["byte"], ["bytes"], []
+    bits = np.asarray(table.bits, dtype=np.float64)
+    if bops_budget is not None:
+        limits.append(positive_amount("bops_budget", bops_budget))
+        if table.macs is None:
+            raise AllocationArgumentError("a BOPs budget needs table.macs (multiply-accumulates per layer)")
+        resources.append(groups.sum(table.macs.astype(np.float64)[:, None] * bits[None, :] * activation_bits))
+        names.append("BOPs")
+        units.append("BOPs")
+    if latency_budget is not None:
+        limits.append(positive_amount("latency_budget", latency_budget))
+        try:
+            lat = np.asarray(latency, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise DataShapeError(f"latency must be a numeric array of shape {table.values.shape}") from exc
+        if lat.shape != table.values.shape or not np.isfinite(lat).all():
+            raise DataShapeError(
+                f"latency must be a finite array of shape {table.values.shape}, got {lat.shape}"
+            )
+        resources.append(groups.sum(lat))
+        names.append("latency")
+        units.append("(latency units)")
+    problem = MultiChoice(groups.sum(table.values), resources, allowed, names)
+    return _Setup(table, groups, problem, limits, units, layer_bytes)
 
 
 def allocate(
@@ -146,14 +124,15 @@ def allocate(
     ----------
     table : SensitivityTable
     budget : float or str
-        Weight bytes, a ratio against float32 (``"10x"``), or average bits (``"3.2bits"``); see
-        :func:`cetopt.allocation.parse_budget`.
+        Weight bytes, a ratio against float32 (``"10x"``, at least 1), or average bits
+        (``"3.2bits"``); see :func:`cetopt.allocation.parse_budget`.
     solver : str or Solver
-        Any registered solver (a user's own included).
+        Any registered solver (a user's own included), for the MILP when one is needed.
     time_limit : float, optional
-        Seconds for the MILP; on expiry the best plan found is returned with status ``time_limit``.
+        Seconds in all; on expiry the best plan found is returned with status ``time_limit``.
     mip_gap : float
-        Relative optimality gap accepted as optimal.
+        Relative optimality gap accepted as optimal. A plan whose certified gap is above it is
+        never ``optimal``: it comes back ``time_limit`` or ``stopped``, with its gap.
     bops_budget : float, optional
         Limit on Σ MACs × weight bits × ``activation_bits`` (needs ``table.macs``). Activations stay
         float in cetopt's quantized layers, hence the default of 32.
@@ -164,70 +143,50 @@ def allocate(
     min_bits, max_bits : int or dict, optional
         Bit range, for all layers or per layer name.
     use_greedy : bool
-        Return the convex-hull greedy's plan without a MILP when its certificate meets ``mip_gap``
-        (byte budget only). Set False to always solve the MILP.
+        Return the greedy's (byte budget alone) or the Lagrangian's (several budgets) plan without a
+        MILP when its certificate meets ``mip_gap``, and give the MILP only the undecided layers
+        otherwise. Set False to always solve the whole MILP.
 
     Raises
     ------
+    BudgetError
+        A budget cannot be read or is not a positive finite amount (a ``ValueError``).
+    AllocationArgumentError, UnknownLayerError, DataShapeError
+        Another argument is malformed; the message names it.
     InfeasibleBudgetError
         A budget is below the smallest reachable value; ``.minimum`` holds it.
     SolverFailedError
-        The solver ended without any plan (error, or a time limit before the first solution).
+        The solver failed, or ended without any plan and none was found otherwise.
     """
     t0 = time.perf_counter()
-    budget_bytes = parse_budget(budget, table)
-    allowed_layers = _allowed(table, min_bits, max_bits)
-    groups = _tie_groups(table, ties)
-    allowed = np.stack([allowed_layers[g].all(axis=0) for g in groups])
-    for g, ok in zip(groups, allowed):
-        if not ok.any():
-            raise ValueError(f"tied layers {[table.layers[i] for i in g]} share no allowed bit width")
-    cost = _group_sum(table.values, groups)
-    sizes = _group_sum(option_bytes(table), groups)
-    resources, limits, names, units = [sizes], [budget_bytes], ["byte"], ["bytes"]
-    bits = np.asarray(table.bits, dtype=np.float64)
-    if bops_budget is not None:
-        if table.macs is None:
-            raise ValueError("a BOPs budget needs table.macs (multiply-accumulates per layer)")
-        resources.append(_group_sum(table.macs[:, None] * bits[None, :] * activation_bits, groups))
-        limits.append(float(bops_budget))
-        names.append("BOPs")
-        units.append("BOPs")
-    if latency_budget is not None:
-        lat = np.asarray(latency, dtype=np.float64)
-        if lat.shape != table.values.shape or not np.isfinite(lat).all():
-            raise DataShapeError(
-                f"latency must be a finite array of shape {table.values.shape}, got {lat.shape}"
-            )
-        resources.append(_group_sum(lat, groups))
-        limits.append(float(latency_budget))
-        names.append("latency")
-        units.append("(latency units)")
-    big = np.inf
-    _check_minimum(
-        names, [float(np.where(allowed, r, big).min(axis=1).sum()) for r in resources], limits, units
-    )
-
-    greedy = mck_greedy(cost, sizes, budget_bytes, allowed)
-    if use_greedy and len(resources) == 1 and greedy.gap <= mip_gap:
-        choice = greedy.choice
-        status, bound, solver_name = "optimal", greedy.lp_bound, "mck-greedy"
-    else:
-        choice, status, bound, solver_name = _solve_milp(
-            cost, resources, limits, allowed, greedy, solver, time_limit, mip_gap, names
-        )
-    return _make_plan(
+    setup = _setup(
         table,
-        groups,
-        choice,
-        status,
-        bound,
-        time.perf_counter() - t0,
-        solver_name,
-        budget_bytes,
-        resources,
-        names,
+        ties,
+        min_bits,
+        max_bits,
+        bops_budget,
+        activation_bits,
+        latency,
+        latency_budget,
+        time_limit,
+        mip_gap,
     )
+    plan, _ = _allocate_one(setup, budget, solver, time_limit, mip_gap, use_greedy, None, t0)
+    return plan
+
+
+def _allocate_one(setup: _Setup, budget, solver, time_limit, mip_gap, use_greedy, multipliers, t0):
+    limits = [parse_budget(budget, setup.table), *setup.extra_limits]
+    _check_minimum(setup.problem, limits, setup.units)
+    incumbent = setup.problem.incumbent(limits, multipliers, mip_gap)
+    answer = setup.problem.solve(
+        limits, incumbent, solver, time_limit, mip_gap, use_heuristics=use_greedy, t0=t0
+    )
+    broken = setup.problem.over_budget(answer.choice, limits)
+    if broken:  # never reached by a verified answer: a last line of defence
+        raise AssertionError(f"internal error: the plan breaks the {', '.join(broken)} budget")
+    plan = _make_plan(setup, answer, limits, time.perf_counter() - t0)
+    return plan, answer.multipliers
 
 
 class OptionChoice(NamedTuple):
@@ -254,7 +213,8 @@ def choose_options(
 
     Picks one option per group (row) minimising the summed ``cost`` with the summed ``size`` at most
     ``budget``: the convex-hull greedy when its certificate meets ``mip_gap``, else the MILP (one
-    binary per option, one-hot rows, one budget row) through :func:`cetopt.solve`.
+    binary per option, one-hot rows, one budget row) over the groups the greedy's multiplier leaves
+    undecided, through :func:`cetopt.solve`.
 
     Parameters
     ----------
@@ -269,6 +229,7 @@ def choose_options(
     InfeasibleBudgetError
         The budget is below the smallest reachable size; ``.minimum`` holds it.
     """
+    t0 = time.perf_counter()
     cost = np.asarray(cost, dtype=np.float64)
     size = np.asarray(size, dtype=np.float64)
     allowed = np.ones(cost.shape, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
@@ -279,72 +240,41 @@ def choose_options(
         )
     if not allowed.any(axis=1).all():
         raise ValueError(f"group {int(np.flatnonzero(~allowed.any(axis=1))[0])} has no allowed option")
-    _check_minimum(["size"], [float(np.where(allowed, size, np.inf).min(axis=1).sum())], [budget], ["units"])
-    greedy = mck_greedy(cost, size, budget, allowed)
-    if use_greedy and greedy.gap <= mip_gap:
-        return OptionChoice(greedy.choice, "optimal", greedy.lp_bound, "mck-greedy")
-    choice, status, bound, name = _solve_milp(
-        cost, [size], [budget], allowed, greedy, solver, time_limit, mip_gap, ["size"]
-    )
-    return OptionChoice(choice, status, bound, name)
+    check_options(time_limit, mip_gap, 1)
+    budget = positive_amount("budget", budget)
+    problem = MultiChoice(cost, [size], allowed, ["size"])
+    _check_minimum(problem, [budget], ["units"])
+    incumbent = problem.incumbent([budget], None, mip_gap)
+    answer = problem.solve([budget], incumbent, solver, time_limit, mip_gap, use_heuristics=use_greedy, t0=t0)
+    return OptionChoice(answer.choice, answer.status, answer.bound, answer.solver)
 
 
-def _solve_milp(cost, resources, limits, allowed, greedy, solver, time_limit, mip_gap, names):
-    keep = allowed & ~_dominated(cost, resources, allowed)
-    # Loss increases are often ~1e-6: far below the solvers' absolute tolerances (HiGHS's dual
-    # feasibility 1e-7 and MIP gap 1e-6), which then accept plans that are percents off. A positive
-    # scale leaves the argmin unchanged.
-    scale = float(np.abs(cost[keep]).max()) or 1.0
-    problem = _milp(cost / scale, resources, np.asarray(limits, dtype=np.float64), keep)
-    start = np.zeros(problem.num_cols)
-    start[np.arange(cost.shape[0]) * cost.shape[1] + greedy.choice] = 1.0
-    start = start if problem.violation(start) <= 1e-9 else None
-    solution = solve(problem, solver, time_limit, mip_gap, start=start)
-    if solution.status == Status.INFEASIBLE:
-        raise InfeasibleBudgetError(
-            f"no plan meets the {', '.join(names)} budgets together (each alone is reachable)",
-            minimum=float("nan"),
-        )
-    if solution.x is None:
-        raise SolverFailedError(
-            f"solver {solution.solver!r} ended with status {solution.status.value} and no plan: "
-            f"{solution.message}",
-            solution,
-        )
-    choice = solution.x.reshape(cost.shape).argmax(axis=1)
-    bound = None if solution.bound is None else solution.bound * scale
-    return choice, solution.status.value, bound, solution.solver
-
-
-def _make_plan(
-    table, groups, group_choice, status, bound, seconds, solver_name, budget_bytes, resources, names
-):
-    layer_choice = np.empty(table.num_layers, dtype=np.int64)
-    for g, k in zip(groups, group_choice):
-        layer_choice[g] = k
+def _make_plan(setup: _Setup, answer, limits, seconds: float) -> Plan:
+    table = setup.table
+    layer_choice = setup.groups.layer_choice(answer.choice)
     rows = np.arange(table.num_layers)
-    layer_bytes = option_bytes(table)[rows, layer_choice]
+    layer_bytes = setup.layer_bytes[rows, layer_choice]
     layer_loss = table.values[rows, layer_choice]
     loss = float(layer_loss.sum())
-    gap = None if bound is None else (0.0 if loss == bound else abs(loss - bound) / max(abs(loss), 1e-300))
-    totals = {name: float(r[np.arange(len(groups)), group_choice].sum()) for name, r in zip(names, resources)}
+    totals = dict(zip(setup.problem.names, setup.problem.totals(answer.choice)))
+    bits = np.asarray(table.bits, dtype=np.int64)[layer_choice]
     return Plan(
-        bits={name: int(table.bits[k]) for name, k in zip(table.layers, layer_choice)},
+        bits=dict(zip(table.layers, bits.tolist())),
         predicted_loss=loss,
         bytes=float(layer_bytes.sum()),
-        budget_bytes=budget_bytes,
+        budget_bytes=float(limits[0]),
         fp32_bytes=fp32_weight_bytes(table),
-        status=status,
-        bound=None if bound is None else float(bound),
-        gap=gap,
+        status=answer.status,
+        bound=answer.bound,
+        gap=relative_gap(loss, answer.bound),
         solve_time=seconds,
-        solver=solver_name,
+        solver=answer.solver,
         method=table.method,
         bops=totals.get("BOPs"),
         latency=totals.get("latency"),
-        layer_bytes=dict(zip(table.layers, layer_bytes.tolist())),
-        layer_loss=dict(zip(table.layers, layer_loss.tolist())),
-        layer_params=dict(zip(table.layers, table.params.tolist())),
+        layer_bytes=LayerValues(table.layers, layer_bytes),
+        layer_loss=LayerValues(table.layers, layer_loss),
+        layer_params=LayerValues(table.layers, table.params),
     )
 
 
@@ -408,19 +338,58 @@ def pareto(
     workers: int | None = None,
     **allocate_kwargs,
 ) -> ParetoFront:
-    """Allocate for each budget (in parallel) and return the frontier; save its plot to ``plot`` if given.
+    """Allocate for each budget and return the frontier; save its plot to ``plot`` if given.
 
-    Budgets below the minimum size are skipped with their error noted in no plan; other errors raise.
+    The budgets share one setup: the tie merging, the byte costs and the convex hull are built once,
+    and with several budget rows each budget's Lagrangian starts from the multipliers of the one
+    before it (budgets in increasing order). Budgets that still need a MILP are solved in parallel
+    (``workers`` threads). Budgets below the minimum size are skipped; other errors raise.
     """
-
-    def one(budget):
+    known = {"solver", "time_limit", "mip_gap", "use_greedy"}
+    solve_kwargs = {k: allocate_kwargs.pop(k) for k in list(allocate_kwargs) if k in known}
+    solver = solve_kwargs.get("solver", "highs")
+    time_limit = solve_kwargs.get("time_limit")
+    mip_gap = solve_kwargs.get("mip_gap", 1e-4)
+    use_greedy = solve_kwargs.get("use_greedy", True)
+    setup = _setup(
+        table,
+        allocate_kwargs.pop("ties", ()),
+        allocate_kwargs.pop("min_bits", None),
+        allocate_kwargs.pop("max_bits", None),
+        allocate_kwargs.pop("bops_budget", None),
+        allocate_kwargs.pop("activation_bits", 32),
+        allocate_kwargs.pop("latency", None),
+        allocate_kwargs.pop("latency_budget", None),
+        time_limit,
+        mip_gap,
+    )
+    if allocate_kwargs:
+        raise AllocationArgumentError(f"pareto got unknown arguments: {sorted(allocate_kwargs)}")
+    parsed = sorted(((parse_budget(b, table, "budgets"), b) for b in budgets), key=lambda pair: pair[0])
+    plans, pending, lam = [], [], None
+    for budget_bytes, _ in parsed:  # cheap passes, in order, each warm-started from the last
+        t0 = time.perf_counter()
+        limits = [budget_bytes, *setup.extra_limits]
         try:
-            return allocate(table, budget, **allocate_kwargs)
+            _check_minimum(setup.problem, limits, setup.units)
+        except InfeasibleBudgetError:
+            continue
+        incumbent = setup.problem.incumbent(limits, lam, mip_gap)
+        lam = incumbent.multipliers
+        pending.append((limits, incumbent, t0))
+
+    def finish(item):
+        limits, incumbent, t0 = item
+        try:
+            answer = setup.problem.solve(
+                limits, incumbent, solver, time_limit, mip_gap, use_heuristics=use_greedy, t0=t0
+            )
         except InfeasibleBudgetError:
             return None
+        return _make_plan(setup, answer, limits, time.perf_counter() - t0)
 
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        plans = [p for p in pool.map(one, budgets) if p is not None]
+        plans = [p for p in pool.map(finish, pending) if p is not None]
     if not plans:
         raise InfeasibleBudgetError("every budget is below the minimum size", minimum=float("nan"))
     front = ParetoFront(plans)

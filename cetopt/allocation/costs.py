@@ -13,6 +13,7 @@ import re
 import numpy as np
 
 from cetopt.analysis.table import SensitivityTable
+from cetopt.errors import BudgetError
 
 __all__ = ["BYTES_PER_CHANNEL", "fp32_weight_bytes", "option_bytes", "parse_budget"]
 
@@ -22,10 +23,12 @@ BYTES_PER_CHANNEL = 5
 
 def option_bytes(table: SensitivityTable) -> np.ndarray:
     """Bytes of every (layer, bits) option, shape ``(layers, bits)``."""
-    bits = np.asarray(table.bits, dtype=np.int64)
-    channels = np.ones(table.num_layers, dtype=np.int64) if table.channels is None else table.channels
-    codes = -(-(table.params[:, None] * bits[None, :]) // 8)  # ceil division
-    return (codes + BYTES_PER_CHANNEL * channels[:, None]).astype(np.float64)
+    bits = np.asarray(table.bits, dtype=np.float64)
+    channels = np.ones(table.num_layers) if table.channels is None else table.channels.astype(np.float64)
+    # float64, not int64: exact below 2**53 bits, and no silent overflow above
+    codes = np.ceil(table.params.astype(np.float64)[:, None] * bits[None, :] / 8)
+    codes += BYTES_PER_CHANNEL * channels[:, None]
+    return codes
 
 
 def fp32_weight_bytes(table: SensitivityTable) -> float:
@@ -39,38 +42,48 @@ _BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(b|kb|mb|kib|mib|bytes?)?\s*$", re
 _UNITS = {None: 1, "b": 1, "byte": 1, "bytes": 1, "kb": 1e3, "mb": 1e6, "kib": 1024, "mib": 1024**2}
 
 
-def parse_budget(budget: float | str, table: SensitivityTable) -> float:
+def parse_budget(budget: float | str, table: SensitivityTable, name: str = "budget") -> float:
     """Turn a budget into bytes for the table's layers.
 
     Parameters
     ----------
     budget : float or str
         Bytes (a number, or ``"120kb"``, ``"1.5MiB"``), a compression ratio against float32
-        weights (``"10x"``), or an average bit width (``"3.2bits"``; every layer's codes at that
-        average plus the per-channel overhead).
+        weights (``"10x"``; at least 1, since a ratio below 1 asks for more bytes than float32),
+        or an average bit width (``"3.2bits"``; every layer's codes at that average plus the
+        per-channel overhead).
+    table : SensitivityTable
+    name : str
+        The argument's name, for error messages.
 
     Raises
     ------
-    ValueError
-        If the budget is not positive or cannot be read.
+    BudgetError
+        If the budget cannot be read, or is not a positive finite number of bytes (a ``ValueError``).
     """
     if isinstance(budget, str):
         with contextlib.suppress(ValueError):
             budget = float(budget)  # "120000", "1e9": bytes
-    if isinstance(budget, (int, float, np.integer, np.floating)) and not isinstance(budget, bool):
+    if isinstance(budget, (int, float, np.integer, np.floating)) and not isinstance(budget, (bool, np.bool_)):
         value = float(budget)
     elif isinstance(budget, str) and (m := _RATIO.match(budget)):
-        value = fp32_weight_bytes(table) / float(m.group(1))
+        ratio = float(m.group(1))
+        if not ratio >= 1:
+            raise BudgetError(
+                f"{name} {budget!r}: a compression ratio must be at least 1 (float32 size); "
+                f"below 1 it would allow more bytes than the float32 weights"
+            )
+        value = fp32_weight_bytes(table) / ratio
     elif isinstance(budget, str) and (m := _BITS.match(budget)) and m.group(2).lower() != "b":
         channels = np.ones(table.num_layers) if table.channels is None else table.channels
         value = float(table.params.sum()) * float(m.group(1)) / 8 + BYTES_PER_CHANNEL * float(channels.sum())
     elif isinstance(budget, str) and (m := _BYTES.match(budget)):
         value = float(m.group(1)) * _UNITS[m.group(2).lower() if m.group(2) else None]
     else:
-        raise ValueError(
-            f"cannot read budget {budget!r}: give bytes (120000, '120kb'), a ratio ('10x') or "
+        raise BudgetError(
+            f"cannot read {name} {budget!r}: give bytes (120000, '120kb'), a ratio ('10x') or "
             "average bits ('3.2bits')"
         )
     if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"budget must be positive, got {budget!r}")
+        raise BudgetError(f"{name} must be a positive finite amount, got {budget!r}")
     return value

@@ -3,18 +3,20 @@
 Its LP relaxation is solved exactly by a greedy walk along each group's lower convex hull
 (Sinha & Zoltners, 1979):
 
-1. Drop dominated options (no lighter-or-equal option with lower-or-equal cost).
-2. Keep the lower convex hull of (weight, cost) per group; options above it are never LP-optimal.
-3. Start every group at its lightest option. The hull segments of all groups, sorted by
+1. Keep, per group, the lower convex hull of its (weight, cost) points up to its cheapest point:
+   dominated options and options above the hull are never LP-optimal.
+2. Start every group at its lightest hull point. The hull segments of all groups, sorted by
    efficiency (cost saved per unit of weight), are taken in that order while the budget lasts.
    Convexity makes efficiencies decrease along each group's hull, so the global order respects
    the order inside every group.
-4. The first segment that does not fit is taken fractionally: that value is the LP optimum,
-   hence a proven lower bound on the integer optimum. Without the fraction (and continuing
-   with later segments that still fit) the choice is integral and feasible.
+3. The first segment that does not fit is taken fractionally: that value is the LP optimum,
+   hence a proven lower bound on the integer optimum, and that segment's efficiency is the
+   optimal multiplier of the budget row. Without the fraction (and continuing with later
+   segments that still fit) the choice is integral and feasible.
 
-Everything is vectorized over groups; the only loop is over the hull-pruning passes (at most the
-number of options per group).
+Everything is vectorised over groups: the loops run over the options of a group (a handful) and
+over a few filling rounds, never over groups. The hull and the sorted segments do not depend on
+the budget, so :class:`MCKHull` serves a whole budget sweep.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MCKGreedyResult", "mck_greedy", "pareto_options"]
+__all__ = ["MCKGreedyResult", "MCKHull", "mck_greedy", "pareto_options"]
+
+_REL_TOL = 1e-12
 
 
 def pareto_options(cost: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -43,41 +47,201 @@ def pareto_options(cost: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _lower_hull(cost: np.ndarray, weight: np.ndarray, alive: np.ndarray) -> np.ndarray:
-    """Mask of options on each group's lower convex hull, among ``alive`` (already Pareto) options."""
-    groups, options = cost.shape
-    big = np.finfo(np.float64).max
-    w = np.where(alive, weight, big)
-    order = np.argsort(w, axis=1, kind="stable")
-    ws = np.take_along_axis(weight, order, axis=1)
-    cs = np.take_along_axis(cost, order, axis=1)
-    on = np.take_along_axis(alive, order, axis=1).copy()
-    rows = np.arange(groups)[:, None]
-    cols = np.arange(options)[None, :]
+def _sorted_by_weight(weight: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """Column order of each group by weight (``None`` when the columns are already in order)."""
+    key = np.where(allowed, weight, np.inf)
+    if bool((key[:, 1:] >= key[:, :-1]).all()):
+        return None, key
+    order = np.argsort(key, axis=1, kind="stable")
+    return order, _take(key, order)
+
+
+def _take(arr: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``arr[g, cols[g, j]]`` through flat indices (faster than ``take_along_axis``)."""
+    flat = cols + (np.arange(arr.shape[0]) * arr.shape[1])[:, None]
+    return arr.ravel()[flat]
+
+
+def _hull_points(cost: np.ndarray, weight: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's lower-hull options, lightest first, up to its cheapest one.
+
+    Returns ``(points, count)``: ``points[g, :count[g]]`` are option indices of group ``g``.
+    Options are first sorted by weight. Of equal-weight options only the cheapest (the first among
+    equals) stays. Option ``b`` is a hull vertex iff the steepest slope into it from a lighter
+    option is below the shallowest slope out of it to a heavier one. With a handful of options per
+    group these are a few dozen whole-column operations, with no loop over groups.
+    """
+    options = cost.shape[1]
+    order, ws = _sorted_by_weight(weight, allowed)
+    cs = cost if order is None else _take(cost, order)
+    w_col, c_col = np.ascontiguousarray(ws.T), np.ascontiguousarray(cs.T)  # one vector per position
+    on = np.isfinite(w_col)
+    if (w_col[1:] == w_col[:-1]).any():  # equal weights sit side by side once sorted
+        for a in range(options - 1):
+            for b in range(a + 1, options):
+                same = w_col[a] == w_col[b]
+                on[b] &= ~(same & (c_col[b] >= c_col[a]))
+                on[a] &= ~(same & (c_col[b] < c_col[a]))
+    slope = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for a in range(options - 1):
+            for b in range(a + 1, options):
+                dw = w_col[b] - w_col[a]
+                slope[a, b] = np.where((dw > 0) & (dw < np.inf), (c_col[b] - c_col[a]) / dw, np.nan)
+    for b in range(1, options - 1):
+        into = np.fmax.reduce([slope[a, b] for a in range(b)])
+        out = np.fmin.reduce([slope[b, c] for c in range(b + 1, options)])
+        on[b] &= ~(into >= out)
+    # Past its cheapest point a hull climbs again: those points are dominated.
+    on &= np.arange(options)[:, None] <= np.argmin(np.where(on, c_col, np.inf), axis=0)[None, :]
+    points, count = _compact(on)
+    points, count = _strictly_convex(points, count, ws, cs)
+    return (points if order is None else _take(order, points)), count
+
+
+def _compact(on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per group (columns of ``on``), the positions that are on, first ones first."""
+    options, groups = on.shape
+    cum = np.cumsum(on, axis=0, dtype=np.int8)
+    points = np.zeros((groups, options), dtype=np.int64)
+    for r in range(options):
+        # the (r+1)-th set position is the number of positions with fewer than r+1 set up to them
+        points[:, r] = np.minimum((cum <= r).sum(axis=0), options - 1)
+    return points, cum[-1].astype(np.int64)
+
+
+def _strictly_convex(points, count, ws, cs) -> tuple[np.ndarray, np.ndarray]:
+    """Drop vertices whose segment efficiencies do not strictly fall (float rounding near collinear).
+
+    The greedy relies on it: a group's segments must come out of the sort in hull order.
+    """
+    options = points.shape[1]
     for _ in range(options):
-        # previous and next alive neighbours of every option, by position in the sorted row
-        idx = np.where(on, cols, -1)
-        prev = np.maximum.accumulate(np.concatenate([np.full((groups, 1), -1), idx[:, :-1]], axis=1), axis=1)
-        idx_next = np.where(on, cols, options)
-        nxt = np.minimum.accumulate(
-            np.concatenate([idx_next[:, 1:], np.full((groups, 1), options)], axis=1)[:, ::-1], axis=1
-        )[:, ::-1]
-        interior = on & (prev >= 0) & (nxt < options)
-        p = np.clip(prev, 0, options - 1)
-        q = np.clip(nxt, 0, options - 1)
-        # Point b lies on or above the segment a→c iff (c_b − c_a)(w_c − w_a) ≥ (c_c − c_a)(w_b − w_a).
-        # (Entries of dead options hold sentinels and may overflow; `interior` masks them out.)
-        with np.errstate(over="ignore", invalid="ignore"):
-            lhs = (cs - cs[rows, p]) * (ws[rows, q] - ws[rows, p])
-            rhs = (cs[rows, q] - cs[rows, p]) * (ws - ws[rows, p])
-        drop = interior & (lhs >= rhs)
-        if not drop.any():
+        hw, hc = _take(ws, points), _take(cs, points)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            eff = (hc[:, :-1] - hc[:, 1:]) / (hw[:, 1:] - hw[:, :-1])
+        real = np.arange(1, options)[None, :] < count[:, None]
+        bad = real[:, 1:] & (eff[:, 1:] >= eff[:, :-1])  # vertex k+1 between segments k and k+1
+        if not bad.any():
             break
-        # Never drop two hull-neighbours in one pass: each test assumed its neighbours stay.
-        on &= ~(drop & ~(drop[rows, p] & (prev >= 0)))
-    hull = np.zeros_like(on)
-    np.put_along_axis(hull, order, on, axis=1)
-    return hull
+        g, k = np.nonzero(bad)
+        first = np.unique(g, return_index=True)[1]
+        g, k = g[first], k[first] + 1  # one vertex per group per pass
+        for r in range(options - 1):
+            move = k <= r
+            points[g[move], r] = points[g[move], r + 1]
+        count[g] -= 1
+    return points, count
+
+
+class MCKHull:
+    """The budget-independent part of the greedy: each group's hull and its upgrade segments.
+
+    Parameters
+    ----------
+    cost, weight : ndarray, shape (groups, options)
+        Cost (to minimise) and weight of every option.
+    allowed : ndarray of bool, optional
+        Options that may be chosen; default all. Every group needs at least one.
+    """
+
+    def __init__(self, cost: np.ndarray, weight: np.ndarray, allowed: np.ndarray | None = None):
+        cost = np.asarray(cost, dtype=np.float64)
+        weight = np.asarray(weight, dtype=np.float64)
+        allowed = np.ones(cost.shape, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+        if not allowed.any(axis=1).all():
+            raise ValueError(f"group {int(np.flatnonzero(~allowed.any(axis=1))[0])} has no allowed option")
+        self.cost, self.weight = cost, weight
+        self.points, self.count = _hull_points(cost, weight, allowed)
+        hull_w, hull_c = _take(weight, self.points), _take(cost, self.points)
+        self.lightest = self.points[:, 0].copy()
+        self.min_weight = float(hull_w[:, 0].sum())
+        self.base_cost = float(hull_c[:, 0].sum())
+        # Segment k of a group goes from hull point k to k + 1; the mask keeps the real ones.
+        real = np.arange(1, cost.shape[1])[None, :] < self.count[:, None]
+        self.d_w = (hull_w[:, 1:] - hull_w[:, :-1])[real]
+        self.d_c = (hull_c[:, 1:] - hull_c[:, :-1])[real]  # negative: an upgrade saves cost
+        self.seg_group = np.repeat(np.arange(cost.shape[0], dtype=np.int32), self.count - 1)
+        self.efficiency = -self.d_c / self.d_w
+
+    def _cut(self, room: float) -> tuple[np.ndarray, int | None]:
+        """Segments taken whole (most efficient first) within ``room``, and the first that does not fit.
+
+        An exact sort of the few segments near the cut only: a sample of efficiencies places the
+        cut, ``argpartition`` splits off the segments surely above and below it, and the bracket is
+        widened until the cut provably lies inside.
+        """
+        n = self.efficiency.size
+        if n == 0 or float(self.d_w.sum()) <= room:
+            return np.arange(n), None
+        neg = -self.efficiency
+        pick = np.random.default_rng(0).integers(0, n, min(n, 20_000))
+        pick = pick[np.argsort(neg[pick], kind="stable")]
+        # cumulative weight of the sample, scaled up: where the cut falls in the full order
+        est = np.cumsum(self.d_w[pick]) * (n / pick.size)
+        guess = int(np.searchsorted(est, room) * n / pick.size)
+        margin = max(2_000, n // 100)
+        while True:
+            lo, hi = max(guess - margin, 0), min(guess + margin, n)
+            if hi - lo >= n // 2 or (lo == 0 and hi == n):
+                order = np.argsort(neg, kind="stable")
+                lo, hi = 0, n
+            else:
+                order = np.argpartition(neg, [lo, hi - 1]) if hi < n else np.argpartition(neg, lo)
+            top = float(self.d_w[order[:lo]].sum())
+            mid = order[lo:hi][np.argsort(neg[order[lo:hi]], kind="stable")]
+            cum = top + np.cumsum(self.d_w[mid])
+            if top <= room and (hi == n or cum[-1] > room):
+                k = int(np.searchsorted(cum, room, side="right"))
+                taken = np.concatenate([order[:lo], mid[:k]])
+                return taken, (int(mid[k]) if k < mid.size else None)
+            guess = lo if top > room else hi
+            margin *= 4
+
+    def greedy(self, budget: float) -> MCKGreedyResult:
+        """The LP optimum and a rounded integral choice for ``budget``."""
+        groups = self.points.shape[0]
+        rows = np.arange(groups)
+        if self.min_weight > budget * (1 + _REL_TOL):
+            return MCKGreedyResult(
+                self.lightest, self.base_cost, self.min_weight, np.inf, False, self.min_weight
+            )
+        room = budget * (1 + _REL_TOL) - self.min_weight
+        taken, frac = self._cut(room)
+        lp = self.base_cost + float(self.d_c[taken].sum())
+        multiplier = 0.0
+        if frac is not None:
+            left = budget - self.min_weight - float(self.d_w[taken].sum())
+            lp += float(self.d_c[frac]) * max(0.0, left) / float(self.d_w[frac])
+            multiplier = float(self.efficiency[frac])
+        # The segments of a group are taken in hull order: its choice is the point after its last.
+        rank = np.bincount(self.seg_group[taken], minlength=groups)
+        rank = self._fill(rank, budget)
+        choice = self.points[rows, rank]
+        cost = float(self.cost[rows, choice].sum())
+        weight = float(self.weight[rows, choice].sum())
+        return MCKGreedyResult(choice, cost, weight, min(lp, cost), True, self.min_weight, multiplier)
+
+    def _fill(self, rank: np.ndarray, budget: float, rounds: int = 8) -> np.ndarray:
+        """After the LP cut, keep taking next hull segments that still fit, best efficiency first."""
+        rows = np.arange(rank.size)
+        room = budget * (1 + _REL_TOL) - float(self.weight[rows, self.points[rows, rank]].sum())
+        open_ = np.flatnonzero(rank + 1 < self.count)
+        for _ in range(rounds):
+            cur = self.points[open_, rank[open_]]
+            nxt = self.points[open_, rank[open_] + 1]
+            d_w = self.weight[open_, nxt] - self.weight[open_, cur]
+            fits = d_w <= room
+            if not fits.any():
+                break
+            open_, d_w = open_[fits], d_w[fits]
+            d_c = self.cost[open_, nxt[fits]] - self.cost[open_, cur[fits]]
+            order = np.argsort(d_c / d_w, kind="stable")
+            take = order[: max(1, int(np.searchsorted(np.cumsum(d_w[order]), room, side="right")))]
+            rank[open_[take]] += 1
+            room -= float(d_w[take].sum())
+            open_ = open_[rank[open_] + 1 < self.count[open_]]
+        return rank
 
 
 @dataclass(frozen=True)
@@ -98,6 +262,9 @@ class MCKGreedyResult:
         False when even the lightest option of every group exceeds the budget.
     min_weight : float
         Total weight with the lightest option in every group.
+    multiplier : float
+        Optimal LP multiplier of the budget row (cost saved per unit of weight at the cut):
+        ``lp_bound`` equals ``Σ_g min_k (cost + multiplier · weight) − multiplier · budget``.
     """
 
     choice: np.ndarray
@@ -106,6 +273,7 @@ class MCKGreedyResult:
     lp_bound: float
     feasible: bool
     min_weight: float
+    multiplier: float = 0.0
 
     @property
     def gap(self) -> float:
@@ -133,61 +301,4 @@ def mck_greedy(
     -------
     MCKGreedyResult
     """
-    cost = np.asarray(cost, dtype=np.float64)
-    weight = np.asarray(weight, dtype=np.float64)
-    groups, options = cost.shape
-    allowed = np.ones_like(cost, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
-    if not allowed.any(axis=1).all():
-        raise ValueError(f"group {int(np.flatnonzero(~allowed.any(axis=1))[0])} has no allowed option")
-    big = np.finfo(np.float64).max / 4
-    c = np.where(allowed, cost, big)
-    w = np.where(allowed, weight, big)
-    alive = pareto_options(c, w) & allowed
-    hull = _lower_hull(c, w, alive)
-    rows = np.arange(groups)
-    # hull points per group, sorted by weight: consecutive pairs are the upgrade segments
-    order = np.argsort(np.where(hull, w, np.inf), axis=1, kind="stable")
-    lightest = order[:, 0]  # the cheapest among the lightest options
-    min_weight = float(w[rows, lightest].sum())
-    base_cost = float(c[rows, lightest].sum())
-    if min_weight > budget * (1 + 1e-12):
-        return MCKGreedyResult(lightest, base_cost, min_weight, np.inf, False, min_weight)
-    n_hull = hull.sum(axis=1)
-    seg_group, seg_from, seg_to = [np.zeros(0, int)], [np.zeros(0, int)], [np.zeros(0, int)]
-    for k in range(1, options):
-        has = n_hull > k
-        seg_group.append(rows[has])
-        seg_from.append(order[has, k - 1])
-        seg_to.append(order[has, k])
-    seg_group = np.concatenate(seg_group)
-    seg_from = np.concatenate(seg_from)
-    seg_to = np.concatenate(seg_to)
-    d_w = w[seg_group, seg_to] - w[seg_group, seg_from]
-    d_c = c[seg_group, seg_to] - c[seg_group, seg_from]  # negative: an upgrade saves cost
-    efficiency = -d_c / d_w
-    by_eff = np.argsort(-efficiency, kind="stable")
-    cum_w = min_weight + np.cumsum(d_w[by_eff])
-    n_full = int(np.searchsorted(cum_w, budget * (1 + 1e-12), side="right"))
-    taken = by_eff[:n_full]
-    lp = base_cost + float(d_c[taken].sum())
-    if n_full < by_eff.size:
-        frac_seg = by_eff[n_full]
-        room = budget - (cum_w[n_full - 1] if n_full else min_weight)
-        lp += d_c[frac_seg] * max(0.0, room) / d_w[frac_seg]
-    choice = lightest.copy()
-    # Segments of one group appear in hull order, so the last one taken is the group's choice.
-    choice[seg_group[taken]] = seg_to[taken]
-    used = cum_w[n_full - 1] if n_full else min_weight
-    choice, used = _fill_remaining(choice, used, budget, by_eff[n_full:], seg_group, seg_from, seg_to, d_w)
-    total_cost = float(c[rows, choice].sum())
-    return MCKGreedyResult(choice, total_cost, float(used), min(lp, total_cost), True, min_weight)
-
-
-def _fill_remaining(choice, used, budget, rest, seg_group, seg_from, seg_to, d_w):
-    """After the LP cut, keep taking later segments that still fit and continue their group's hull."""
-    for s in rest.tolist():
-        g = seg_group[s]
-        if choice[g] == seg_from[s] and used + d_w[s] <= budget * (1 + 1e-12):
-            choice[g] = seg_to[s]
-            used += d_w[s]
-    return choice, used
+    return MCKHull(cost, weight, allowed).greedy(budget)

@@ -3,12 +3,53 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+
+import numpy as np
 
 from cetopt.analysis.channels import split_channel_row
 from cetopt.graph.decisions import Quantize
 
-__all__ = ["Plan"]
+__all__ = ["LayerValues", "Plan"]
+
+
+class LayerValues(Mapping):
+    """A read-only layer name → number mapping backed by an array.
+
+    ``allocate`` hands the per-layer bytes, losses and weight counts out this way: building three
+    Python dicts of a million entries would cost more than the allocation itself. It compares equal
+    to the dict with the same items; ``dict(values)`` makes one.
+    """
+
+    def __init__(self, names: Sequence[str], values: np.ndarray):
+        self._names = names
+        self._values = np.asarray(values)
+        self._index: dict[str, int] | None = None
+
+    def __getitem__(self, name: str):
+        if self._index is None:
+            self._index = {n: i for i, n in enumerate(self._names)}
+        return self._values[self._index[name]].item()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def values(self):
+        return self._values.tolist()
+
+    def items(self):
+        return zip(self._names, self._values.tolist())
+
+    def total(self) -> float:
+        """Sum of the values."""
+        return float(self._values.sum())
+
+    def __repr__(self) -> str:
+        return f"LayerValues({len(self)} layers)"
 
 
 @dataclass(frozen=True)
@@ -42,12 +83,14 @@ class Plan:
         Sensitivity method of the table.
     bops, latency : float or None
         Totals under the plan, when those budgets were used.
-    layer_bytes : dict
+    layer_bytes : Mapping
         Layer name → bytes under the plan.
-    layer_loss : dict
+    layer_loss : Mapping
         Layer name → predicted loss increase under the plan.
-    layer_params : dict
+    layer_params : Mapping
         Layer name → weight count.
+
+    ``allocate`` fills the last three with :class:`LayerValues` (read-only, array-backed).
     """
 
     bits: dict[str, int]
@@ -63,9 +106,9 @@ class Plan:
     method: str = ""
     bops: float | None = None
     latency: float | None = None
-    layer_bytes: dict[str, float] = field(default_factory=dict)
-    layer_loss: dict[str, float] = field(default_factory=dict)
-    layer_params: dict[str, int] = field(default_factory=dict)
+    layer_bytes: Mapping[str, float] = field(default_factory=dict)
+    layer_loss: Mapping[str, float] = field(default_factory=dict)
+    layer_params: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def compression_ratio(self) -> float:
@@ -75,8 +118,16 @@ class Plan:
     @property
     def average_bits(self) -> float:
         """Bits per weight, weighted by layer size (codes only, without the per-channel overhead)."""
-        total = sum(self.layer_params.values())
-        return sum(self.bits[n] * p for n, p in self.layer_params.items()) / total if total else 0.0
+        names = list(self.layer_params)
+        if not names:
+            return 0.0
+        params = np.fromiter(self.layer_params.values(), np.float64, len(names))
+        if names == list(self.bits):
+            bits = np.fromiter(self.bits.values(), np.float64, len(names))
+        else:
+            bits = np.array([self.bits[n] for n in names], dtype=np.float64)
+        total = float(params.sum())
+        return float(bits @ params) / total if total else 0.0
 
     def decisions(self) -> list[Quantize]:
         """The rewrite decisions that carry out the plan."""
@@ -84,7 +135,10 @@ class Plan:
 
     def to_dict(self) -> dict:
         """Plain data, for JSON."""
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in out.items():
+            if isinstance(value, Mapping):
+                out[name] = dict(value.items())
         out["compression_ratio"] = self.compression_ratio
         out["average_bits"] = self.average_bits
         return out

@@ -13,9 +13,6 @@ from cetopt.errors import DataShapeError, NonFiniteError
 __all__ = ["SensitivityTable"]
 
 
-_MAX_COUNT = 2**62  # counts above this would wrap around in int64 arithmetic
-
-
 def _float_array(name: str, value) -> np.ndarray:
     try:
         return np.asarray(value, dtype=np.float64)
@@ -29,8 +26,9 @@ def _int_vector(name: str, value, n: int) -> np.ndarray | None:
     arr = _float_array(name, value)
     if arr.shape != (n,):
         raise DataShapeError(f"{name} has shape {arr.shape}, expected ({n},)")
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr > _MAX_COUNT):
-        raise NonFiniteError(f"{name} must hold finite non-negative numbers below 2**62")
+    # 2**53: beyond it float64 sums of sizes are inexact, and int64 casts of huge floats wrap around
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr >= 2.0**53):
+        raise NonFiniteError(f"{name} must hold finite non-negative numbers below 2**53")
     if np.any(arr != np.round(arr)):
         raise DataShapeError(f"{name} must hold whole numbers")
     return arr.astype(np.int64)

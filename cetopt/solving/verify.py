@@ -104,7 +104,7 @@ def _check_no_point(problem: MILP, solution: Solution) -> Solution:
         if x.shape == (problem.num_cols,) and np.isfinite(x).all() and _worst_violation(problem, x) is None:
             return _error(solution, "x is feasible, so the problem is not infeasible")
     if solution.status == Status.UNBOUNDED and _finite(solution.bound):
-        return _error(solution, f"a finite dual bound {solution.bound!r} contradicts 'unbounded'")
+        return _error(solution, f"a finite dual bound {float(solution.bound):.10g} contradicts 'unbounded'")
     out = dataclasses.replace(solution, x=None, objective=None, bound=None, gap=None, verified=True)
     return out if solution.x is None and solution.bound is None else dataclasses.replace(out, raw=solution)
 
@@ -125,7 +125,7 @@ def _check_point(problem: MILP, solution: Solution) -> dict:
         raise _Rejected(f"x has shape {x.shape}, expected ({problem.num_cols},)")
     if not np.isfinite(x).all():
         j = int(np.flatnonzero(~np.isfinite(x))[0])
-        raise _Rejected(f"x[{j}] is {x[j]!r}")
+        raise _Rejected(f"x[{j}] is {float(x[j]):.10g}")
     where = _worst_violation(problem, x)
     if where is not None:
         raise _Rejected(where)
@@ -141,14 +141,14 @@ def _worst_violation(problem: MILP, x: np.ndarray) -> str | None:
     bad = np.flatnonzero((lo - x > col_tol) | (x - up > col_tol))
     if bad.size:
         j = int(bad[0])
-        return f"x[{j}] = {x[j]!r} is outside its bounds [{lo[j]!r}, {up[j]!r}]"
+        return f"x[{j}] = {float(x[j]):.10g} is outside its bounds [{float(lo[j]):.10g}, {float(up[j]):.10g}]"
     if problem.is_mip:
         xi = x[problem.integrality]
         frac = np.abs(xi - np.round(xi))
         bad = np.flatnonzero(frac > INTEGRALITY + 4 * np.spacing(np.abs(xi)))
         if bad.size:
             j = int(np.flatnonzero(problem.integrality)[bad[0]])
-            return f"x[{j}] = {x[j]!r} is not integer (column {j} is an integer column)"
+            return f"x[{j}] = {float(x[j]):.10g} is not integer (column {j} is an integer column)"
     if problem.num_rows:
         act = problem.A @ x
         size = abs(problem.A) @ np.abs(x)
@@ -157,7 +157,9 @@ def _worst_violation(problem: MILP, x: np.ndarray) -> str | None:
         bad = np.flatnonzero((rlo - act > tol) | (act - rup > tol))
         if bad.size:
             i = int(bad[0])
-            return f"row {i}: A x = {act[i]!r} is outside [{rlo[i]!r}, {rup[i]!r}]"
+            return (
+                f"row {i}: A x = {float(act[i]):.10g} is outside [{float(rlo[i]):.10g}, {float(rup[i]):.10g}]"
+            )
     return None
 
 
@@ -171,7 +173,9 @@ def _check_objective(problem: MILP, x: np.ndarray, reported: float | None) -> fl
         return objective
     scale = max(1.0, float(np.abs(problem.c) @ np.abs(x)) + abs(problem.offset))
     if not (math.isfinite(reported) and abs(reported - objective) <= OBJECTIVE * scale):
-        raise _Rejected(f"reported objective {reported!r} but c·x + offset = {objective!r}")
+        raise _Rejected(
+            f"reported objective {float(reported):.10g} but c·x + offset = {float(objective):.10g}"
+        )
     return objective
 
 
@@ -191,8 +195,8 @@ def _check_bound_side(problem: MILP, objective: float, bound: float | None) -> f
     if past > BOUND_SIDE * max(1.0, abs(objective)):
         side = "above" if problem.sense == "min" else "below"
         raise _Rejected(
-            f"dual bound {bound!r} is {side} the objective {objective!r} of a feasible point "
-            f"(a {problem.sense} problem): no valid bound can be"
+            f"dual bound {float(bound):.10g} is {side} the objective {float(objective):.10g} "
+            f"of a feasible point (a {problem.sense} problem): no valid bound can be"
         )
     return objective if past > 0 else bound
 
