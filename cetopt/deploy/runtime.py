@@ -34,7 +34,6 @@ import warnings
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cetopt.deploy.activations import (
@@ -200,9 +199,13 @@ def deployment_model(model: nn.Module, example_inputs=None) -> nn.Module:
         if node.op != "call_module" or not isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
             continue
         src = node.args[0]
-        if getattr(src, "op", None) == "call_module" and is_deploy_layer(modules[src.target]):
-            if len(src.users) == 1 and modules[node.target].running_mean is not None:
-                folds.append(FoldBatchNorm(node.target))
+        if (
+            getattr(src, "op", None) == "call_module"
+            and is_deploy_layer(modules[src.target])
+            and len(src.users) == 1
+            and modules[node.target].running_mean is not None
+        ):
+            folds.append(FoldBatchNorm(node.target))
     if not folds:
         return cached
     folded = rewrite(cached, folds, inputs, leaf_types=leaves)
@@ -367,7 +370,7 @@ class Int4WeightLinear(nn.Module):
 
     def __init__(self, layer: DeployLinear, name: str):
         super().__init__()
-        out_features, in_features = layer.codes.shape
+        in_features = layer.codes.shape[1]
         unsigned = (layer.codes.to(torch.int32) + 8).contiguous()  # the kernel's codes are 0..15, offset 8
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 2))
         pairs = torch.stack([layer.code_scale, torch.zeros_like(layer.code_scale)], dim=-1)
