@@ -222,7 +222,7 @@ def calibrate_activations(
     model : nn.Module
         Run in eval mode; not modified. A model with quantized layers is calibrated as the int8
         modes and the ONNX export run it: :func:`cetopt.deploy.deployment_model` of it (BatchNorms
-        folded, traced on the first batch), so the output ranges are those after each BatchNorm.
+        folded), so the output ranges are those after each BatchNorm.
     data : iterable
         Batches: tensors, ``(inputs, targets)`` pairs, or tuples of model inputs.
     layers : iterable of str, optional
@@ -243,12 +243,11 @@ def calibrate_activations(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    from cetopt.deploy.runtime import _first_inputs, deployment_model
+    from cetopt.deploy.runtime import deployment_model
     from cetopt.nn.quantized import QuantizedMixin
 
     if any(isinstance(m, QuantizedMixin) for m in model.modules()):
-        data = list(data)
-        model = deployment_model(model, _first_inputs(data))
+        model = deployment_model(model)
     names = list(layers) if layers is not None else quantizable_layers(model)
     modules = dict(model.named_modules())
     generator = torch.Generator().manual_seed(seed)

@@ -173,55 +173,50 @@ def dequant_cached(model: nn.Module) -> nn.Module:
     return _swap(copy.deepcopy(model), _to_deploy)
 
 
-def deployment_model(model: nn.Module, example_inputs=None) -> nn.Module:
+def deployment_model(model: nn.Module) -> nn.Module:
     """The float graph the int8 modes and the ONNX export quantize: dequant-cached, BatchNorm folded.
 
-    BatchNorms that directly follow a quantized layer (whose output feeds nothing else) are folded
-    into it when torch.fx can trace the model and example inputs are known (given, or recorded by
-    :func:`cetopt.graph.rewrite`); the codes stay and the per-channel scales absorb the BatchNorm.
-    Otherwise the BatchNorms stay as they are.
+    BatchNorms (eval statistics) that directly follow a quantized layer whose output feeds nothing
+    else are folded into it when torch.fx can trace the model; the codes stay and the per-channel
+    scales absorb the BatchNorm. Otherwise the BatchNorms stay as they are.
     """
-    cached = dequant_cached(model)
-    inputs = example_inputs if example_inputs is not None else _recorded_inputs(model)
-    if inputs is None:
-        return cached
-    from cetopt.graph import FoldBatchNorm, rewrite
+    from cetopt.graph.rules.fold_batchnorm import fold_batchnorm
     from cetopt.graph.trace import symbolic_trace
 
-    leaves = (DeployLinear, *DeployConv)
+    cached = dequant_cached(model)
     try:
-        gm = symbolic_trace(cached, leaf_types=leaves)
+        gm = symbolic_trace(cached, leaf_types=(DeployLinear, *DeployConv))
     except Exception:  # untraceable (data-dependent control flow, ...): keep the BatchNorms
         return cached
     modules = dict(gm.named_modules())
-    folds = []
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
-            continue
-        src = node.args[0]
+    folded = False
+    for node in list(gm.graph.nodes):
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        src = node.args[0] if node.args else None
         if (
-            getattr(src, "op", None) == "call_module"
-            and is_deploy_layer(modules[src.target])
+            isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            and bn.running_mean is not None
+            and getattr(src, "op", None) == "call_module"
+            and isinstance(modules[src.target], _CodesMixin)
             and len(src.users) == 1
-            and modules[node.target].running_mean is not None
         ):
-            folds.append(FoldBatchNorm(node.target))
-    if not folds:
+            layer = fold_batchnorm(modules[src.target], bn)  # one shared fold rule with the rewriter
+            layer.refresh_scale()
+            _set_module(gm, src.target, layer)
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+            folded = True
+    if not folded:
         return cached
-    folded = rewrite(cached, folds, inputs, leaf_types=leaves)
-    for m in folded.modules():
-        if isinstance(m, _CodesMixin):
-            m.refresh_scale()
-    return folded
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
 
 
-def _recorded_inputs(model: nn.Module):
-    from cetopt.graph.rewriter import history
-
-    spec = history(model).get("example_inputs")
-    if not spec:
-        return None
-    return tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in spec)
+def _set_module(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def int8_codes(layer: _CodesMixin, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -444,7 +439,6 @@ def runtime(
     activations: ActivationRanges | None = None,
     calibration: Iterable | None = None,
     method: str = "minmax",
-    example_inputs=None,
 ) -> nn.Module:
     """A new model running ``model``'s quantized layers in execution mode ``mode``.
 
@@ -461,9 +455,6 @@ def runtime(
         Batches to calibrate the activation grids on (with ``method``) when ``activations`` is not
         given. With neither, ``int8`` quantizes activations dynamically.
     method : {"minmax", "percentile", "mse"}
-    example_inputs : Tensor or tuple, optional
-        Inputs to trace the model with when folding BatchNorms (default: the recorded ones, else
-        the first calibration batch).
 
     Returns
     -------
@@ -478,20 +469,9 @@ def runtime(
         return dequant_cached(model).eval()
     if mode == "weight-only":
         return _swap(dequant_cached(model), _weight_only).eval()
-    if example_inputs is None and calibration is not None and activations is None:
-        calibration = list(calibration)
-        example_inputs = _first_inputs(calibration)
-    deploy = deployment_model(model, example_inputs).eval()
+    deploy = deployment_model(model).eval()
     if activations is None and calibration is not None:
         activations = calibrate_activations(deploy, calibration, method=method)
     result = _swap(deploy, _int8_layers(activations, fake=mode == "fake-int8")).eval()
     result.activation_ranges = activations
     return result
-
-
-def _first_inputs(batches: list):
-    from cetopt.deploy.activations import _batches
-
-    for inputs in _batches(batches):
-        return tuple(x[:1] for x in inputs)
-    return None
