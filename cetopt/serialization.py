@@ -165,7 +165,13 @@ def _build_architecture(source: str | None, allow_import: bool) -> nn.Module:
     return obj() if not isinstance(obj, nn.Module) else obj
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, *, allow_import: bool = False) -> nn.Module:
+def load(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    allow_import: bool = False,
+    mode: str | None = None,
+) -> nn.Module:
     """Rebuild a model written by :func:`save`; its outputs equal the saved model's exactly.
 
     Parameters
@@ -177,6 +183,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, allow_impor
         ``module:attr`` only with ``allow_import=True``.
     allow_import : bool
         Allow importing and calling the ``module:attr`` the file names.
+    mode : str, optional
+        An execution mode of :func:`cetopt.runtime` (``"dequant-cached"``, ``"int8"``, ...) to
+        return the model in; the file is only read.
     """
     blob = Path(path).read_bytes()
     meta = _metadata(blob)
@@ -204,6 +213,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, allow_impor
     rebuilt.eval()
     if source is not None:
         setattr(rebuilt, _SOURCE, source)
+    if mode is not None:
+        from cetopt.deploy.runtime import runtime
+
+        return runtime(rebuilt, mode)
     return rebuilt
 
 

@@ -7,6 +7,7 @@ from cetopt.deploy.activations import (
     choose_qparams,
     fake_quantize_dynamic,
 )
+from cetopt.deploy.onnx_export import ExportedOnnx, export_onnx
 from cetopt.deploy.runtime import (
     MODES,
     KernelFallbackWarning,
@@ -18,10 +19,12 @@ __all__ = [
     "MODES",
     "ActivationQuant",
     "ActivationRanges",
+    "ExportedOnnx",
     "KernelFallbackWarning",
     "calibrate_activations",
     "choose_qparams",
     "deployment_model",
+    "export_onnx",
     "fake_quantize_dynamic",
     "runtime",
 ]
