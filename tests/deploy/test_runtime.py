@@ -56,7 +56,7 @@ def test_weight_only_matches_reference_and_names_fallbacks(tiny):
     messages = " ".join(str(w.message) for w in record)
     assert "'conv'" in messages  # no weight-only conv kernel: float
     assert "'fc'" not in messages  # 128 → 48: the int4 kernel fits
-    assert "'out'" in messages and "int8 weight kernel" in messages  # in_features 48: the int4 kernel rejects it
+    assert "'out'" in messages and "int8 weight kernel" in messages  # K = 48: int4 rejects it
     assert torch.allclose(fast(x), q(x), atol=1e-4)
 
 
