@@ -145,15 +145,20 @@ class ActivationRanges:
 class _Collector:
     """Running min/max and a bounded sample of one tensor stream, per tensor or per channel."""
 
-    def __init__(self, per_channel: bool, keep_samples: bool, generator: torch.Generator):
+    def __init__(self, per_channel: bool, keep_samples: bool, generator: torch.Generator, last_axis: bool):
         self.per_channel, self.keep_samples, self.generator = per_channel, keep_samples, generator
+        self.last_axis = last_axis  # a Linear's features are its last axis, a convolution's axis 1
+        self.axis = None
         self.lo = self.hi = None
         self.samples: list[torch.Tensor] = []
         self.kept = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        flat = x.transpose(0, 1).reshape(x.shape[1], -1) if self.per_channel else x.reshape(1, -1)
+        self.axis = x.dim() - 1 if self.last_axis else 1
+        flat = (
+            x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1) if self.per_channel else x.reshape(1, -1)
+        )
         lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
@@ -164,7 +169,7 @@ class _Collector:
             self.kept += take
 
     def grid(self, method: str, bits: int, percentile: float) -> ActivationQuant:
-        axis = 1 if self.per_channel else None
+        axis = self.axis if self.per_channel else None
         lo, hi = self.lo, self.hi
         if method == "percentile":
             s = torch.cat(self.samples, dim=1)
@@ -235,8 +240,9 @@ def calibrate_activations(
         Activation bits, for all layers or per layer; 32 (or a layer left out of the dict) keeps
         that layer's activations in float.
     per_channel : bool
-        One range per channel (axis 1). Only the fake-quant simulation runs it: torch's and
-        onnxruntime's int8 kernels take one activation scale per tensor.
+        One range per channel (a convolution's axis 1, a Linear's last axis). Only the fake-quant
+        simulation runs it: torch's and onnxruntime's int8 kernels take one activation scale per
+        tensor.
     percentile : float
     seed : int
         Seed of the sample kept for percentile / MSE.
@@ -252,8 +258,9 @@ def calibrate_activations(
     modules = dict(model.named_modules())
     generator = torch.Generator().manual_seed(seed)
     keep = method != "minmax"
-    collect_in = {n: _Collector(per_channel, keep, generator) for n in names}
-    collect_out = {n: _Collector(per_channel, keep, generator) for n in names}
+    linear = {n: isinstance(modules[n], nn.Linear) or hasattr(modules[n], "in_features") for n in names}
+    collect_in = {n: _Collector(per_channel, keep, generator, linear[n]) for n in names}
+    collect_out = {n: _Collector(per_channel, keep, generator, linear[n]) for n in names}
     hooks = []
     for n in names:
         hooks.append(modules[n].register_forward_pre_hook(lambda m, a, n=n: collect_in[n].add(a[0])))

@@ -10,6 +10,12 @@ from cetopt.graph import Quantize, rewrite
 from cetopt.zoo import load_dataset, load_model
 
 ZOO = {"digits-cnn": "digits", "digits-resnet": "digits", "mnist1d-cnn": "mnist1d"}
+EVERY_ZOO_MODEL = {
+    **ZOO,
+    "digits-mlp-2x100": "digits",
+    "mnist1d-mlp-2x100": "mnist1d",
+    "pydoc-char-lm": "pydoc-text",
+}
 
 
 def quantize_all(model: nn.Module, bits=4) -> nn.Module:
@@ -17,11 +23,21 @@ def quantize_all(model: nn.Module, bits=4) -> nn.Module:
     return rewrite(model, [Quantize(n, bits) for n in names])
 
 
+def _case(name: str):
+    model = load_model(name).eval()
+    return name, model, quantize_all(model), load_dataset(EVERY_ZOO_MODEL[name])
+
+
 @pytest.fixture(scope="session", params=sorted(ZOO))
 def zoo_case(request):
-    """(name, float model, quantized model (4-bit weights), dataset)."""
-    model = load_model(request.param).eval()
-    return request.param, model, quantize_all(model), load_dataset(ZOO[request.param])
+    """(name, float model, quantized model (4-bit weights), dataset) of the zoo's conv nets."""
+    return _case(request.param)
+
+
+@pytest.fixture(scope="session", params=sorted(EVERY_ZOO_MODEL))
+def any_zoo_case(request):
+    """The same for every zoo model (MLPs and the char LM too)."""
+    return _case(request.param)
 
 
 class TinyNet(nn.Module):
