@@ -47,6 +47,9 @@ _LAZY: dict[str, str] = {
     "build_menu": "cetopt.lowrank",
     "self_compress": "cetopt.selfcompress",
     "SelfCompressionResult": "cetopt.selfcompress",
+    "runtime": "cetopt.deploy",
+    "export_onnx": "cetopt.deploy",
+    "calibrate_activations": "cetopt.deploy",
     "find_stable_units": "cetopt.leo",
     "remove_stable_units": "cetopt.leo",
 }

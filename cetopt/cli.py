@@ -157,6 +157,19 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--per-channel", action="store_true", help="a bit width per output channel (--method cet or measured)"
     )
+    parser.add_argument(
+        "--activations",
+        type=int,
+        choices=[4, 8],
+        help="also quantize activations at these bits (calibrated on the calibration split); "
+        "reports the accuracy and writes activations.json",
+    )
+    parser.add_argument(
+        "--activation-method", default="minmax", choices=["minmax", "percentile", "mse"], help="range rule"
+    )
+    parser.add_argument(
+        "--export", choices=["onnx"], help="also write model.onnx (QDQ, static int8 activations)"
+    )
 
 
 def _resolve_model(args: argparse.Namespace):
@@ -235,9 +248,103 @@ def run_compress(args: argparse.Namespace) -> int:
         "sequential_calibration": args.sequential and not (args.no_gptq and args.no_bias_correction),
         "sensitivity_seconds": result.table.meta.get("seconds"),
     }
+    if args.activations or args.export:
+        report.update(_deploy_outputs(args, result.model, data, out))
     atomic_write_json(out / "report.json", report)
     print(f"wrote {out / 'report.json'}")
     return 0
+
+
+def _deploy_outputs(args: argparse.Namespace, model, data, out) -> dict:
+    """Activation ranges, accuracy with activations quantized, and the ONNX file (compress options)."""
+    import warnings
+
+    from cetopt._io import atomic_write_json
+    from cetopt.deploy import calibrate_activations, export_onnx, runtime
+    from cetopt.zoo import accuracy
+
+    bits = args.activations or 8
+    calibration = data.loader(args.calibration, batch_size=512)
+    ranges = calibrate_activations(model, calibration, method=args.activation_method, bits=bits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fake = accuracy(runtime(model, "fake-int8", activations=ranges), data.x_test, data.y_test)
+    atomic_write_json(out / "activations.json", ranges.to_dict())
+    print(f"activations at {bits} bits ({args.activation_method}): test accuracy {100 * fake:.2f}%")
+    report = {
+        "activation_bits": bits,
+        "activation_method": args.activation_method,
+        "accuracy_activations": fake,
+    }
+    if args.export == "onnx":
+        exported = export_onnx(model, out / "model.onnx", data.x_val[:8], activations=ranges)
+        print(f"wrote {exported.path} (onnxruntime vs PyTorch: max |diff| {exported.max_abs_diff})")
+        report["onnx"] = {"path": exported.path, "max_abs_diff": exported.max_abs_diff}
+    return report
+
+
+def _configure_bench_latency(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a file written by cetopt compress / cetopt.save")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per mode and batch size")
+    parser.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
+    parser.add_argument("--allow-import", action="store_true", help="allow importing the file's module:attr")
+
+
+@command("bench-latency", "time a compressed model in fp32 and every execution mode")(
+    _configure_bench_latency
+)
+def run_bench_latency(args: argparse.Namespace) -> int:
+    import warnings
+
+    from cetopt.deploy.latency import measure_latency
+    from cetopt.deploy.runtime import MODES, runtime
+    from cetopt.serialization import _build_architecture, load
+
+    model = load(args.model, allow_import=args.allow_import)
+    fp32 = _build_architecture(getattr(model, "_cetopt_source", None), args.allow_import).eval()
+    make_input = _latency_inputs(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calibration = [make_input(8)]
+        modes = {m: runtime(model, m, calibration=calibration if "int8" in m else None) for m in MODES}
+    rows = []
+    for batch in (int(b) for b in args.batch.split(",")):
+        x = make_input(batch)
+        fns = {"fp32": lambda x=x: fp32(x), **{k: (lambda m=m, x=x: m(x)) for k, m in modes.items()}}
+        for name, r in measure_latency(fns, runs=args.runs, baseline="fp32").items():
+            rows.append(
+                [
+                    str(batch),
+                    name,
+                    f"{1e3 * r['median_s']:.2f}",
+                    f"{1e3 * r['p25_s']:.2f}..{1e3 * r['p75_s']:.2f}",
+                    f"{r['speedup']:.2f}x",
+                ]
+            )
+    _print_table(["batch", "mode", "median ms", "p25..p75 ms", "vs fp32"], rows)
+    return 0
+
+
+def _latency_inputs(model):
+    """Inputs of any batch size: the zoo dataset's, else random ones of the recorded shape."""
+    import torch
+
+    from cetopt.errors import CetoptError
+    from cetopt.graph.rewriter import history
+
+    source = getattr(model, "_cetopt_source", None) or ""
+    if source.startswith("zoo:"):
+        from cetopt.zoo import load_dataset, zoo_entry
+
+        x = load_dataset(zoo_entry(source.removeprefix("zoo:")).dataset).x_val
+        return lambda b: x[:b]
+    spec = history(model).get("example_inputs")
+    if not spec:
+        raise CetoptError("the file records neither a zoo model nor example input shapes")
+    shape, dtype = spec[0]["shape"][1:], getattr(torch, spec[0]["dtype"])
+    if dtype.is_floating_point:
+        return lambda b: torch.randn(b, *shape)
+    return lambda b: torch.zeros(b, *shape, dtype=dtype)
 
 
 def _configure_zoo(parser: argparse.ArgumentParser) -> None:

@@ -323,7 +323,13 @@ def _rebuild(base: nn.Module, decisions: list, inputs, path) -> nn.Module:
 
 
 @in_eval_mode("model")
-def load(path: str | os.PathLike, model: nn.Module | None = None, *, allow_import: bool = False) -> nn.Module:
+def load(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    allow_import: bool = False,
+    mode: str | None = None,
+) -> nn.Module:
     """Rebuild a model written by :func:`save`; its outputs equal the saved model's exactly.
 
     Only safetensors and JSON are read, never a pickle. Every size the metadata asks for (example
@@ -339,6 +345,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, allow_impor
         ``module:attr`` only with ``allow_import=True``.
     allow_import : bool
         Allow importing and calling the ``module:attr`` the file names.
+    mode : str, optional
+        An execution mode of :func:`cetopt.runtime` (``"dequant-cached"``, ``"int8"``, ...) to
+        return the model in; the file is only read.
 
     Raises
     ------
@@ -347,11 +356,16 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, allow_impor
         or do not fit the architecture; the message says which.
     """
     try:
-        return _load(path, model, allow_import)
+        rebuilt = _load(path, model, allow_import)
     except CetoptError:
         raise
     except Exception as exc:  # a malformed file must never escape as a raw parser error
         raise ModelFileError(f"{path}: cannot be loaded ({type(exc).__name__}: {exc})") from exc
+    if mode is None:
+        return rebuilt
+    from cetopt.deploy.runtime import runtime
+
+    return runtime(rebuilt, mode)
 
 
 def _load(path, model: nn.Module | None, allow_import: bool) -> nn.Module:

@@ -1,0 +1,137 @@
+import copy
+import warnings
+
+import pytest
+import torch
+
+import cetopt
+from cetopt.deploy import KernelFallbackWarning, calibrate_activations, runtime
+from cetopt.deploy.activations import ActivationRanges, choose_qparams, fake_quantize_dynamic
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def test_dequant_cached_and_reference_reproduce_the_quantized_model(tiny):
+    _, q, x = tiny
+    ref = q(x)
+    for mode in ("reference", "dequant-cached"):
+        assert torch.equal(runtime(q, mode)(x), ref)
+
+
+@torch.no_grad()
+def test_int8_kernels_match_their_fake_quant_definition(zoo_case):
+    _, _, q, data = zoo_case
+    ranges = calibrate_activations(q, data.loader("val"))
+    x = data.x_test[:128]
+    fake = runtime(q, "fake-int8", activations=ranges)(x)
+    kernel = runtime(q, "int8", activations=ranges)(x)
+    ref = q(x)
+    # tolerance: a few steps of the last layer's output grid (ties round apart, bias requantized)
+    last = list(ranges.outputs)[-1]
+    assert (kernel - fake).abs().max() <= 3 * float(ranges.outputs[last].scale) + 1e-5
+    # and the quantized activations stay close to the float-activation model's outputs
+    assert (kernel - ref).abs().max() <= 0.15 * ref.abs().max()
+    assert (kernel.argmax(1) == ref.argmax(1)).float().mean() > 0.95
+
+
+@torch.no_grad()
+def test_dynamic_int8_linear_is_exact_to_its_definition(zoo_case):
+    _, _, q, data = zoo_case
+    x = data.x_test[:64]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KernelFallbackWarning)  # convolutions stay float
+        kernel = runtime(q, "int8")(x)
+        fake = runtime(q, "fake-int8")(x)
+    assert (kernel - fake).abs().max() <= 1e-4 * fake.abs().max() + 1e-5
+
+
+@torch.no_grad()
+def test_weight_only_matches_reference_and_names_fallbacks(tiny):
+    _, q, x = tiny
+    with pytest.warns(KernelFallbackWarning) as record:
+        fast = runtime(q, "weight-only")
+    messages = " ".join(str(w.message) for w in record)
+    assert "'conv'" in messages  # no weight-only conv kernel: float
+    assert "'fc'" not in messages  # 128 → 48: the int4 kernel fits
+    assert "'out'" in messages and "int8 weight kernel" in messages  # K = 48: int4 rejects it
+    assert torch.allclose(fast(x), q(x), atol=1e-4)
+
+
+def test_wide_codes_fall_back_with_the_layer_named(tiny):
+    model, _, x = tiny
+    from tests.deploy.conftest import quantize_all
+
+    q = quantize_all(model, 12)
+    with pytest.warns(KernelFallbackWarning, match="'fc'.*12-bit"):
+        out = runtime(q, "int8", calibration=[x])
+    with torch.no_grad():
+        assert torch.allclose(out(x), q(x), atol=1e-3 * float(q(x).abs().max()))
+
+
+def test_input_model_untouched_and_result_is_new(tiny):
+    _, q, x = tiny
+    before, ref = _state(q), q(x).detach()
+    for mode in cetopt.deploy.MODES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", KernelFallbackWarning)
+            out = runtime(q, mode, calibration=[x])
+        assert out is not q
+    after = _state(q)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(q(x), ref)
+
+
+def test_load_with_mode_leaves_the_file_unchanged(tiny, tmp_path):
+    _, q, x = tiny
+    path = tmp_path / "m.safetensors"
+    cetopt.save(q, path, source=None)
+    blob = path.read_bytes()
+    loaded = cetopt.load(path, model=copy.deepcopy(tiny[0]), mode="dequant-cached")
+    assert path.read_bytes() == blob
+    assert torch.equal(loaded(x), q(x))
+
+
+def test_choose_qparams_matches_torch():
+    torch.manual_seed(0)
+    for _ in range(200):
+        x = torch.randn(50) * 5 + torch.randn(1)
+        scale, zp = torch._choose_qparams_per_tensor(x, False)
+        mine_scale, mine_zp = choose_qparams(x.min(), x.max())
+        assert int(mine_zp) == zp and abs(float(mine_scale) - scale) <= 1e-7 * scale
+    y = torch.randn(1000)
+    assert (fake_quantize_dynamic(y) - y).abs().max() <= (y.max() - y.min()) / 255
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_calibration_methods(tiny, method, per_channel):
+    _, q, x = tiny
+    ranges = calibrate_activations(q, [x], method=method, per_channel=per_channel)
+    assert set(ranges.inputs) == {"conv", "fc", "out"}
+    grid = ranges.inputs["fc"]
+    assert grid.per_channel == per_channel
+    if method == "minmax":
+        seen = torch.relu(q.bn(q.conv(x))).flatten(1)  # fc's input (ReLU output ≥ 0)
+        hi = seen.max() if not per_channel else seen.max(0).values
+        assert torch.allclose(grid.hi, hi)
+    again = ActivationRanges.from_dict(ranges.to_dict())
+    assert torch.allclose(again.inputs["fc"].scale, grid.scale)
+
+
+def test_four_bit_and_per_channel_ranges_run_as_8_bit_per_tensor_kernels(tiny):
+    _, q, x = tiny
+    ranges = calibrate_activations(q, [x], bits=4, per_channel=True)
+    fake = runtime(q, "fake-int8", activations=ranges)
+    with pytest.warns(KernelFallbackWarning, match="'conv'.*4-bit per-channel"):
+        runtime(q, "int8", activations=ranges)
+    assert fake(x).shape == q(x).shape
+
+
+def test_dequant_cached_exports_with_torch_export(tiny):
+    _, q, x = tiny
+    fast = runtime(q, "dequant-cached")
+    program = torch.export.export(fast, (x,))
+    assert torch.allclose(program.module()(x), q(x), atol=1e-6)
