@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -29,7 +28,8 @@ from cetopt.allocation.plan import Plan
 from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import DataShapeError, InfeasibleBudgetError, SolverFailedError
 from cetopt.problem import MILP, Status
-from cetopt.solving import default_workers, solve
+from cetopt.solving import solve
+from cetopt.solving.executors import map_tasks
 
 __all__ = ["OptionChoice", "ParetoFront", "allocate", "choose_options", "pareto"]
 
@@ -399,11 +399,13 @@ def pareto(
     *,
     plot=None,
     workers: int | None = None,
+    executor=None,
     **allocate_kwargs,
 ) -> ParetoFront:
     """Allocate for each budget (in parallel) and return the frontier; save its plot to ``plot`` if given.
 
     Budgets below the minimum size are skipped with their error noted in no plan; other errors raise.
+    ``executor``: where the budget solves run, as in :func:`cetopt.solving.executors.get_executor`.
     """
 
     def one(budget):
@@ -412,8 +414,7 @@ def pareto(
         except InfeasibleBudgetError:
             return None
 
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        plans = [p for p in pool.map(one, budgets) if p is not None]
+    plans = [p for p in map_tasks(one, budgets, executor, workers) if p is not None]
     if not plans:
         raise InfeasibleBudgetError("every budget is below the minimum size", minimum=float("nan"))
     front = ParetoFront(plans)

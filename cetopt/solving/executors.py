@@ -28,6 +28,7 @@ __all__ = [
     "RayExecutor",
     "ThreadExecutor",
     "get_executor",
+    "map_tasks",
     "run_with_retry",
     "solve_tasks",
 ]
@@ -146,6 +147,20 @@ def get_executor(executor: str | Executor | None = None, workers: int | None = N
     if executor == "ray":
         return RayExecutor()
     raise ValueError(f"unknown executor {executor!r}; use 'thread', 'ray' or an Executor instance")
+
+
+def map_tasks(
+    fn: Callable[[Any], Any], items: Sequence[Any], executor=None, workers: int | None = None
+) -> list:
+    """``[fn(item) for item in items]`` on ``executor`` (see :func:`get_executor`).
+
+    Re-raises the first exception, after every item ran.
+    """
+    out = get_executor(executor, workers).outcomes(fn, list(items))
+    for o in out:
+        if not o.ok:
+            raise o.error
+    return [o.value for o in out]
 
 
 def run_with_retry(
