@@ -6,7 +6,9 @@ every earlier ReLU layer: each ReLU ``v = relu(g')`` is replaced by a linear upp
 lower relaxation (``v ≥ α g'``, ``α ∈ {0, 1}``, whichever of the two has the smaller area) where
 it is negative, then ``g'`` is replaced by its own expression. What is left is linear in the input
 and is maximised over the box in closed form. One backward pass bounds every row of the layer, in
-both directions at once, and is never looser than interval arithmetic on the same bounds.
+both directions at once. It is usually far tighter than interval arithmetic but not always (the
+lower relaxation ``α g`` can lose against the interval's); the detector keeps the tighter of the two
+per neuron.
 
 Rounding. Every product is computed in float64. The error of a computed coefficient matrix
 ``fl(D M)`` is at most ``γ_N |D| |M|`` (``γ_N = N u / (1 − N u)``, ``u = 2⁻⁵³``, ``N`` the longest
