@@ -1,10 +1,12 @@
-"""``find_stable_units``: progressive screening (data, samples, intervals, LP, MILP) of every ReLU.
+"""``find_stable_units``: progressive screening (data, samples, intervals, linear bounds, attack,
+LP, MILP) of every ReLU.
 
-Soundness. A unit is called stable only on a proof: interval arithmetic (exact float64), or a
-solver's *dual bound* (LP optimum or MIP dual bound, never an incumbent) that clears zero by
-``margin``: ``max g ≤ −margin`` proves "stably inactive", ``min g ≥ margin`` proves "stably
-active". Instability needs a witness: a point of the domain at which the network itself (run
-in float64) gives the unit both signs; solver incumbents only count after that re-check. Every
+Soundness. A unit is called stable only on a proof that clears zero by ``margin``: interval or
+linear-bound arithmetic (float64, widened by an explicit rounding bound), or a solver's *dual
+bound* (LP optimum or MIP dual bound, never an incumbent): ``max g ≤ −margin`` proves "stably
+inactive", ``min g ≥ margin`` proves "stably active". Instability needs a witness: a point of the
+domain at which the network itself (run in float64) gives the unit both signs; solver incumbents,
+LP points and attack points only count after that re-check. Every
 inconclusive case (time limit, a bound between −margin and margin) keeps the unit as unstable,
 which is always safe for the compression that follows. The margin (default ``1e-6``) covers HiGHS's
 feasibility and optimality tolerances (1e-7 by default) on the small, well-scaled problems here;
