@@ -12,8 +12,18 @@
   channel) and box domains given without data, where the LP and MILP stages have to work; MILP
   count and time per MILP are reported.
 
+* **Large inputs** (``large_inputs``): the 784-input MLP (digits upsampled to 28×28, 784-100-100-10)
+  and strided conv nets on 28×28 and 32×32 upsampled digits (2 conv + 2 linear), L1 ∈ {0, 2e-4,
+  1e-3}, data box; units/channels and parameters removed, accuracy, time, stages. Exactness also
+  by a projected-gradient search for the largest output difference inside the domain (float64).
+* **Ray** (``ray``): the 28×28 conv net (L1 = 0) on a local 2-worker Ray cluster against the local
+  thread pool: identical decisions, both times.
+
 Every compressed network is checked against the original on the data and on 10⁴ random points
 of its domain (max |difference| recorded; required ≤ 1e-5).
+
+``python -m benchmarks.bench_leo --large`` runs only the last two sections and merges them into
+the existing ``results/leo.json``, leaving the other sections as they were measured.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import torch
 
 import cetopt
 from cetopt.leo import Domain, load_leo_model
+from cetopt.leo.training import leo_dataset
 from cetopt.zoo import accuracy, load_dataset
 
 WIDTHS = (25, 50, 100)
@@ -273,6 +284,7 @@ def run(quick: bool = False) -> dict:
                             flush=True,
                         )
     hard = _hard_cases(quick)
+    large = run_large(quick)
     big = [s["speedup"] for s in speed if s["width"] == 100]
     return {
         "settings": {
@@ -294,8 +306,184 @@ def run(quick: bool = False) -> dict:
             "target_100x_met": bool(big) and min(big) >= 100,
         },
         "hard_cases": hard,
+        **large,
         "all_exact": all(r["exact"] for r in rows + hard),
         "all_exact_f32_abs_1e-5": all(r["exact_f32_abs_1e-5"] for r in rows + hard),
         "worst_f32_diff": max(max(r["max_diff_data"], r["max_diff_domain"]) for r in rows + hard),
         "worst_f64_diff": max(max(r["max_diff_data_f64"], r["max_diff_domain_f64"]) for r in rows + hard),
     }
+
+
+LARGE = ("digits28-2x100", "digits28-conv", "digits32-conv")
+LARGE_TIME_LIMIT = 5.0  # seconds per MILP
+LARGE_WORKERS = 2
+
+
+def _pgd_difference(model, compressed, domain: Domain, x: torch.Tensor, steps: int = 60) -> float:
+    """Largest |output difference| found by sign-gradient ascent inside the domain box (float64)."""
+    m64, c64 = copy.deepcopy(model).double(), copy.deepcopy(compressed).double()
+    lo = torch.tensor(domain.lo[0]).reshape(x.shape[1:])
+    hi = torch.tensor(domain.hi[0]).reshape(x.shape[1:])
+    rng = torch.Generator().manual_seed(7)
+    starts = torch.cat(
+        [x[:32].double(), lo + torch.rand(32, *x.shape[1:], generator=rng).double() * (hi - lo)]
+    )
+    z = starts.clone().requires_grad_(True)
+    best = 0.0
+    for step in range(steps):
+        diff = (m64(z) - c64(z)).abs().amax(dim=1)
+        best = max(best, diff.max().item())
+        (grad,) = torch.autograd.grad(diff.sum(), z)
+        with torch.no_grad():
+            size = 0.1 * (1 - step / steps) + 0.005
+            z = torch.minimum(torch.maximum(z + size * (hi - lo) * grad.sign(), lo), hi)
+        z.requires_grad_(True)
+    with torch.no_grad():
+        return max(best, (m64(z) - c64(z)).abs().max().item())
+
+
+def _large_row(name: str, l1: float, executor=None) -> tuple[dict, object]:
+    data = leo_dataset(name.split("-")[0])
+    model = load_leo_model(name, l1=l1)
+    domain = Domain.from_data(data.x_train)
+    x_all = torch.cat([data.x_train, data.x_test])
+    t0 = time.perf_counter()
+    report = cetopt.find_stable_units(
+        model,
+        domain,
+        data=data.x_train,
+        workers=LARGE_WORKERS,
+        time_limit=LARGE_TIME_LIMIT,
+        executor=executor,
+    )
+    t_detect = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compressed = cetopt.remove_stable_units(model, report)
+    t_remove = time.perf_counter() - t0
+    removed = _removed_per_layer(report, compressed)
+    units = [r.units for r in report.layers]
+    row = {
+        "network": name,
+        "l1": l1,
+        "kind": [r.kind for r in report.layers],
+        "units": units,
+        "inactive": [len(r.inactive) for r in report.layers],
+        "active": [len(r.active) for r in report.layers],
+        "removed_per_layer": removed,
+        "units_removed_pct": 100.0 * sum(removed) / sum(units),
+        "params_before": compressed.leo_removal["params_before"],
+        "params_after": compressed.leo_removal["params_after"],
+        "params_removed_pct": 100.0 * compressed.leo_removal["params_removed_fraction"],
+        "test_accuracy": accuracy(model, data.x_test, data.y_test),
+        "compressed_test_accuracy": accuracy(compressed, data.x_test, data.y_test),
+        "decided_by": report.stage_counts(),
+        "decided_by_layer": {r.name: r.stage_counts() for r in report.layers},
+        "lps": sum(r.lps for r in report.layers),
+        "milps": report.milps,
+        "milp_time": report.milp_time,
+        "detect_seconds": t_detect,
+        "remove_seconds": t_remove,
+        "seconds": t_detect + t_remove,
+        "failed_tasks": len(report.extra.get("failed_tasks", [])),
+        "skipped": {
+            k: v.get("skipped") for k, v in compressed.leo_removal["layers"].items() if v.get("skipped")
+        },
+        **_exactness(model, compressed, domain, x_all),
+        "max_diff_pgd_f64": _pgd_difference(model, compressed, domain, x_all),
+    }
+    row["exact_1e-6"] = (
+        max(row["max_diff_data_f64"], row["max_diff_domain_f64"], row["max_diff_pgd_f64"]) <= 1e-6
+    )
+    return row, report
+
+
+def _ray_section(name: str = "digits28-conv", l1: float = 0.0) -> dict:
+    from cetopt.solving.executors import RayExecutor
+
+    try:
+        import ray
+    except ImportError:
+        return {"ran": False, "why": "ray is not installed"}
+    local, local_report = _large_row(name, l1)
+    t0 = time.perf_counter()
+    executor = RayExecutor(num_cpus=2)
+    start_seconds = time.perf_counter() - t0
+    remote, remote_report = _large_row(name, l1, executor=executor)
+    same = all(
+        np.array_equal(a.state, b.state) and a.stage == b.stage
+        for a, b in zip(local_report.layers, remote_report.layers)
+    )
+    ray.shutdown()
+    return {
+        "ran": True,
+        "network": name,
+        "l1": l1,
+        "cluster": "local, 2 CPUs (ray.init(num_cpus=2))",
+        "identical_decisions": bool(same),
+        "local_seconds": local["detect_seconds"],
+        "ray_seconds": remote["detect_seconds"],
+        "ray_cluster_start_seconds": start_seconds,
+        "ray_over_local": remote["detect_seconds"] / local["detect_seconds"],
+        "decided_by_local": local["decided_by"],
+        "decided_by_ray": remote["decided_by"],
+    }
+
+
+def run_large(quick: bool = False) -> dict:
+    torch.set_num_threads(1)
+    rows = []
+    for name in LARGE[:2] if quick else LARGE:
+        for l1 in L1S:
+            row, _ = _large_row(name, l1)
+            rows.append(row)
+            print(
+                f"   {name} l1={l1:g}: acc {row['test_accuracy']:.4f}, removed {row['removed_per_layer']} "
+                f"({row['units_removed_pct']:.1f}% units, -{row['params_removed_pct']:.1f}% params), "
+                f"{row['seconds']:.1f} s, {row['decided_by']}, pgd {row['max_diff_pgd_f64']:.2g}",
+                flush=True,
+            )
+    targets = {}
+    for name in LARGE:
+        mine = {r["l1"]: r for r in rows if r["network"] == name}
+        if not mine:
+            continue
+        base, strong = mine.get(0.0), mine.get(1e-3)
+        targets[name] = {
+            "max_seconds": max(r["seconds"] for r in mine.values()),
+            "within_60s": all(r["seconds"] <= 60 for r in mine.values()) if "conv" in name else None,
+            "l1_1e-3_units_removed_pct": strong["units_removed_pct"] if strong else None,
+            "l1_1e-3_accuracy_drop_pp": 100 * (base["test_accuracy"] - strong["test_accuracy"])
+            if base and strong
+            else None,
+            "all_exact_1e-6": all(r["exact_1e-6"] for r in mine.values()),
+        }
+    return {
+        "large_inputs": {
+            "settings": {
+                "domain": "per-feature min/max box of the training split",
+                "milp_time_limit_s": LARGE_TIME_LIMIT,
+                "workers": LARGE_WORKERS,
+                "exactness": "max |output difference| in float64 over the data, 1e4 domain samples and a "
+                "projected-gradient search (64 starts, 60 steps); required ≤ 1e-6",
+            },
+            "rows": rows,
+            "targets": targets,
+        },
+        "ray": _ray_section(),
+    }
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    from benchmarks.harness import RESULTS, write_result
+
+    if "--large" in sys.argv:
+        path = RESULTS / "leo.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        keep = {k: v for k, v in old.items() if k not in ("benchmark", "quick", "machine")}
+        new = run_large(quick="--quick" in sys.argv)
+        old_machine = old.get("machine")
+        result = {**keep, **new, "machine_of_earlier_sections": old_machine}
+        print(f"wrote {write_result('leo', result)}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -27,7 +26,7 @@ from cetopt.allocation.plan import LayerValues, Plan
 from cetopt.allocation.search import MultiChoice, relative_gap
 from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import AllocationArgumentError, DataShapeError, InfeasibleBudgetError
-from cetopt.solving import default_workers
+from cetopt.solving.executors import map_tasks
 
 __all__ = ["OptionChoice", "ParetoFront", "allocate", "choose_options", "pareto"]
 
@@ -336,6 +335,7 @@ def pareto(
     *,
     plot=None,
     workers: int | None = None,
+    executor=None,
     **allocate_kwargs,
 ) -> ParetoFront:
     """Allocate for each budget and return the frontier; save its plot to ``plot`` if given.
@@ -344,6 +344,8 @@ def pareto(
     and with several budget rows each budget's Lagrangian starts from the multipliers of the one
     before it (budgets in increasing order). Budgets that still need a MILP are solved in parallel
     (``workers`` threads). Budgets below the minimum size are skipped; other errors raise.
+    ``executor``: where those MILPs run, as in :func:`cetopt.solving.executors.get_executor`
+    (``"thread"``, the default, or ``"ray"``).
     """
     known = {"solver", "time_limit", "mip_gap", "use_greedy"}
     solve_kwargs = {k: allocate_kwargs.pop(k) for k in list(allocate_kwargs) if k in known}
@@ -388,8 +390,7 @@ def pareto(
             return None
         return _make_plan(setup, answer, limits, time.perf_counter() - t0)
 
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        plans = [p for p in pool.map(finish, pending) if p is not None]
+    plans = [p for p in map_tasks(finish, pending, executor, workers) if p is not None]
     if not plans:
         raise InfeasibleBudgetError("every budget is below the minimum size", minimum=float("nan"))
     front = ParetoFront(plans)

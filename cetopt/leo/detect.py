@@ -1,10 +1,12 @@
-"""``find_stable_units``: progressive screening (data, samples, intervals, LP, MILP) of every ReLU.
+"""``find_stable_units``: progressive screening (data, samples, intervals, linear bounds, attack,
+LP, MILP) of every ReLU.
 
-Soundness. A unit is called stable only on a proof: interval arithmetic (exact float64), or a
-solver's *dual bound* (LP optimum or MIP dual bound, never an incumbent) that clears zero by
-``margin``: ``max g ≤ −margin`` proves "stably inactive", ``min g ≥ margin`` proves "stably
-active". Instability needs a witness: a point of the domain at which the network itself (run
-in float64) gives the unit both signs; solver incumbents only count after that re-check. Every
+Soundness. A unit is called stable only on a proof that clears zero by ``margin``: interval or
+linear-bound arithmetic (float64, widened by an explicit rounding bound), or a solver's *dual
+bound* (LP optimum or MIP dual bound, never an incumbent): ``max g ≤ −margin`` proves "stably
+inactive", ``min g ≥ margin`` proves "stably active". Instability needs a witness: a point of the
+domain at which the network itself (run in float64) gives the unit both signs; solver incumbents,
+LP points and attack points only count after that re-check. Every
 inconclusive case (time limit, a bound between −margin and margin) keeps the unit as unstable,
 which is always safe for the compression that follows. The margin (default ``1e-6``) covers HiGHS's
 feasibility and optimality tolerances (1e-7 by default) on the small, well-scaled problems here;
@@ -24,16 +26,31 @@ from torch import nn
 
 from cetopt._modes import in_eval_mode
 from cetopt.errors import DataShapeError, DomainError, UntraceableModelError
+from cetopt.leo.attack import NetworkTorch, search_sign_change
 from cetopt.leo.domain import Domain, as_domain
-from cetopt.leo.formulation import ACTIVE, INACTIVE, UNDECIDED, BoxState, interval_bounds, layer_problem
+from cetopt.leo.formulation import (
+    ACTIVE,
+    INACTIVE,
+    UNDECIDED,
+    BoxState,
+    cone,
+    gid_base,
+    interval_bounds,
+    layer_problem,
+)
+from cetopt.leo.linear_bounds import linear_bounds, optimise_slopes
 from cetopt.leo.network import ReluLayer, ReluNetwork, extract
 from cetopt.leo.report import _ALL_STAGES, STAGES, LayerReport, StabilityReport, weights_fingerprint
 from cetopt.problem import Solution, Status
-from cetopt.solving.api import default_workers, solve_many
+from cetopt.solving.api import default_workers
+from cetopt.solving.executors import Executor, get_executor, solve_tasks
 
 __all__ = ["find_stable_units"]
 
 _RANK = {s: i for i, s in enumerate(_ALL_STAGES)}
+_IPM_COLUMNS = 2000
+_SLOPE_ROWS = 128  # optimise slopes for at most this many open neurons of a layer
+_OBBT_UNITS = 1024  # OBBT on at most this many unstable neurons per earlier layer, most influential first
 
 
 @dataclass
@@ -46,6 +63,7 @@ class _Config:
     time_limit: float | None
     workers: int
     milp_units: Mapping[int, np.ndarray] | None
+    executor: Executor | None = None
 
 
 @dataclass
@@ -98,6 +116,8 @@ class _Run:
     # seen[b][i - 1]: (max, min) pre-activation of layer i over the points evaluated in box b
     seen: list[list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)  # solve tasks that failed twice
+    torch_net: NetworkTorch | None = None
 
     # -- witnesses -------------------------------------------------------------------------
     def witness(self, x: np.ndarray, stage: str) -> None:
@@ -145,13 +165,56 @@ class _Run:
         # a proven neuron rules out the opposite state for its whole unit (conservative for g ≡ 0)
         self.flags[i - 1].mark("neg" if state == INACTIVE else "pos", layer.channel_of[neurons], stage)
 
-    def interval(self, b: int, i: int) -> None:
-        box = self.boxes[b]
-        lo, hi = interval_bounds(self.net, i, box)
+    def bounded(self, b: int, i: int, lo: np.ndarray, hi: np.ndarray, stage: str) -> None:
+        """Tighten layer ``i``'s bounds in box ``b``; prove what clears zero by the margin."""
+        box, margin = self.boxes[b], self.cfg.margin
         box.lo[i], box.hi[i] = np.maximum(box.lo[i], lo), np.minimum(box.hi[i], hi)
-        if "interval" in self.cfg.stages:
-            self.prove(b, i, np.flatnonzero(box.hi[i] <= 0), INACTIVE, "interval")
-            self.prove(b, i, np.flatnonzero(box.lo[i] >= 0), ACTIVE, "interval")
+        if stage in self.cfg.stages:
+            self.prove(b, i, np.flatnonzero(box.hi[i] <= -margin), INACTIVE, stage)
+            self.prove(b, i, np.flatnonzero(box.lo[i] >= margin), ACTIVE, stage)
+
+    def interval(self, b: int, i: int) -> None:
+        self.bounded(b, i, *interval_bounds(self.net, i, self.boxes[b]), "interval")
+
+    def linear(self, b: int, i: int) -> None:
+        """Symbolic linear bounds for every neuron of layer ``i`` (skipped where intervals are exact)."""
+        if "linear" not in self.cfg.stages or set(self.net.layers[i - 1].pre.terms) == {0}:
+            return
+        self.bounded(b, i, *linear_bounds(self.net, i, self.boxes[b]), "linear")
+
+    def optimised(self, b: int, i: int) -> None:
+        """Linear bounds with optimised slopes (α-CROWN) for the neurons still open after the attack."""
+        if "linear" not in self.cfg.stages or set(self.net.layers[i - 1].pre.terms) == {0}:
+            return
+        rows = np.union1d(*self.needs(b, i))
+        if rows.size == 0 or rows.size > _SLOPE_ROWS:  # many open positions: their small LPs are cheaper
+            return
+        box = self.boxes[b]
+        slopes = optimise_slopes(self.net, i, box, rows)
+        if not slopes:
+            return
+        lo, hi = linear_bounds(self.net, i, box, rows, slopes)
+        full_lo, full_hi = box.lo[i].copy(), box.hi[i].copy()
+        full_lo[rows], full_hi[rows] = np.maximum(full_lo[rows], lo), np.minimum(full_hi[rows], hi)
+        self.bounded(b, i, full_lo, full_hi, "linear")
+
+    def attack(self, b: int, i: int) -> None:
+        """Projected-gradient search for a sign change of each channel still open; points re-checked."""
+        if "attack" not in self.cfg.stages:
+            return
+        need_max, need_min = self.needs(b, i)
+        ch = self.net.layers[i - 1].channel_of
+        channels = np.concatenate([np.unique(ch[need_max]), np.unique(ch[need_min])])
+        signs = np.concatenate(
+            [np.ones(np.unique(ch[need_max]).size), -np.ones(np.unique(ch[need_min]).size)]
+        )
+        if channels.size == 0:
+            return
+        if self.torch_net is None:
+            self.torch_net = NetworkTorch(self.net)
+        box = self.boxes[b]
+        points = search_sign_change(self.torch_net, i, channels, signs, box.lo[0], box.hi[0], seed=b)
+        self.witness(points, "attack")
 
     def needs(self, b: int, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Neurons of layer ``i`` still to be maximised / minimised in box ``b``."""
@@ -164,14 +227,15 @@ class _Run:
 
     # -- solving ---------------------------------------------------------------------------
     def solve(self, b: int, i: int, jobs: list[tuple[int, str]], relax: bool) -> list[Solution]:
-        problem = layer_problem(self.net, i, self.boxes[b])
-        problems = [problem.problem(n, sense, relax=relax) for n, sense in jobs]
-        options = None
-        if self.cfg.solver == "highs":
-            options = {"report": False}
+        box = self.boxes[b]
+        problem = layer_problem(self.net, i, box)
+        keeps = [cone(self.net, i, np.array([n]), box) for n, _ in jobs]
+        problems = [problem.problem(n, sense, relax=relax, keep=k) for (n, sense), k in zip(jobs, keeps)]
+        options = {"report": False} if self.cfg.solver == "highs" else None
         t0 = time.perf_counter()
+        out: list[Solution] = [None] * len(jobs)
+        failed: list[int] = []
         if not relax and self.cfg.early_stop and self.cfg.solver == "highs":
-            out = [None] * len(jobs)
             for sense in ("max", "min"):
                 idx = [k for k, (_, s) in enumerate(jobs) if s == sense]
                 sign = 1.0 if sense == "max" else -1.0
@@ -180,37 +244,46 @@ class _Run:
                     "interrupt_on_bound": -sign * self.cfg.margin,
                     "interrupt_on_objective": sign * self.cfg.margin,
                 }
-                sols = solve_many(
-                    [problems[k] for k in idx],
-                    self.cfg.solver,
-                    self.cfg.time_limit,
-                    options=opts,
-                    workers=self.cfg.workers,
-                )
+                sols, bad = self.run_solves([problems[k] for k in idx], self.cfg.time_limit, None, opts)
                 for k, sol in zip(idx, sols):
                     out[k] = sol
+                failed += [idx[k] for k in bad]
         else:  # a backend without a dual bound reports one when solved to a zero gap
-            out = solve_many(
-                problems,
-                self.cfg.solver,
-                None if relax else self.cfg.time_limit,
-                None if self.cfg.solver == "highs" else 0.0,
-                options=options,
-                workers=self.cfg.workers,
-            )
+            gap = None if self.cfg.solver == "highs" else 0.0
+            limit = None if relax else self.cfg.time_limit
+            # large LPs (a dense layer behind convolutions): interior point is several times faster
+            big = [relax and options is not None and p.A.shape[1] > _IPM_COLUMNS for p in problems]
+            for flag in (False, True):
+                idx = [k for k, f in enumerate(big) if f == flag]
+                opts = {**(options or {}), "solver": "ipm"} if flag else options
+                sols, bad = self.run_solves([problems[k] for k in idx], limit, gap, opts) if idx else ([], [])
+                for k, sol in zip(idx, sols):
+                    out[k] = sol
+                failed += [idx[k] for k in bad]
         c = self.counters[i - 1]
         if relax:
             c.lps, c.lp_time = c.lps + len(jobs), c.lp_time + time.perf_counter() - t0
         else:
             c.milps, c.milp_time = c.milps + len(jobs), c.milp_time + time.perf_counter() - t0
-        self.absorb(b, i, jobs, out, relax)
+        for k in failed:
+            n, sense = jobs[k]
+            self.failed.append(
+                {"layer": i, "neuron": int(n), "sense": sense, "lp": relax, "message": out[k].message}
+            )
+        points = [
+            problem.input_point(s.x, kp, box.lo[0], box.hi[0]) for s, kp in zip(out, keeps) if s.x is not None
+        ]
+        self.absorb(b, i, jobs, out, relax, np.array(points).reshape(-1, self.net.features), set(failed))
         return out
 
-    def absorb(self, b: int, i: int, jobs, sols: Sequence[Solution], relax: bool) -> None:
-        """Turn solver answers into bounds, proofs and witnesses."""
+    def run_solves(self, problems, time_limit, gap, options) -> tuple[list[Solution], list[int]]:
+        return solve_tasks(
+            problems, self.cfg.solver, time_limit, gap, options=options, executor=self.cfg.executor
+        )
+
+    def absorb(self, b: int, i: int, jobs, sols: Sequence[Solution], relax: bool, points, failed=()) -> None:
+        """Turn solver answers into bounds, proofs and witnesses (``points``: their inputs)."""
         box, margin, stage = self.boxes[b], self.cfg.margin, "lp" if relax else "milp"
-        points = [np.clip(s.x[: self.net.features], box.lo[0], box.hi[0]) for s in sols if s.x is not None]
-        points = np.array(points).reshape(-1, self.net.features)
         if self.cfg.propagate:
             self.witness(points, stage)
         elif len(points):
@@ -232,61 +305,117 @@ class _Run:
         if relax:
             return
         ch = self.net.layers[i - 1].channel_of
-        for (n, sense), sol in zip(jobs, sols):  # MILP answered, no proof and no witness: keep it
+        for k, ((n, sense), sol) in enumerate(zip(jobs, sols)):  # no proof and no witness: keep it
             if box.state[i - 1][n] != UNDECIDED:
                 continue
             why = "milp" if sol.status in (Status.OPTIMAL, Status.STOPPED) else "timeout"
+            why = "failed" if k in failed else why
             self.flags[i - 1].mark("pos" if sense == "max" else "neg", ch[[n]], why)
 
-    def lp_jobs(self, b: int, i: int, neurons: np.ndarray, sense: str) -> list[tuple[int, str]]:
-        """LP jobs for ``neurons`` of layer ``i`` in one direction, leaving out those already solved."""
-        done = self.lp_done.setdefault((b, i, sense), set())
-        free = self.boxes[b].state[i - 1] == UNDECIDED
-        jobs = [(int(n), sense) for n in neurons if free[n] and int(n) not in done]
-        done.update(n for n, _ in jobs)
-        return jobs
+    def pick(
+        self,
+        b: int,
+        i: int,
+        neurons: np.ndarray,
+        sense: str,
+        quota: int,
+        done: set,
+        limit: int | None = None,
+    ) -> list:
+        """Jobs for up to ``quota`` positions per channel not yet in ``done``, nearest to crossing first.
 
-    def tighten(self, b: int, upto: int) -> None:
-        """LP bounds, both directions, for the free neurons of layers ``< upto`` (bounds only).
-
-        Run only when a later layer needs its LP stage, so that its big-M comes from LP bounds.
+        Solving a channel's likeliest positions first lets one witness close the whole channel
+        before its other positions are solved.
         """
+        box = self.boxes[b]
+        free = box.state[i - 1] == UNDECIDED
+        neurons = np.asarray([n for n in neurons if free[n] and int(n) not in done], dtype=np.int64)
+        if neurons.size == 0:
+            return []
+        ch = self.net.layers[i - 1].channel_of[neurons]
+        closeness = -box.hi[i][neurons] if sense == "max" else box.lo[i][neurons]
+        order = np.lexsort((closeness, ch))
+        neurons, ch = neurons[order], ch[order]
+        rank = np.arange(ch.size) - np.searchsorted(ch, ch)
+        chosen = neurons[rank < quota][:limit]
+        done.update(int(n) for n in chosen)
+        return [(int(n), sense) for n in chosen]
+
+    def tighten(self, b: int, upto: int, targets: np.ndarray) -> None:
+        """OBBT before big-M: LP bounds (the LP optimum is a dual bound), both directions, for the
+        unstable neurons of layers ``< upto`` that ``targets`` of layer ``upto`` depend on; bounds only.
+
+        Layers that read only the input are skipped (their interval bounds are exact); per layer at
+        most ``_OBBT_UNITS`` neurons, those whose relaxation gap weighs most on the targets.
+        """
+        keep, base, stale = cone(self.net, upto, targets, self.boxes[b]), gid_base(self.net), False
         for k in range(1, upto):
-            self.interval(b, k)
-            every = np.arange(self.net.layers[k - 1].size)
-            jobs = self.lp_jobs(b, k, every, "max") + self.lp_jobs(b, k, every, "min")
+            if stale:
+                self.interval(b, k)
+                self.linear(b, k)
+            if set(self.net.layers[k - 1].pre.terms) == {0}:
+                continue
+            box = self.boxes[b]
+            inside = keep[base[k] : base[k + 1]] & (box.lo[k] < 0) & (box.hi[k] > 0)
+            units = self.influential(b, k, upto, targets, np.flatnonzero(inside))
+            jobs = []
+            for sense in ("max", "min"):
+                done = self.lp_done.setdefault(("obbt", b, k, sense), set())
+                jobs += self.pick(b, k, units, sense, units.size, done)
             if jobs:
                 self.solve(b, k, jobs, relax=True)
+                stale = True
+        if stale:
+            self.interval(b, upto)
+            self.linear(b, upto)
+
+    def influential(self, b: int, k: int, upto: int, targets: np.ndarray, units: np.ndarray) -> np.ndarray:
+        """The ``_OBBT_UNITS`` of ``units`` (layer ``k``) with the largest relaxation gap times weight.
+
+        The weight is the unit's direct coefficient in the targets' pre-activations where there is
+        one, else 1 (a unit further back).
+        """
+        if units.size <= _OBBT_UNITS:
+            return units
+        box = self.boxes[b]
+        lo, hi = box.lo[k][units], box.hi[k][units]
+        gap = -lo * hi / (hi - lo)
+        direct = self.net.layers[upto - 1].pre.terms.get(k)
+        weight = np.abs(direct[targets][:, units]).sum(axis=0) if direct is not None else 1.0
+        return np.sort(units[np.argsort(-gap * weight, kind="stable")[:_OBBT_UNITS]])
 
     def lp_stage(self, b: int, i: int) -> None:
-        self.tighten(b, i)
-        self.interval(b, i)
-        need_max, need_min = self.needs(b, i)
-        jobs = self.lp_jobs(b, i, need_max, "max") + self.lp_jobs(b, i, need_min, "min")
-        if jobs:
-            self.solve(b, i, jobs, relax=True)
+        self.rounds(b, i, relax=True)
+
+    def rounds(self, b: int, i: int, relax: bool) -> None:
+        """Solve the open positions of layer ``i`` in rounds, doubling the positions per channel."""
+        chunk = None if relax else max(8, 4 * self.cfg.workers)
+        allowed = None if relax or self.cfg.milp_units is None else self.cfg.milp_units.get(i)
+        quota = 1 if self.net.layers[i - 1].positions > 1 else 1 << 30
+        senses = (("max", "min"),) if relax else (("max",), ("min",))
+        for group in senses:
+            while True:
+                jobs = []
+                for sense in group:
+                    need = self.needs(b, i)[0 if sense == "max" else 1]
+                    if allowed is not None:
+                        need = need[np.isin(need, allowed)]
+                    kind = "lp" if relax else "milp"
+                    done = self.lp_done.setdefault((kind, b, i, sense), set())
+                    jobs += self.pick(b, i, need, sense, quota, done, chunk)
+                if not jobs:
+                    break
+                self.solve(b, i, jobs, relax=relax)
+                quota *= 2
 
     def milp_stage(self, b: int, i: int) -> None:
-        chunk = max(8, 4 * self.cfg.workers)
-        allowed = None if self.cfg.milp_units is None else self.cfg.milp_units.get(i)
-        for sense in ("max", "min"):
-            while True:
-                need = self.needs(b, i)[0 if sense == "max" else 1]
-                if allowed is not None:
-                    need = need[np.isin(need, allowed)]
-                done = self._done_milp(b, i, sense)
-                need = need[~np.isin(need, np.fromiter(done, dtype=np.int64, count=len(done)))]
-                if need.size == 0:
-                    break
-                batch = need[:chunk]
-                done.update(batch.tolist())
-                self.solve(b, i, [(int(n), sense) for n in batch], relax=False)
-
-    def _done_milp(self, b: int, i: int, sense: str) -> set:
-        key = (b, i, sense)
-        if not hasattr(self, "_milp_done"):
-            self._milp_done = {}
-        return self._milp_done.setdefault(key, set())
+        if "lp" in self.cfg.stages:  # tighter bounds before big-M, then the LPs again on them
+            self.tighten(b, i, np.union1d(*self.needs(b, i)))
+            for sense in ("max", "min"):
+                self.lp_done.pop(("lp", b, i, sense), None)
+            self.rounds(b, i, relax=True)
+        if any(n.size for n in self.needs(b, i)):
+            self.rounds(b, i, relax=False)
 
     def finish_layer(self, i: int) -> None:
         """Units still open after the last stage are kept as unstable (stage ``skipped``)."""
@@ -386,15 +515,22 @@ def find_stable_units(
     workers: int | None = None,
     milp_units: Mapping[int, Sequence[int]] | None = None,
     seed: int = 0,
+    executor: str | Executor | None = None,
 ) -> StabilityReport:
     """Find the ReLUs of ``model`` that never change sign on ``domain`` (LEO, Serra et al. 2020).
 
     Stages run cheapest first, each deciding what it can: ``data`` (a unit seen with both signs on
     the data is unstable), ``samples`` (same with random points of the domain), ``interval``
-    (interval arithmetic), ``lp`` (LP relaxation of the big-M formulation, per unit, max and min),
-    ``milp`` (per-unit big-M MILP with ``M`` from the tightest bounds of earlier layers, stopped as
-    soon as the dual bound proves the sign or a feasible point shows the unit can cross zero).
-    Layers are analysed in order, and bounds of one layer tighten the ``M`` of later ones.
+    (interval arithmetic), ``linear`` (symbolic linear bounds by back-substitution, every position
+    of a layer in one pass), ``attack`` (projected-gradient search for a sign change of each open
+    channel; its points are re-run through the network), ``lp`` (LP relaxation of the big-M
+    formulation per position and direction, after LP bound tightening of the earlier unstable
+    neurons it depends on), ``milp`` (per-position big-M MILP with ``M`` from the tightest bounds,
+    stopped as soon as the dual bound proves the sign or a feasible point shows a crossing).
+    Every LP/MILP is restricted to the neurons its target depends on (a conv position's receptive
+    field), and a channel's positions are solved nearest-to-crossing first, in rounds, so one
+    witness stops the channel. Layers are analysed in order; bounds of one layer tighten the
+    relaxations and ``M`` of later ones.
 
     Parameters
     ----------
@@ -430,6 +566,12 @@ def find_stable_units(
         kept as unstable, stage ``skipped``); for measuring a slow baseline on a subset.
     seed : int
         Seed of the random samples.
+    executor : {"thread", "ray"} or Executor, optional
+        Where the independent LPs/MILPs of a round run: the local thread pool (default, ``workers``
+        threads) or a Ray cluster (:class:`~cetopt.solving.executors.RayExecutor`; ``"ray"`` starts
+        or joins one with ``ray.init()``). Same decisions either way. A solve task that fails
+        (raises, its worker dies, or status ``error``) is retried once; if it fails again its unit
+        is kept (stage ``failed``) and listed in ``report.extra["failed_tasks"]``.
 
     Returns
     -------
@@ -462,6 +604,7 @@ def find_stable_units(
     run = _new_run(
         net, domain, solver, stages, early_stop, propagate, margin, time_limit, workers, milp_units
     )
+    run.cfg.executor = get_executor(executor, run.cfg.workers)
     if "data" in stages:
         run.witness(_data_points(data, domain, features), "data")
     if "samples" in stages and samples > 0:
@@ -477,7 +620,15 @@ def find_stable_units(
             RuntimeWarning,
             stacklevel=3,  # past the in_eval_mode wrapper, to the caller
         )
+    if run.failed:
+        warnings.warn(
+            f"{len(run.failed)} solve task(s) failed twice; their units are kept. First: {run.failed[0]}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     report = _report(run, shape, domain, margin, time.perf_counter() - t0)
+    report.extra["executor"] = run.cfg.executor.name
+    report.extra["failed_tasks"] = run.failed
     report.fingerprint = weights_fingerprint(model)
     return report
 
@@ -528,6 +679,12 @@ def _check_points(domain: Domain, per_box: int = 32) -> np.ndarray:
 def _analyse_layer(run: _Run, i: int) -> None:
     for b in range(len(run.boxes)):
         run.interval(b, i)
+        if i < len(run.net.layers) or any(n.size for n in run.needs(b, i)):
+            run.linear(b, i)  # later layers' relaxations need these bounds too
+        if any(n.size for n in run.needs(b, i)):
+            run.attack(b, i)
+        if any(n.size for n in run.needs(b, i)):
+            run.optimised(b, i)
         if "lp" in run.cfg.stages and any(n.size for n in run.needs(b, i)):
             run.lp_stage(b, i)
         if "milp" in run.cfg.stages and any(n.size for n in run.needs(b, i)):

@@ -11,10 +11,21 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from cetopt.leo.linear_bounds import gamma
 from cetopt.leo.network import Expr, ReluNetwork
 from cetopt.problem import MILP
 
-__all__ = ["ACTIVE", "INACTIVE", "UNDECIDED", "UNSTABLE", "BoxState", "interval_bounds", "layer_problem"]
+__all__ = [
+    "ACTIVE",
+    "INACTIVE",
+    "UNDECIDED",
+    "UNSTABLE",
+    "BoxState",
+    "cone",
+    "gid_base",
+    "interval_bounds",
+    "layer_problem",
+]
 
 INACTIVE, UNSTABLE, ACTIVE, UNDECIDED = -1, 0, 1, 2
 
@@ -43,14 +54,23 @@ class BoxState:
 
 
 def expr_interval(expr: Expr, box: BoxState) -> tuple[np.ndarray, np.ndarray]:
-    """Interval bounds of ``expr`` given the bounds of its basis variables (exact float64 arithmetic)."""
+    """Interval bounds of ``expr`` given the bounds of its basis variables.
+
+    Computed in float64 and widened by the a-priori rounding bound of the dot products
+    (``2 γ_N Σ |m| |v|``, see :mod:`cetopt.leo.linear_bounds`).
+    """
     lo, hi = expr.const.copy(), expr.const.copy()
+    scale = np.abs(expr.const)
+    longest = 1
     for k, m in expr.terms.items():
         vlo, vhi = box.var_bounds(k)
         pos, neg = np.maximum(m, 0.0), np.minimum(m, 0.0)
         lo += pos @ vlo + neg @ vhi
         hi += pos @ vhi + neg @ vlo
-    return lo, hi
+        scale = scale + np.abs(m) @ np.maximum(np.abs(vlo), np.abs(vhi))
+        longest += m.shape[1]
+    err = 2.0 * gamma(longest + 2) * scale
+    return lo - err, hi + err
 
 
 def interval_bounds(net: ReluNetwork, index: int, box: BoxState) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +84,11 @@ def _clean(m: np.ndarray) -> np.ndarray:
 
 @dataclass
 class LayerProblem:
-    """The constraint part of the MILP for one layer; :meth:`objective` makes a problem per neuron."""
+    """The constraint part of the MILP for one layer; :meth:`problem` makes a problem per neuron.
+
+    ``col_gid`` / ``row_gid`` name the neuron each column and row belongs to, as a *global id*:
+    input feature ``j`` is ``j``, neuron ``n`` of ReLU layer ``k`` is ``base[k] + n``.
+    """
 
     A: sp.csr_matrix
     row_lower: np.ndarray
@@ -75,21 +99,93 @@ class LayerProblem:
     objective_rows: sp.csr_matrix  # one row per neuron of the target layer: its pre-activation
     objective_const: np.ndarray
     input_cols: int
+    col_gid: np.ndarray | None = None
+    row_gid: np.ndarray | None = None
 
-    def problem(self, neuron: int, sense: str, relax: bool = False) -> MILP:
-        """``max``/``min`` the pre-activation of ``neuron`` (relaxed: its LP relaxation)."""
+    def problem(self, neuron: int, sense: str, relax: bool = False, keep: np.ndarray | None = None) -> MILP:
+        """``max``/``min`` the pre-activation of ``neuron`` (relaxed: its LP relaxation).
+
+        ``keep`` (a boolean mask over global ids, see :func:`cone`) restricts the problem to the
+        neurons the target depends on; the others cannot change its value.
+        """
         c = np.asarray(self.objective_rows[neuron].todense()).ravel()
+        cols, rows = self.restriction(keep)
+        A = self.A if rows is None else self.A[rows][:, cols]
+        pick = (lambda v: v) if cols is None else (lambda v: v[cols])
         return MILP(
-            c=c,
-            A=self.A,
-            row_lower=self.row_lower,
-            row_upper=self.row_upper,
-            col_lower=self.col_lower,
-            col_upper=self.col_upper,
-            integrality=None if relax else self.integrality,
+            c=pick(c),
+            A=A,
+            row_lower=self.row_lower if rows is None else self.row_lower[rows],
+            row_upper=self.row_upper if rows is None else self.row_upper[rows],
+            col_lower=pick(self.col_lower),
+            col_upper=pick(self.col_upper),
+            integrality=None if relax else pick(self.integrality),
             sense=sense,
             offset=float(self.objective_const[neuron]),
         )
+
+    def restriction(self, keep: np.ndarray | None):
+        """Column and row index arrays of the restricted problem (``None, None``: the full one)."""
+        if keep is None or self.col_gid is None:
+            return None, None
+        cols, rows = keep[self.col_gid], keep[self.row_gid]
+        if cols.all():
+            return None, None
+        return np.flatnonzero(cols), np.flatnonzero(rows)
+
+    def input_point(
+        self, x: np.ndarray, keep: np.ndarray | None, lo: np.ndarray, hi: np.ndarray
+    ) -> np.ndarray:
+        """The full input point of a (restricted) problem's solution ``x``; free inputs at the box centre."""
+        cols, _ = self.restriction(keep)
+        if cols is None:
+            return np.clip(x[: self.input_cols], lo, hi)
+        point = (lo + hi) / 2
+        inputs = cols[cols < self.input_cols]
+        point[inputs] = x[: inputs.size]
+        return np.clip(point, lo, hi)
+
+
+def gid_base(net: ReluNetwork) -> list[int]:
+    """Global id of the first neuron of each basis variable (input first), and the total."""
+    base = [0]
+    for size in net.sizes():
+        base.append(base[-1] + size)
+    return base
+
+
+def _dependencies(net: ReluNetwork) -> dict:
+    """``deps[(k, j)]``: boolean pattern of layer ``k``'s pre-activation in basis variable ``j`` (cached)."""
+    cache = net.__dict__.setdefault("_deps", {})
+    if not cache:
+        for k, layer in enumerate(net.layers, start=1):
+            for j, m in layer.pre.terms.items():
+                cache[(k, j)] = np.abs(m) > SMALL
+    return cache
+
+
+def cone(net: ReluNetwork, index: int, neurons: np.ndarray, box: BoxState) -> np.ndarray:
+    """Boolean mask over global ids: inputs and neurons the given neurons of layer ``index`` depend on.
+
+    Stably inactive neurons are left out (their output is the constant 0).
+    """
+    deps, base = _dependencies(net), gid_base(net)
+    need = {index: np.zeros(net.layers[index - 1].size, dtype=bool)}
+    need[index][np.asarray(neurons, dtype=np.int64)] = True
+    for k in range(index, 0, -1):
+        mine = need.get(k)
+        if mine is None or not mine.any():
+            continue
+        if k < index:
+            mine &= box.state[k - 1] != INACTIVE
+        for j in net.layers[k - 1].pre.terms:
+            reach = deps[(k, j)][mine].any(axis=0)
+            need[j] = need[j] | reach if j in need else reach
+    keep = np.zeros(base[-1], dtype=bool)
+    for k, mask in need.items():
+        if k < index:
+            keep[base[k] : base[k + 1]] = mask
+    return keep
 
 
 def _offsets(net: ReluNetwork, upto: int) -> list[int]:
@@ -130,11 +226,15 @@ def layer_problem(net: ReluNetwork, index: int, box: BoxState) -> LayerProblem:
     col_upper = np.zeros(total)
     integrality = np.zeros(total, dtype=bool)
     col_lower[: net.features], col_upper[: net.features] = box.lo[0], box.hi[0]
-    blocks, rlo, rhi = [], [], []
+    base = gid_base(net)
+    col_gid = np.zeros(total, dtype=np.int64)
+    col_gid[: net.features] = np.arange(net.features)
+    blocks, rlo, rhi, owners = [], [], [], []
     for k in range(1, index):
         layer, n, off = net.layers[k - 1], net.layers[k - 1].size, offsets[k]
         l, u, st = box.lo[k], box.hi[k], box.state[k - 1]
         h, z = off + np.arange(n), off + n + np.arange(n)
+        col_gid[h] = col_gid[z] = base[k] + np.arange(n)
         active, free = st == ACTIVE, (st == UNSTABLE) | (st == UNDECIDED)
         col_upper[h] = np.where(st == INACTIVE, 0.0, np.maximum(u, 0.0))
         col_lower[h] = np.where(active, np.maximum(l, 0.0), 0.0)
@@ -149,6 +249,7 @@ def layer_problem(net: ReluNetwork, index: int, box: BoxState) -> LayerProblem:
         blocks.append((eye_h - g)[idx])
         rlo.append(const[idx])
         rhi.append(np.where(active[idx], const[idx], np.inf))
+        owners.append(base[k] + idx)
         idx = np.flatnonzero(free)
         if idx.size:
             z_l = sp.csr_matrix((-l[idx], (np.arange(idx.size), z[idx])), shape=(idx.size, total))
@@ -159,6 +260,7 @@ def layer_problem(net: ReluNetwork, index: int, box: BoxState) -> LayerProblem:
             blocks.append(eye_h[idx] + z_u)  # h - u z <= 0
             rlo.append(np.full(idx.size, -np.inf))
             rhi.append(np.zeros(idx.size))
+            owners += [base[k] + idx, base[k] + idx]
     A = sp.vstack(blocks).tocsr() if blocks else sp.csr_matrix((0, total))
     A.data = _clean(A.data)
     A.eliminate_zeros()
@@ -174,4 +276,6 @@ def layer_problem(net: ReluNetwork, index: int, box: BoxState) -> LayerProblem:
         objective_rows=objective,
         objective_const=target.pre.const.copy(),
         input_cols=net.features,
+        col_gid=col_gid,
+        row_gid=np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64),
     )

@@ -115,8 +115,7 @@ class _Remover:
             entry["skipped"] = [reason]
             return
         kept = self.remove(r, entry)
-        if r.kind == "linear":
-            self.fold(r, entry, kept)
+        self.fold(r, entry, kept)
 
     def remove(self, r: LayerReport, entry: dict) -> np.ndarray:
         """Delete inactive and constant units; return the original indices of the units kept."""
@@ -139,21 +138,47 @@ class _Remover:
                 remove = np.zeros(0, dtype=np.int64)
         return np.setdiff1d(np.arange(r.units), remove)
 
+    def merge(self, r: LayerReport, entry: dict, nxt: str) -> bool:
+        """Merge an all-active layer into ``nxt`` (a conv only where that saves parameters)."""
+        before = self.model
+        if not self.apply(MergeAffine(r.name, nxt, drop_activation=True), r.name, "merge"):
+            return False
+        if r.kind == "conv" and _params(self.model) >= _params(before):
+            self.model = before
+            self.log[r.name].setdefault("skipped", []).append("merge: the merged layer is not smaller")
+            return False
+        entry["merged_into"] = nxt
+        return True
+
     def fold(self, r: LayerReport, entry: dict, kept: np.ndarray) -> None:
-        nxt = _next_linear(self.model, r.name)
+        nxt = (
+            _next_linear(self.model, r.name)
+            if r.kind == "linear"
+            else _next_layer(self.model, r.name, self.example)
+        )
         active_old = kept[r.state[kept] == 1]
         if nxt is None or active_old.size == 0:
             return
         new_index = {int(u): i for i, u in enumerate(kept)}
         active = np.array([new_index[int(u)] for u in active_old])
-        if active.size == kept.size:  # every remaining unit is stably active: merge the layer away
-            if self.apply(MergeAffine(r.name, nxt, drop_activation=True), r.name, "merge"):
-                entry["merged_into"] = nxt
-            return
-        weight = self.model.get_submodule(r.name).weight.detach().double().numpy()
+        if active.size == kept.size and self.merge(r, entry, nxt):
+            return  # every remaining unit was stably active: the layer merged away
+        weight = self.model.get_submodule(r.name).weight.detach().double().flatten(1).numpy()
         coefficients = _dependent_units(weight, active)
         if coefficients and self.apply(FoldLinearUnits(r.name, coefficients), r.name, "fold"):
             entry["folded"] = len(coefficients)
+
+
+def _next_layer(model: nn.Module, layer: str, example: torch.Tensor) -> str | None:
+    """The Conv/Linear reading conv ``layer``'s output through ReLU/flatten nodes, if any."""
+    from cetopt.graph.rules.base import RewriteState
+    from cetopt.graph.rules.conv_affine import conv_consumer
+
+    gm = model if isinstance(model, fx.GraphModule) else symbolic_trace(model)
+    try:
+        return conv_consumer(RewriteState(gm, (example,)), layer)[0]
+    except RewriteError:
+        return None
 
 
 def _check_fingerprint(model: nn.Module, report: StabilityReport) -> None:

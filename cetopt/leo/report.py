@@ -11,9 +11,10 @@ from torch import nn
 
 __all__ = ["STAGES", "LayerReport", "StabilityReport", "weights_fingerprint"]
 
-# Stages in the order they run; "timeout" and "skipped" mark units left unstable without a proof.
-STAGES = ("data", "samples", "interval", "lp", "milp")
-_ALL_STAGES = (*STAGES, "timeout", "skipped")
+# Stages in the order they run; "timeout", "failed" (a solve task failed twice) and "skipped" mark
+# units left unstable without a proof.
+STAGES = ("data", "samples", "interval", "linear", "attack", "lp", "milp")
+_ALL_STAGES = (*STAGES, "timeout", "failed", "skipped")
 
 
 @dataclass

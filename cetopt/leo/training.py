@@ -20,14 +20,22 @@ from torch import nn
 
 from cetopt._io import atomic_write_bytes
 from cetopt.errors import CetoptError
-from cetopt.zoo.data import cache_dir, load_dataset
+from cetopt.zoo.data import Dataset, cache_dir, load_dataset
 from cetopt.zoo.models import MLP
 from cetopt.zoo.training import TRAINING_THREADS, Recipe, train
 
-__all__ = ["DigitsConvNet", "build_leo_model", "leo_recipe", "load_leo_model"]
+__all__ = [
+    "DigitsConvNet",
+    "StridedConvNet",
+    "build_leo_model",
+    "leo_dataset",
+    "leo_recipe",
+    "load_leo_model",
+]
 
-_NAME = re.compile(r"^(digits|mnist1d)-(\d+)x(\d+)$")
-_INPUTS = {"digits": 64, "mnist1d": 40}
+_NAME = re.compile(r"^(digits|digits28|digits32|mnist1d)-(\d+)x(\d+)$")
+_INPUTS = {"digits": 64, "digits28": 784, "digits32": 1024, "mnist1d": 40}
+_UPSAMPLED: dict[int, Dataset] = {}
 CACHE_VERSION = 1
 
 
@@ -46,15 +54,59 @@ class DigitsConvNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class StridedConvNet(nn.Module):
+    """Two stride-2 3×3 convolutions (padding 1) and two Linear layers, for 1×S×S inputs.
+
+    Conv(1→c1) – ReLU – Conv(c1→c2) – ReLU – Linear(c2·S/4·S/4 → hidden) – ReLU – Linear(→10).
+    """
+
+    def __init__(self, size: int = 28, c1: int = 8, c2: int = 16, hidden: int = 64, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, c1, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
+        side = (size + 3) // 4
+        self.fc1 = nn.Linear(c2 * side * side, hidden)
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc2(x)
+
+
+def leo_dataset(name: str) -> Dataset:
+    """``digits``, ``mnist1d``, or ``digits28`` / ``digits32``: the 8×8 digits upsampled bilinearly.
+
+    The upsampled sets keep the digits' splits; pixels stay in [0, 1]. Computed offline, in memory.
+    """
+    match = re.fullmatch(r"digits(\d+)", name)
+    if match is None:
+        return load_dataset(name)
+    size = int(match.group(1))
+    if size not in _UPSAMPLED:
+        base = load_dataset("digits")
+
+        def up(x: torch.Tensor) -> torch.Tensor:
+            out = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            return out.clamp(0.0, 1.0).contiguous()
+
+        _UPSAMPLED[size] = Dataset(
+            name, up(base.x_train), base.y_train, up(base.x_val), base.y_val, up(base.x_test), base.y_test, 10
+        )
+    return _UPSAMPLED[size]
+
+
 def leo_recipe(l1: float, dataset: str = "digits", epochs: int | None = None) -> Recipe:
     """Adam + one-cycle schedule with an L1 penalty ``l1 · Σ|W|`` on all weights (not biases)."""
     if not (l1 >= 0):
         raise ValueError(f"l1 must be ≥ 0, got {l1!r}")
-    default = 40 if dataset == "digits" else 60
+    default = 60 if dataset == "mnist1d" else 40
     return Recipe(epochs=epochs or default, batch_size=64, lr=3e-3, l1=float(l1))
 
 
 _CONV = re.compile(r"^digits-conv(?:(\d+)x(\d+))?$")
+_STRIDED = re.compile(r"^digits(28|32)-conv(?:(\d+)x(\d+))?$")
 
 
 def _dataset_of(name: str) -> str:
@@ -62,14 +114,25 @@ def _dataset_of(name: str) -> str:
 
 
 def build_leo_model(name: str) -> nn.Module:
-    """The untrained architecture ``name``: ``<digits|mnist1d>-<depth>x<width>``, or ``digits-conv``
-    (8 and 16 channels) / ``digits-conv<c1>x<c2>``."""
+    """The untrained architecture ``name``.
+
+    ``<digits|digits28|digits32|mnist1d>-<depth>x<width>`` (MLPs), ``digits-conv`` (8 and 16
+    channels) / ``digits-conv<c1>x<c2>`` (:class:`DigitsConvNet`), ``digits28-conv`` /
+    ``digits32-conv[<c1>x<c2>]`` (:class:`StridedConvNet` on the upsampled digits).
+    """
+    strided = _STRIDED.match(name)
+    if strided is not None:
+        channels = [int(c) for c in strided.groups()[1:] if c is not None]
+        return StridedConvNet(int(strided.group(1)), *channels)
     conv = _CONV.match(name)
     if conv is not None:
         return DigitsConvNet(*(int(c) for c in conv.groups())) if conv.group(1) else DigitsConvNet()
     match = _NAME.match(name)
     if match is None:
-        raise CetoptError(f"unknown LEO model {name!r}; use <digits|mnist1d>-<depth>x<width> or digits-conv")
+        raise CetoptError(
+            f"unknown LEO model {name!r}; use <digits|digits28|digits32|mnist1d>-<depth>x<width>, "
+            "digits-conv or digits28-conv / digits32-conv"
+        )
     dataset, depth, width = match.group(1), int(match.group(2)), int(match.group(3))
     return MLP(_INPUTS[dataset], width, depth)
 
@@ -105,7 +168,7 @@ def load_leo_model(name: str, l1: float, seed: int = 0, epochs: int | None = Non
         size = int.from_bytes(blob[:8], "little")
         info = json.loads(json.loads(blob[8 : 8 + size])["__metadata__"]["info"])
     else:
-        info = train(model, load_dataset(dataset), recipe, seed=seed, progress=False)
+        info = train(model, leo_dataset(dataset), recipe, seed=seed, progress=False)
         info.update(recipe=recipe.to_dict(), seed=seed)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         atomic_write_bytes(path, st_save(state, metadata={"info": json.dumps(info)}))

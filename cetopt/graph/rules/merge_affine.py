@@ -9,6 +9,8 @@ from torch import fx, nn
 
 from cetopt.graph.decisions import MergeAffine
 from cetopt.graph.rules.base import RewriteRule, RewriteState
+from cetopt.graph.rules.conv_affine import CONV, conv_consumer, merge_check, merge_conv, merged_conv_module
+from cetopt.graph.trace import node_shape
 
 __all__ = ["MergeAffineRule", "path_between"]
 
@@ -67,11 +69,14 @@ def path_between(state: RewriteState, first: str, second: str, allow_activation:
 
 
 class MergeAffineRule(RewriteRule):
-    """Carry out :class:`MergeAffine` (Linear → Linear, computed in float64)."""
+    """Carry out :class:`MergeAffine` (Linear → Linear, computed in float64; Conv → Conv and
+    Conv → flatten → Linear where the composition is itself such a layer, see ``conv_affine``)."""
 
     decision_type = MergeAffine
 
     def check(self, state: RewriteState, d: MergeAffine) -> str | None:
+        if type(state.module(d.first)) in CONV:
+            return _check_conv(state, d)
         for name in (d.first, d.second):
             if type(state.module(name)) is not nn.Linear:
                 return f"{name!r} is a {type(state.module(name)).__name__}; only nn.Linear layers are merged"
@@ -80,6 +85,10 @@ class MergeAffineRule(RewriteRule):
 
     @torch.no_grad()
     def apply(self, state: RewriteState, d: MergeAffine) -> None:
+        if type(state.module(d.first)) in CONV:
+            _, path = conv_consumer(state, d.first)
+            merge_conv(state, d.first, d.second, path, _merged(state, d))
+            return
         path = path_between(state, d.first, d.second, d.drop_activation)
         graph = state.graph()
         a, b = graph.layer_node(d.first), graph.layer_node(d.second)
@@ -97,3 +106,24 @@ class MergeAffineRule(RewriteRule):
         for node in [*reversed(path), a]:
             state.model.graph.erase_node(node)
         state.changed()
+
+
+def _check_conv(state: RewriteState, d: MergeAffine) -> str | None:
+    nxt, path = conv_consumer(state, d.first)
+    if nxt != d.second:
+        return f"{d.second!r} does not read the output of {d.first!r} directly: {path}"
+    if any(_kind(state, n) == "activation" for n in path) and not d.drop_activation:
+        return f"an activation stands between {d.first!r} and {d.second!r}; pass drop_activation=True"
+    reason = merge_check(state, d.first, d.second)
+    if reason is None:
+        try:
+            _merged(state, d)
+        except ValueError as exc:
+            return str(exc)
+    return reason
+
+
+def _merged(state: RewriteState, d: MergeAffine) -> nn.Module:
+    node = state.graph().layer_node(d.first)
+    shape = tuple(node_shape(node.args[0]))[1:]
+    return merged_conv_module(state, d.first, d.second, shape)

@@ -35,4 +35,7 @@ def test_activation_between_is_refused_unless_dropped():
 def test_only_linears_merge():
     model, x = example("cnn")
     with pytest.raises(RewriteError, match=r"only nn\.Linear"):
+        rewrite(model, [MergeAffine("fc", "conv2")], x)
+    # a conv merges only through ReLU/flatten (tests/leo/test_conv_rules.py); here a BatchNorm stands between
+    with pytest.raises(RewriteError, match="stands between"):
         rewrite(model, [MergeAffine("conv2", "fc")], x)
