@@ -2,9 +2,13 @@
 
 Synthetic sensitivity tables of 10^4, 10^5 and 10^6 rows × 6 bit widths, first with the byte budget
 alone, then with bytes + BOPs + latency. Each case runs in a fresh subprocess so its peak RSS is its
-own (``peak_rss_mb``; ``rss_before_mb`` is the process after imports and building the table).
-``seconds`` is ``allocate`` from table in to plan out (wall clock; ``cpu_seconds`` alongside, since
-the machine is shared), ``table_seconds`` building the ``SensitivityTable`` itself.
+own (``peak_rss_mb``, read right after ``allocate``; ``rss_before_mb`` is the process after imports
+and building the table). ``seconds`` is ``allocate`` from table in to plan out (wall clock;
+``cpu_seconds`` alongside, since the machine is shared: on a loaded machine wall time is several
+times the CPU time, and ``load_average`` states the 1-minute load when the case started and ended).
+``table_seconds`` is building the synthetic arrays and the ``SensitivityTable``,
+``table_validation_seconds`` the ``SensitivityTable(...)`` call alone (its checks);
+``outputs`` times ``plan.summary()`` and ``plan.to_dict()`` afterwards, with the peak RSS after them.
 
 Baselines, in the same run and on the same problem: the formulation Sony MCT and HAWQ-V3 use (PuLP,
 one binary ``LpVariable`` per (layer, bits), a one-hot constraint per layer, the budget rows, PuLP's
@@ -17,6 +21,7 @@ reported.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -33,8 +38,14 @@ BITS = (2, 3, 4, 5, 6, 8)
 MIP_GAP = 1e-4
 
 
+_VALIDATION: dict[str, float] = {}
+
+
 def synthetic_table(layers: int, seed: int = 0) -> tuple[SensitivityTable, np.ndarray]:
-    """Sensitivities that fall ~4x per bit with noise; a latency table that grows with bits."""
+    """Sensitivities that fall ~4x per bit with noise; a latency table that grows with bits.
+
+    The wall and CPU seconds of the ``SensitivityTable(...)`` call alone go to ``_VALIDATION``.
+    """
     rng = np.random.default_rng(seed)
     params = rng.integers(1_000, 400_000, layers)
     values = (
@@ -42,7 +53,7 @@ def synthetic_table(layers: int, seed: int = 0) -> tuple[SensitivityTable, np.nd
         * 4.0 ** -np.array(BITS)[None, :]
         * rng.uniform(0.6, 1.4, (layers, len(BITS)))
     )
-    table = SensitivityTable(
+    fields = dict(
         layers=[f"layer{i}" for i in range(layers)],
         bits=BITS,
         values=values,
@@ -51,6 +62,9 @@ def synthetic_table(layers: int, seed: int = 0) -> tuple[SensitivityTable, np.nd
         macs=params * rng.integers(1, 200, layers),
         method="synthetic",
     )
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    table = SensitivityTable(**fields)
+    _VALIDATION.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - cpu0)
     latency = rng.uniform(0.5, 1.5, (layers, 1)) * (1 + np.array(BITS)[None, :] / 4)
     return table, latency
 
@@ -95,20 +109,38 @@ def _rows(table, latency):
     return [(bops, 0.55 * float(bops[:, -1].sum())), (latency, 0.6 * float(latency[:, -1].sum()))]
 
 
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _rss_mb() -> float:
     with open("/proc/self/status") as fh:
         return next(int(ln.split()[1]) for ln in fh if ln.startswith("VmRSS")) / 1024
 
 
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _baseline(fn, time_limit: float, deadline: float) -> dict:
+    cpu0 = _children_cpu()
     value, seconds, finished = with_deadline(fn, deadline)
-    out = {"seconds": seconds, "finished": finished, "time_limit": time_limit, "deadline": deadline}
+    out = {"seconds": seconds, "cpu_seconds": _children_cpu() - cpu0, "finished": finished}
+    out.update(time_limit=time_limit, deadline=deadline)
     return {**out, **(value or {"status": f"killed at the {deadline:.0f} s deadline"})}
 
 
 def one_case(layers: int, extra_rows: bool, time_limit: float, baselines: list[str]) -> dict:
     """One (size, budget rows) case, in this process; its peak RSS is read before the baselines run."""
+    load_start = _load()
+    cpu0 = time.process_time()
     (table, latency), table_s = timed(lambda: synthetic_table(layers))
+    table_cpu = time.process_time() - cpu0
     budget = parse_budget("8x", table)
     rows = _rows(table, latency) if extra_rows else []
     kwargs = {}
@@ -118,14 +150,24 @@ def one_case(layers: int, extra_rows: bool, time_limit: float, baselines: list[s
     cpu0 = time.process_time()
     plan, ours_s = timed(lambda: allocate(table, budget, mip_gap=MIP_GAP, time_limit=time_limit, **kwargs))
     cpu = time.process_time() - cpu0
+    peak = _peak_rss_mb()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    plan.summary()
+    plan.to_dict()
+    outputs = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0}
+    outputs["peak_rss_mb"] = _peak_rss_mb()
     out = {
         "layers": layers,
         "rows": ["bytes", "bops", "latency"] if extra_rows else ["bytes"],
         "table_seconds": table_s,
+        "table_cpu_seconds": table_cpu,
+        "table_validation_seconds": _VALIDATION["seconds"],
+        "table_validation_cpu_seconds": _VALIDATION["cpu_seconds"],
+        "load_average": {"start": load_start, "after_allocate": _load()},
         "cetopt": {
             "seconds": ours_s,
             "cpu_seconds": cpu,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak,
             "rss_before_mb": rss_before,
             "status": plan.status,
             "solver": plan.solver,
@@ -133,6 +175,7 @@ def one_case(layers: int, extra_rows: bool, time_limit: float, baselines: list[s
             "bound": plan.bound,
             "certified_gap": plan.gap,
         },
+        "outputs": outputs,
     }
     deadline = time_limit + 60
     runners = {
@@ -149,6 +192,7 @@ def one_case(layers: int, extra_rows: bool, time_limit: float, baselines: list[s
             out[name]["speedup"] = out[name]["seconds"] / ours_s
         if objective is not None:
             out[name]["objective_rel_diff"] = (plan.predicted_loss - objective) / abs(objective)
+    out["load_average"]["end"] = _load()
     return out
 
 

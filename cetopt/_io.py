@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +187,7 @@ def _jsonable(obj: Any) -> Any:
 
     import numpy as np
 
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):  # dicts and read-only mappings such as a plan's bits
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]

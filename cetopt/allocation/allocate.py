@@ -22,7 +22,7 @@ import numpy as np
 
 from cetopt.allocation.costs import fp32_weight_bytes, option_bytes, parse_budget
 from cetopt.allocation.inputs import Groups, bit_limits, check_options, positive_amount, tie_groups
-from cetopt.allocation.plan import LayerValues, Plan
+from cetopt.allocation.plan import LayerValues, NameIndex, Plan
 from cetopt.allocation.search import MultiChoice, relative_gap
 from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import AllocationArgumentError, DataShapeError, InfeasibleBudgetError
@@ -51,6 +51,7 @@ class _Setup(NamedTuple):
     extra_limits: list[float]
     units: list[str]
     layer_bytes: np.ndarray
+    index: NameIndex
 
 
 def _setup(
@@ -98,7 +99,7 @@ def _setup(
         names.append("latency")
         units.append("(latency units)")
     problem = MultiChoice(groups.sum(table.values), resources, allowed, names)
-    return _Setup(table, groups, problem, limits, units, layer_bytes)
+    return _Setup(table, groups, problem, limits, units, layer_bytes, NameIndex(table.layers))
 
 
 def allocate(
@@ -256,9 +257,10 @@ def _make_plan(setup: _Setup, answer, limits, seconds: float) -> Plan:
     layer_loss = table.values[rows, layer_choice]
     loss = float(layer_loss.sum())
     totals = dict(zip(setup.problem.names, setup.problem.totals(answer.choice)))
-    bits = np.asarray(table.bits, dtype=np.int64)[layer_choice]
+    bits = np.asarray(table.bits, dtype=np.int16 if max(table.bits) < 2**15 else np.int64)[layer_choice]
+    names, index = table.layers, setup.index
     return Plan(
-        bits=dict(zip(table.layers, bits.tolist())),
+        bits=LayerValues(names, bits, index),
         predicted_loss=loss,
         bytes=float(layer_bytes.sum()),
         budget_bytes=float(limits[0]),
@@ -271,9 +273,9 @@ def _make_plan(setup: _Setup, answer, limits, seconds: float) -> Plan:
         method=table.method,
         bops=totals.get("BOPs"),
         latency=totals.get("latency"),
-        layer_bytes=LayerValues(table.layers, layer_bytes),
-        layer_loss=LayerValues(table.layers, layer_loss),
-        layer_params=LayerValues(table.layers, table.params),
+        layer_bytes=LayerValues(names, layer_bytes, index),
+        layer_loss=LayerValues(names, layer_loss, index),
+        layer_params=LayerValues(names, table.params, index),
     )
 
 

@@ -26,8 +26,10 @@ def option_bytes(table: SensitivityTable) -> np.ndarray:
     bits = np.asarray(table.bits, dtype=np.float64)
     channels = np.ones(table.num_layers) if table.channels is None else table.channels.astype(np.float64)
     # float64, not int64: exact below 2**53 bits, and no silent overflow above
-    codes = np.ceil(table.params.astype(np.float64)[:, None] * bits[None, :] / 8)
-    codes += BYTES_PER_CHANNEL * channels[:, None]
+    codes = np.multiply(table.params.astype(np.float64)[:, None], bits[None, :])
+    codes /= 8  # in place: one (layers, bits) array, no temporaries of its size
+    np.ceil(codes, out=codes)
+    codes += (BYTES_PER_CHANNEL * channels)[:, None]
     return codes
 
 

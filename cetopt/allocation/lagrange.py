@@ -72,6 +72,7 @@ class _Scaled:
         self.r = [np.asarray(r, dtype=np.float64) / float(b) for r, b in zip(resources, limits)]
         self.limits = np.asarray(limits, dtype=np.float64)
         self.rows = np.arange(self.c.shape[0])
+        self._buffers: list[np.ndarray] = []
 
     def usage(self, choice: np.ndarray) -> np.ndarray:
         return np.array([float(r[self.rows, choice].sum()) for r in self.r])
@@ -79,11 +80,23 @@ class _Scaled:
     def cost(self, choice: np.ndarray) -> float:
         return float(self.c[self.rows, choice].sum())
 
+    def buffer(self, i: int) -> np.ndarray:
+        """Scratch array ``i`` of the cost's shape, kept between calls (page faults once, not per use).
+
+        ``priced`` uses buffers 0 and 1, ``_moves`` 0 to 2: a result in one is valid until the next
+        call of either.
+        """
+        while len(self._buffers) <= i:
+            self._buffers.append(np.empty_like(self.c))
+        return self._buffers[i]
+
     def priced(self, lam: np.ndarray) -> np.ndarray:
-        z = self.c.copy()
+        """``c + Σ_j λ_j r_j``, in buffer 0."""
+        z = self.buffer(0)
+        np.copyto(z, self.c)
         for lj, r in zip(lam, self.r):
             if lj:
-                z += lj * r
+                z += np.multiply(lj, r, out=self.buffer(1))
         return z
 
     def evaluate(self, lam: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -122,38 +135,86 @@ def _moves(s: _Scaled, choice: np.ndarray, slack: np.ndarray, repair: bool, subs
     Filling: a move must save cost and fit every slack; its score is the cost saved per unit of
     slack used (higher first). Repairing: a move must not worsen any violated row nor overrun any
     slack; its score is the cost added per unit of violation removed (lower first).
+
+    Each group's moves depend on its own row alone, so the work is arranged for speed without
+    changing a value: the admissibility tests come first and the scores are computed only for the
+    groups with an admissible move; a set of groups covering most rows is handled in place (the
+    others masked out) rather than copied out.
     """
-    sub = s.rows if subset is None else subset
-    c = s.c[sub]
-    ch = choice[sub]
-    at = np.arange(sub.size)
-    dc = c - c[at, ch][:, None]
+    n = s.rows.size
+    work = _Rows(s, choice, None if subset is None or 2 * subset.size > n else subset)
+    dc = work.delta(s.c, s.buffer(0))
     ok = np.isfinite(dc)
-    ok &= (dc < 0) if not repair else True
-    use = np.zeros_like(dc)
+    if not repair:
+        ok &= dc < 0
+    if subset is not None and work.index is None:
+        outside = np.ones(n, dtype=bool)
+        outside[subset] = False
+        ok[outside] = False
     over = slack < 0
-    for j, r_all in enumerate(s.r):
-        r = r_all[sub]
-        dr = r - r[at, ch][:, None]
+    test = np.empty_like(ok)
+    for j, r in enumerate(s.r):
+        dr = work.delta(r, s.buffer(1))
+        np.less_equal(dr, 0 if repair and over[j] else max(slack[j], 0.0), out=test)
+        ok &= test
+    del test
+    live = np.flatnonzero(ok.any(axis=1))
+    if 2 * live.size <= ok.shape[0]:  # few groups can move: copy their rows out
+        dc, ok, work = dc[live], ok[live], work.narrow(live)
+    use = s.buffer(2)[: dc.shape[0]]
+    use.fill(0.0)
+    for j, r in enumerate(s.r):
         if repair and over[j]:
-            ok &= dr <= 0
-            use -= dr / -slack[j]
-        else:
-            ok &= dr <= max(slack[j], 0.0)
-            if not repair and slack[j] > 0:
-                use += np.maximum(dr, 0.0) / slack[j]
+            dr = work.delta(r, s.buffer(1))
+            dr /= -slack[j]
+            use -= dr
+        elif not repair and slack[j] > 0:
+            dr = work.delta(r, s.buffer(1))
+            np.maximum(dr, 0.0, out=dr)
+            dr /= slack[j]
+            use += dr
     if repair:
         ok &= use > 0
-        score = np.where(ok, np.maximum(dc, 0.0) / np.where(ok, use, 1.0), np.inf)
-        k = np.argmin(score, axis=1)
+        np.maximum(dc, 0.0, out=dc)
+        np.copyto(use, 1.0, where=~ok)
+        dc /= use
+        np.copyto(dc, np.inf, where=~ok)
+        k = np.argmin(dc, axis=1)
     else:
-        score = np.where(ok, -dc / np.maximum(use, 1e-300), -np.inf)
-        k = np.argmax(score, axis=1)
-    best = score[at, k]
+        np.maximum(use, 1e-300, out=use)
+        np.negative(dc, out=dc)
+        dc /= use
+        np.copyto(dc, -np.inf, where=~ok)
+        k = np.argmax(dc, axis=1)
+    best = dc[np.arange(dc.shape[0]), k]
     found = np.flatnonzero(np.isfinite(best))
-    rows, k = sub[found], k[found]
-    delta = np.stack([r[rows, k] - r[rows, choice[rows]] for r in s.r], axis=1)
-    return rows, k, best[found], delta
+    rows, k = work.rows(found), k[found]
+    moved = np.stack([r[rows, k] - r[rows, choice[rows]] for r in s.r], axis=1)
+    return rows, k, best[found], moved
+
+
+class _Rows:
+    """The groups ``_moves`` works on: all of them in place (``index`` None) or a copied-out subset."""
+
+    def __init__(self, s: _Scaled, choice: np.ndarray, index: np.ndarray | None):
+        self.index = index
+        self.choice = choice if index is None else choice[index]
+        self.at = s.rows if index is None else np.arange(index.size)
+
+    def narrow(self, live: np.ndarray) -> _Rows:
+        out = _Rows.__new__(_Rows)
+        out.index = live if self.index is None else self.index[live]
+        out.choice, out.at = self.choice[live], np.arange(live.size)
+        return out
+
+    def delta(self, arr: np.ndarray, buf: np.ndarray) -> np.ndarray:
+        """``arr[g, k] − arr[g, choice[g]]`` for the groups worked on, written into ``buf``."""
+        part = arr if self.index is None else arr[self.index]
+        out = buf[: part.shape[0]]
+        return np.subtract(part, part[self.at, self.choice][:, None], out=out)
+
+    def rows(self, found: np.ndarray) -> np.ndarray:
+        return found if self.index is None else self.index[found]
 
 
 def _fill(s: _Scaled, choice: np.ndarray, rounds: int = 6) -> np.ndarray:

@@ -47,34 +47,50 @@ def pareto_options(cost: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _sorted_by_weight(weight: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-    """Column order of each group by weight (``None`` when the columns are already in order)."""
-    key = np.where(allowed, weight, np.inf)
-    if bool((key[:, 1:] >= key[:, :-1]).all()):
-        return None, key
-    order = np.argsort(key, axis=1, kind="stable")
-    return order, _take(key, order)
-
-
 def _take(arr: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """``arr[g, cols[g, j]]`` through flat indices (faster than ``take_along_axis``)."""
     flat = cols + (np.arange(arr.shape[0]) * arr.shape[1])[:, None]
     return arr.ravel()[flat]
 
 
-def _hull_points(cost: np.ndarray, weight: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _column_layout(cost, weight, allowed):
+    """Options sorted by weight per group, as one contiguous vector per position (``(options, groups)``).
+
+    Returns ``(order, w_col, c_col)``: ``order`` is ``None`` when every group's columns are already
+    in weight order (the usual case: bytes grow with bits), else each group's column order. Weights
+    of options not allowed are +inf, so they sort last.
+    """
+    w_col = np.empty(weight.shape[::-1])
+    np.copyto(w_col, weight.T)
+    np.copyto(w_col, np.inf, where=~allowed.T)
+    if bool((w_col[1:] >= w_col[:-1]).all()):
+        return None, w_col, np.ascontiguousarray(cost.T)
+    del w_col
+    key = np.where(allowed, weight, np.inf)
+    order = np.argsort(key, axis=1, kind="stable")
+    w_col = np.ascontiguousarray(_take(key, order).T)
+    del key
+    return order, w_col, np.ascontiguousarray(_take(cost, order).T)
+
+
+def _index_dtype(options: int):
+    return np.int8 if options <= 127 else np.int32
+
+
+def _hull_points(cost: np.ndarray, weight: np.ndarray, allowed: np.ndarray):
     """Each group's lower-hull options, lightest first, up to its cheapest one.
 
-    Returns ``(points, count)``: ``points[g, :count[g]]`` are option indices of group ``g``.
-    Options are first sorted by weight. Of equal-weight options only the cheapest (the first among
-    equals) stays. Option ``b`` is a hull vertex iff the steepest slope into it from a lighter
-    option is below the shallowest slope out of it to a heavier one. With a handful of options per
-    group these are a few dozen whole-column operations, with no loop over groups.
+    Returns ``(points, count, hw, hc)``, all in column layout (one row per hull position):
+    ``points[:count[g], g]`` are option indices of group ``g``, ``hw`` and ``hc`` their weights and
+    costs (positions past ``count[g]`` hold filler). Options are first sorted by weight. Of
+    equal-weight options only the cheapest (the first among equals) stays. Option ``b`` is a hull
+    vertex iff the steepest slope into it from a lighter option is below the shallowest slope out
+    of it to a heavier one. With a handful of options per group these are a few dozen whole-column
+    operations, with no loop over groups; the slopes are folded into running maxima and minima as
+    they are computed, so at most one slope vector is alive at a time.
     """
     options = cost.shape[1]
-    order, ws = _sorted_by_weight(weight, allowed)
-    cs = cost if order is None else _take(cost, order)
-    w_col, c_col = np.ascontiguousarray(ws.T), np.ascontiguousarray(cs.T)  # one vector per position
+    order, w_col, c_col = _column_layout(cost, weight, allowed)
     on = np.isfinite(w_col)
     if (w_col[1:] == w_col[:-1]).any():  # equal weights sit side by side once sorted
         for a in range(options - 1):
@@ -82,56 +98,106 @@ def _hull_points(cost: np.ndarray, weight: np.ndarray, allowed: np.ndarray) -> t
                 same = w_col[a] == w_col[b]
                 on[b] &= ~(same & (c_col[b] >= c_col[a]))
                 on[a] &= ~(same & (c_col[b] < c_col[a]))
-    slope = {}
+    inner = range(1, options - 1)  # the first and the last position need no slope test
+    into = {b: None for b in inner}
+    out = {b: None for b in inner}
     with np.errstate(invalid="ignore", divide="ignore"):
         for a in range(options - 1):
             for b in range(a + 1, options):
+                if a not in out and b not in into:
+                    continue
                 dw = w_col[b] - w_col[a]
-                slope[a, b] = np.where((dw > 0) & (dw < np.inf), (c_col[b] - c_col[a]) / dw, np.nan)
-    for b in range(1, options - 1):
-        into = np.fmax.reduce([slope[a, b] for a in range(b)])
-        out = np.fmin.reduce([slope[b, c] for c in range(b + 1, options)])
-        on[b] &= ~(into >= out)
+                ok = dw > 0
+                ok &= dw < np.inf
+                slope = c_col[b] - c_col[a]
+                slope /= dw
+                del dw
+                np.copyto(slope, np.nan, where=~ok)
+                if b in into:
+                    into[b] = slope if into[b] is None else np.fmax(into[b], slope, out=into[b])
+                if a in out:
+                    out[a] = slope.copy() if out[a] is None else np.fmin(out[a], slope, out=out[a])
+                del slope
+    for b in inner:
+        on[b] &= ~(into[b] >= out[b])
+        into[b] = out[b] = None
     # Past its cheapest point a hull climbs again: those points are dominated.
-    on &= np.arange(options)[:, None] <= np.argmin(np.where(on, c_col, np.inf), axis=0)[None, :]
+    on &= np.arange(options)[:, None] <= _first_argmin(on, c_col)[None, :]
     points, count = _compact(on)
-    points, count = _strictly_convex(points, count, ws, cs)
-    return (points if order is None else _take(order, points)), count
+    del on
+    hw, hc = _gather(w_col, points), _gather(c_col, points)
+    del w_col, c_col
+    points, count, hw, hc = _strictly_convex(points, count, hw, hc)
+    if order is not None:
+        points = np.take_along_axis(order.T, points.astype(np.intp), axis=0).astype(points.dtype)
+    return points, count, hw, hc
+
+
+def _first_argmin(on: np.ndarray, c_col: np.ndarray) -> np.ndarray:
+    """``argmin(where(on, c_col, inf), axis=0)`` without the full-size temporary."""
+    if np.isnan(c_col).any():  # argmin's NaN rule (the first NaN wins): leave it to numpy
+        return np.argmin(np.where(on, c_col, np.inf), axis=0)
+    best = np.where(on[0], c_col[0], np.inf)
+    index = np.zeros(c_col.shape[1], dtype=np.intp)
+    for r in range(1, c_col.shape[0]):
+        cand = np.where(on[r], c_col[r], np.inf)
+        better = cand < best
+        index[better] = r
+        np.copyto(best, cand, where=better)
+    return index
+
+
+def _gather(col: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``col[points[r, g], g]`` for column-layout arrays."""
+    groups = col.shape[1]
+    out = np.empty(points.shape)
+    at = np.arange(groups)
+    for r in range(points.shape[0]):
+        out[r] = col.ravel()[points[r].astype(np.intp) * groups + at]
+    return out
 
 
 def _compact(on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per group (columns of ``on``), the positions that are on, first ones first."""
+    """Per group (columns of ``on``), the positions that are on, first ones first (column layout)."""
     options, groups = on.shape
-    cum = np.cumsum(on, axis=0, dtype=np.int8)
-    points = np.zeros((groups, options), dtype=np.int64)
+    cum = np.cumsum(on, axis=0, dtype=np.int8 if options <= 127 else np.int32)
+    points = np.empty((options, groups), dtype=_index_dtype(options))
     for r in range(options):
         # the (r+1)-th set position is the number of positions with fewer than r+1 set up to them
-        points[:, r] = np.minimum((cum <= r).sum(axis=0), options - 1)
+        points[r] = np.minimum((cum <= r).sum(axis=0), options - 1)
     return points, cum[-1].astype(np.int64)
 
 
-def _strictly_convex(points, count, ws, cs) -> tuple[np.ndarray, np.ndarray]:
+def _strictly_convex(points, count, hw, hc):
     """Drop vertices whose segment efficiencies do not strictly fall (float rounding near collinear).
 
-    The greedy relies on it: a group's segments must come out of the sort in hull order.
+    The greedy relies on it: a group's segments must come out of the sort in hull order. A pass
+    drops one vertex per offending group; only the groups changed by a pass are looked at again.
     """
-    options = points.shape[1]
+    options = points.shape[0]
+    todo = None  # all groups
     for _ in range(options):
-        hw, hc = _take(ws, points), _take(cs, points)
+        w, c = (hw, hc) if todo is None else (hw[:, todo], hc[:, todo])
+        n = count if todo is None else count[todo]
         with np.errstate(invalid="ignore", divide="ignore"):
-            eff = (hc[:, :-1] - hc[:, 1:]) / (hw[:, 1:] - hw[:, :-1])
-        real = np.arange(1, options)[None, :] < count[:, None]
-        bad = real[:, 1:] & (eff[:, 1:] >= eff[:, :-1])  # vertex k+1 between segments k and k+1
+            eff = (c[:-1] - c[1:]) / (w[1:] - w[:-1])
+        real = np.arange(1, options)[:, None] < n[None, :]
+        bad = real[1:] & (eff[1:] >= eff[:-1])  # vertex k+1 between segments k and k+1
+        del eff, real
         if not bad.any():
             break
-        g, k = np.nonzero(bad)
-        first = np.unique(g, return_index=True)[1]
-        g, k = g[first], k[first] + 1  # one vertex per group per pass
+        # one vertex per group per pass: the first offending one
+        g = np.flatnonzero(bad.any(axis=0))
+        k = np.argmax(bad[:, g], axis=0) + 1
+        if todo is not None:
+            g = todo[g]
         for r in range(options - 1):
-            move = k <= r
-            points[g[move], r] = points[g[move], r + 1]
+            move = g[k <= r]
+            for arr in (points, hw, hc):
+                arr[r, move] = arr[r + 1, move]
         count[g] -= 1
-    return points, count
+        todo = g
+    return points, count, hw, hc
 
 
 class MCKHull:
@@ -152,17 +218,28 @@ class MCKHull:
         if not allowed.any(axis=1).all():
             raise ValueError(f"group {int(np.flatnonzero(~allowed.any(axis=1))[0])} has no allowed option")
         self.cost, self.weight = cost, weight
-        self.points, self.count = _hull_points(cost, weight, allowed)
-        hull_w, hull_c = _take(weight, self.points), _take(cost, self.points)
-        self.lightest = self.points[:, 0].copy()
-        self.min_weight = float(hull_w[:, 0].sum())
-        self.base_cost = float(hull_c[:, 0].sum())
-        # Segment k of a group goes from hull point k to k + 1; the mask keeps the real ones.
-        real = np.arange(1, cost.shape[1])[None, :] < self.count[:, None]
-        self.d_w = (hull_w[:, 1:] - hull_w[:, :-1])[real]
-        self.d_c = (hull_c[:, 1:] - hull_c[:, :-1])[real]  # negative: an upgrade saves cost
+        # points: (positions, groups), the hull's option indices; hw/hc their weights and costs
+        self.points, self.count, hw, hc = _hull_points(cost, weight, allowed)
+        self.lightest = self.points[0].astype(np.int64)
+        self.min_weight = float(hw[0].sum())
+        self.base_cost = float(hc[0].sum())
+        # Segment k of a group goes from hull point k to k + 1; the mask keeps the real ones, and
+        # the transposed views keep the segments in group order (a group's segments side by side).
+        real = (np.arange(1, cost.shape[1])[:, None] < self.count[None, :]).T
+        hw = np.subtract(hw[1:], hw[:-1], out=hw[1:])
+        self.d_w = hw.T[real]
+        del hw
+        hc = np.subtract(hc[1:], hc[:-1], out=hc[1:])
+        self.d_c = hc.T[real]  # negative: an upgrade saves cost
+        del hc, real
         self.seg_group = np.repeat(np.arange(cost.shape[0], dtype=np.int32), self.count - 1)
-        self.efficiency = -self.d_c / self.d_w
+        # minus the efficiency (cost saved per unit of weight): the sort key, smallest first
+        self._neg_efficiency = self.d_c / self.d_w
+
+    @property
+    def efficiency(self) -> np.ndarray:
+        """Cost saved per unit of weight of every segment."""
+        return -self._neg_efficiency
 
     def _cut(self, room: float) -> tuple[np.ndarray, int | None]:
         """Segments taken whole (most efficient first) within ``room``, and the first that does not fit.
@@ -171,10 +248,10 @@ class MCKHull:
         cut, ``argpartition`` splits off the segments surely above and below it, and the bracket is
         widened until the cut provably lies inside.
         """
-        n = self.efficiency.size
+        neg = self._neg_efficiency
+        n = neg.size
         if n == 0 or float(self.d_w.sum()) <= room:
             return np.arange(n), None
-        neg = -self.efficiency
         pick = np.random.default_rng(0).integers(0, n, min(n, 20_000))
         pick = pick[np.argsort(neg[pick], kind="stable")]
         # cumulative weight of the sample, scaled up: where the cut falls in the full order
@@ -200,7 +277,7 @@ class MCKHull:
 
     def greedy(self, budget: float) -> MCKGreedyResult:
         """The LP optimum and a rounded integral choice for ``budget``."""
-        groups = self.points.shape[0]
+        groups = self.points.shape[1]
         rows = np.arange(groups)
         if self.min_weight > budget * (1 + _REL_TOL):
             return MCKGreedyResult(
@@ -213,11 +290,11 @@ class MCKHull:
         if frac is not None:
             left = budget - self.min_weight - float(self.d_w[taken].sum())
             lp += float(self.d_c[frac]) * max(0.0, left) / float(self.d_w[frac])
-            multiplier = float(self.efficiency[frac])
+            multiplier = -float(self._neg_efficiency[frac])
         # The segments of a group are taken in hull order: its choice is the point after its last.
         rank = np.bincount(self.seg_group[taken], minlength=groups)
         rank = self._fill(rank, budget)
-        choice = self.points[rows, rank]
+        choice = self.points[rank, rows].astype(np.int64)
         cost = float(self.cost[rows, choice].sum())
         weight = float(self.weight[rows, choice].sum())
         return MCKGreedyResult(choice, cost, weight, min(lp, cost), True, self.min_weight, multiplier)
@@ -225,11 +302,11 @@ class MCKHull:
     def _fill(self, rank: np.ndarray, budget: float, rounds: int = 8) -> np.ndarray:
         """After the LP cut, keep taking next hull segments that still fit, best efficiency first."""
         rows = np.arange(rank.size)
-        room = budget * (1 + _REL_TOL) - float(self.weight[rows, self.points[rows, rank]].sum())
+        room = budget * (1 + _REL_TOL) - float(self.weight[rows, self.points[rank, rows]].sum())
         open_ = np.flatnonzero(rank + 1 < self.count)
         for _ in range(rounds):
-            cur = self.points[open_, rank[open_]]
-            nxt = self.points[open_, rank[open_] + 1]
+            cur = self.points[rank[open_], open_]
+            nxt = self.points[rank[open_] + 1, open_]
             d_w = self.weight[open_, nxt] - self.weight[open_, cur]
             fits = d_w <= room
             if not fits.any():

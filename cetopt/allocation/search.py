@@ -74,6 +74,7 @@ class MultiChoice:
         self.allowed = np.asarray(allowed, dtype=bool)
         self.names = list(names)
         self.rows = np.arange(self.cost.shape[0])
+        self.all_allowed = bool(self.allowed.all())
         self._hull = None
 
     @property
@@ -83,7 +84,10 @@ class MultiChoice:
         return self._hull
 
     def minimum(self, j: int) -> float:
-        return float(np.where(self.allowed, self.resources[j], np.inf).min(axis=1).sum())
+        r = self.resources[j]
+        if self.all_allowed:
+            return float(r.min(axis=1).sum())
+        return float(np.where(self.allowed, r, np.inf).min(axis=1).sum())
 
     def totals(self, choice: np.ndarray) -> np.ndarray:
         return np.array([float(r[self.rows, choice].sum()) for r in self.resources])

@@ -37,7 +37,9 @@ def _int_vector(name: str, value, n: int) -> np.ndarray | None:
 def _names(value) -> tuple[str, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise DataShapeError(f"layers must be a sequence of names, got {type(value).__name__}")
-    return tuple(str(x) for x in value)
+    if type(value) is tuple and set(map(type, value)) <= {str}:
+        return value  # already a tuple of str: nothing to convert
+    return tuple(map(str, value))  # one C-level pass, no Python frame per name
 
 
 def _bit_widths(value) -> tuple[int, ...]:

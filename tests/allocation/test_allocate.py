@@ -173,3 +173,33 @@ def test_nan_sensitivity_is_a_named_error():
     values[1, 0] = np.nan
     with pytest.raises(NonFiniteError, match="'b' at 2 bits"):
         SensitivityTable(layers=["a", "b"], bits=[2, 4], values=values, params=[10, 10])
+
+
+def test_plan_bits_are_an_array_backed_mapping_equal_to_the_dict():
+    from cetopt.allocation.plan import LayerValues
+
+    table = random_table(layers=12)
+    plan = allocate(table, "6x")
+    as_dict = dict(plan.bits)
+    assert isinstance(plan.bits, LayerValues) and plan.bits == as_dict and as_dict == plan.bits
+    assert list(plan.bits) == list(table.layers) and all(type(b) is int for b in plan.bits.values())
+    assert plan.bits["l3"] == as_dict["l3"] and "l3" in plan.bits and "nope" not in plan.bits
+    assert allocate(table, "6x").bits == plan.bits
+    with pytest.raises(TypeError):
+        plan.bits["l3"] = 8  # read-only
+    expected = sum(as_dict[n] * p for n, p in zip(table.layers, table.params)) / table.params.sum()
+    assert plan.average_bits == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_long_summary_lists_the_first_rows_and_counts_the_rest():
+    table = random_table(layers=30)
+    plan = allocate(table, "6x")
+    full = plan.summary(max_rows=None).splitlines()
+    assert len(full) == 2 + 30 + 1 and plan.summary() == "\n".join(full)
+    short = plan.summary(max_rows=5).splitlines()
+    assert len(short) == 2 + 5 + 2
+    assert [ln.split()[:2] for ln in short[2:7]] == [ln.split()[:2] for ln in full[2:7]]
+    widths = [int(b) for b in plan.bits.values()]
+    counts = " ".join(f"{b}×{widths.count(b)}" for b in sorted(set(widths)))
+    assert short[-2].startswith("... 25 more layers") and short[-2].endswith(counts)
+    assert short[-1] == full[-1]
