@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cetopt.analysis._common import progress_bar
 from cetopt.errors import DataShapeError, DomainError, UntraceableModelError
 from cetopt.leo.domain import Domain, as_domain
 from cetopt.leo.formulation import ACTIVE, INACTIVE, UNDECIDED, BoxState, interval_bounds, layer_problem
@@ -350,6 +351,7 @@ def find_stable_units(
     workers: int | None = None,
     milp_units: Mapping[int, Sequence[int]] | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> StabilityReport:
     """Find the ReLUs of ``model`` that never change sign on ``domain`` (LEO, Serra et al. 2020).
 
@@ -394,6 +396,8 @@ def find_stable_units(
         kept as unstable, stage ``skipped``); for measuring a slow baseline on a subset.
     seed : int
         Seed of the random samples.
+    progress : bool
+        Show a progress bar on stderr (per layer, with the stage running and its undecided units).
 
     Returns
     -------
@@ -430,10 +434,12 @@ def find_stable_units(
         run.witness(_data_points(data, domain, features), "data")
     if "samples" in stages and samples > 0:
         run.witness(domain.sample(samples, seed), "samples")
-    for i in range(1, len(net.layers) + 1):
-        t_layer = time.perf_counter()
-        _analyse_layer(run, i)
-        run.counters[i - 1].time = time.perf_counter() - t_layer
+    with progress_bar(len(net.layers), "leo: layers", progress) as bar:
+        for i in range(1, len(net.layers) + 1):
+            t_layer = time.perf_counter()
+            _analyse_layer(run, i, bar)
+            run.counters[i - 1].time = time.perf_counter() - t_layer
+            bar.update()
     return _report(run, shape, domain, margin, time.perf_counter() - t0)
 
 
@@ -466,12 +472,20 @@ def _new_run(net, domain, solver, stages, early_stop, propagate, margin, time_li
     )
 
 
-def _analyse_layer(run: _Run, i: int) -> None:
+def _stage(bar, run: _Run, b: int, i: int, stage: str) -> None:
+    undecided = sum(n.size for n in run.needs(b, i))
+    box = f" box {b + 1}/{len(run.boxes)}" if len(run.boxes) > 1 else ""
+    bar.set_description(f"leo: layer {i}/{len(run.net.layers)}{box}: {stage} ({undecided} undecided)")
+
+
+def _analyse_layer(run: _Run, i: int, bar) -> None:
     for b in range(len(run.boxes)):
         run.interval(b, i)
         if "lp" in run.cfg.stages and any(n.size for n in run.needs(b, i)):
+            _stage(bar, run, b, i, "lp")
             run.lp_stage(b, i)
         if "milp" in run.cfg.stages and any(n.size for n in run.needs(b, i)):
+            _stage(bar, run, b, i, "milp")
             run.milp_stage(b, i)
     run.finish_layer(i)
 

@@ -151,13 +151,12 @@ def fit_layer(
     """
     if target_inputs is not None and method != "admm":
         raise ValueError(f"target_inputs needs method 'admm', got {method!r}")
-    gram = data.inputs @ data.inputs.T
     if method == "svd":
         return fit_svd(data.weight, rank)
     if method == "prune":
         return fit_prune(data.weight, nnz, structure)
     if method == "weight_space":
-        return fit_weight_space(data.weight, rank, nnz, gram, structure=structure)
+        return fit_weight_space(data.weight, rank, nnz, data.factors, structure=structure)
     scaled_init = None if init is None else init.scale_rows(data.scale)
     fit = fit_admm(
         data.effective_weight,
@@ -170,6 +169,7 @@ def fit_layer(
         iterations=iterations,
         init=scaled_init,
         target_inputs=target_inputs,
+        factors=data.factors,
     )
     return fit.scale_rows(1.0 / data.scale)
 

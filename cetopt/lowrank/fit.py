@@ -216,13 +216,21 @@ class GramFactors:
     ``step`` the S-step length ``1 / λ_max(XXᵀ)``; ``column_scale`` the OATS scaling ``√diag(XXᵀ)``.
     """
 
-    def __init__(self, gram: torch.Tensor):
+    def __init__(self, gram: torch.Tensor, inputs: torch.Tensor | None = None):
         self.gram = gram.to(torch.float64)
+        self.inputs = inputs
 
     @classmethod
     def of(cls, inputs: torch.Tensor) -> GramFactors:
         x = inputs.to(torch.float64)
-        return cls(x @ x.T)
+        return cls(x @ x.T, x)
+
+    def times(self, a: torch.Tensor) -> torch.Tensor:
+        """``a XXᵀ``, through ``X`` when there are fewer columns than rows (cheaper, same value)."""
+        x = self.inputs
+        if x is not None and 2 * x.shape[1] < x.shape[0]:
+            return (a @ x) @ x.T
+        return a @ self.gram
 
     @functools.cached_property
     def chol(self) -> torch.Tensor:
@@ -446,7 +454,7 @@ def fit_admm(
     if target_inputs is not None and target_inputs.shape != x.shape:
         raise ValueError(f"target_inputs has shape {tuple(target_inputs.shape)}, inputs {tuple(x.shape)}")
     x0 = x if target_inputs is None else target_inputs.to(torch.float64)
-    factors = factors or GramFactors(x @ x.T)
+    factors = factors or GramFactors.of(x)
     gram = factors.gram
     in_gram = activation == "identity" and target_inputs is None and x.shape[1] > x.shape[0]
     space = (_GramSpace if in_gram else _Columns)(w, b, x, x0, activation, gram)
@@ -461,10 +469,10 @@ def fit_admm(
     for _ in range(iterations):
         z = space.prox(pre, dual, rho)
         target_xt = space.target_xt(z, dual)  # T Xᵀ; every other product goes through XXᵀ
-        left, right = _reduced_rank(target_xt - sparse @ gram, factors.chol, rank)
-        low_gram = left @ (right @ gram)
+        left, right = _reduced_rank(target_xt - factors.times(sparse), factors.chol, rank)
+        low_gram = left @ factors.times(right)
         for _ in range(sparse_steps if nnz else 0):
-            gradient = low_gram + sparse @ gram - target_xt
+            gradient = low_gram + factors.times(sparse) - target_xt
             sparse = project_sparse(sparse - factors.step * gradient, nnz, structure)
         previous, pre = pre, space.apply(left, right, sparse)
         residual = space.residual(z, pre)
