@@ -167,7 +167,8 @@ def _followers(model: nn.Module, names: list[str]) -> dict[str, tuple]:
     return {n: _follower(graph, modules, n) for n in names}
 
 
-def _check_names(modules: Mapping[str, nn.Module], names: list[str]) -> None:
+def check_layers(modules: Mapping[str, nn.Module], names: list[str]) -> None:
+    """Raise :class:`UnsupportedLayerError` for a name that is not a decomposable layer."""
     for name in names:
         if not is_matmul_layer(modules.get(name, nn.Identity())):
             kind = type(modules[name]).__name__ if name in modules else "missing"
@@ -278,7 +279,7 @@ def collect_each(
     Each yielded :class:`LayerData` equals :func:`collect`'s for the same arguments.
     """
     modules = dict(model.named_modules())
-    _check_names(modules, names)
+    check_layers(modules, names)
     picks = _column_picks(model, calibration, modules, names, max_columns, seed)
     followers = _followers(model, names)
     budget = GROUP_BYTES if group_bytes is None else group_bytes
