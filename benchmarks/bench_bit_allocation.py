@@ -259,6 +259,11 @@ def run(quick: bool = False) -> dict:
 
 PEER_MODELS = ("digits-resnet", "mnist1d-cnn")
 PEER_ALPHA = 0.25  # the budget: 4-bit bytes + α (8-bit − 4-bit), where HAWQ-V3's {4, 8} has a choice
+MCT_NOTE = (  # tried by hand in a separate venv, so the benchmark's venv keeps importing torch
+    "MCT imports torchvision; the index's torchvision 0.29.1 wheel (a CUDA build), installed with "
+    "--no-deps next to the CPU torch 2.13.0, fails on import with "
+    "'RuntimeError: operator torchvision::nms does not exist'"
+)
 
 
 def _mct_status() -> dict:
@@ -363,5 +368,6 @@ def run_peer_speed(quick: bool = False) -> dict:
     return {
         "budget": f"4-bit bytes + {PEER_ALPHA} (8-bit - 4-bit bytes), each model's own",
         "calibration_split": CALIBRATION,
+        "mct_note": MCT_NOTE,
         "rows": rows,
     }
