@@ -226,15 +226,32 @@ class GramFactors:
         return cls(x @ x.T, x)
 
     def times(self, a: torch.Tensor) -> torch.Tensor:
-        """``a XXᵀ``, through ``X`` when there are fewer columns than rows (cheaper, same value)."""
-        x = self.inputs
-        if x is not None and 2 * x.shape[1] < x.shape[0]:
-            return (a @ x) @ x.T
-        return a @ self.gram
+        """``a XXᵀ``, through ``X`` when there are few columns (cheaper, same value)."""
+        return (a @ self.inputs) @ self.inputs.T if self.few_columns else a @ self.gram
 
     @functools.cached_property
     def chol(self) -> torch.Tensor:
         return cholesky_jitter(self.gram)
+
+    @property
+    def few_columns(self) -> bool:
+        """Fewer calibration columns than half the inputs: work in the columns' span."""
+        return self.inputs is not None and 2 * self.inputs.shape[1] < self.inputs.shape[0]
+
+    @functools.cached_property
+    def column_basis(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, d)``: ``U`` (n, k) an orthonormal basis of X's columns, ``d = (σ² + λ)^-½``.
+
+        ``XXᵀ + λI = U diag(σ² + λ) Uᵀ + λ(I − UUᵀ)`` with λ the first jitter of
+        :func:`cholesky_jitter`; from the eigendecomposition of the small ``XᵀX``.
+        """
+        x = self.inputs
+        values, vectors = torch.linalg.eigh(x.T @ x)
+        keep = values > 1e-12 * float(values[-1].clamp_min(1e-300))
+        sing = values[keep].sqrt()
+        basis = (x @ vectors[:, keep]) / sing[None, :]
+        lam = max(1e-8 * float(self.gram.diagonal().mean()), 1e-12)
+        return basis, (values[keep] + lam).rsqrt()
 
     @functools.cached_property
     def step(self) -> float:
@@ -323,11 +340,21 @@ def _prox(y: torch.Tensor, v: torch.Tensor, rho: float, activation: str) -> torc
     return torch.where(cost_pos <= cost_neg, z_pos, z_neg)
 
 
-def _reduced_rank(target_xt: torch.Tensor, chol: torch.Tensor, rank: int):
-    """``argmin_{rank ≤ r} ‖L X − T‖²`` as factors, given ``T Xᵀ`` and ``XXᵀ + λI = R Rᵀ``."""
+def _reduced_rank(target_xt: torch.Tensor, factors: GramFactors, rank: int):
+    """``argmin_{rank ≤ r} ‖L X − T‖² + λ‖L‖²`` as factors, given ``T Xᵀ``.
+
+    Whitened by ``XXᵀ + λI = R Rᵀ`` (Cholesky), or, with few columns, by the symmetric root in the
+    columns' span (``T Xᵀ`` lies in it, so the truncated SVD is of an (m, k) matrix, k ≤ N): the
+    same minimiser, since a truncated SVD commutes with an orthogonal change of whitening.
+    """
     m, n = target_xt.shape
     if rank == 0:
         return target_xt.new_zeros(m, 0), target_xt.new_zeros(0, n)
+    if factors.few_columns:
+        basis, root = factors.column_basis
+        left, right = truncate((target_xt @ basis) * root[None, :], rank)
+        return left, (right * root[None, :]) @ basis.T
+    chol = factors.chol
     whitened = torch.linalg.solve_triangular(chol, target_xt.T, upper=False).T  # T Xᵀ R⁻ᵀ
     left, right = truncate(whitened, rank)
     right = torch.linalg.solve_triangular(chol.T, right.T, upper=True).T  # · R⁻¹
@@ -469,7 +496,7 @@ def fit_admm(
     for _ in range(iterations):
         z = space.prox(pre, dual, rho)
         target_xt = space.target_xt(z, dual)  # T Xᵀ; every other product goes through XXᵀ
-        left, right = _reduced_rank(target_xt - factors.times(sparse), factors.chol, rank)
+        left, right = _reduced_rank(target_xt - factors.times(sparse), factors, rank)
         low_gram = left @ factors.times(right)
         for _ in range(sparse_steps if nnz else 0):
             gradient = low_gram + factors.times(sparse) - target_xt

@@ -187,3 +187,14 @@ def test_progress_does_not_change_decompose(capsys):
     runs = [cetopt.decompose(model, x, rank=2, nnz=0.05, method="admm", progress=p) for p in (False, True)]
     assert "decompose" in capsys.readouterr().err
     assert runs[0].layers == runs[1].layers
+
+
+@pytest.mark.parametrize("activation", ["relu", "identity"])
+def test_few_column_low_rank_step_equals_the_cholesky_step(activation, monkeypatch):
+    w, b, x = _small_admm(4, activation, columns=12)  # N < n / 2: the L-step works in X's span
+    start = fit_weight_space(w, 3, 40, GramFactors.of(x))
+    assert GramFactors.of(x).few_columns
+    span = fit_admm(w, b, x, 3, 40, activation=activation, iterations=10, tol=0.0, init=start)
+    monkeypatch.setattr(GramFactors, "few_columns", property(lambda self: False))
+    chol = fit_admm(w, b, x, 3, 40, activation=activation, iterations=10, tol=0.0, init=start)
+    assert span.history == pytest.approx(chol.history, rel=1e-6)
