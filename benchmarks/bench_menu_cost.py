@@ -35,7 +35,7 @@ from benchmarks.harness import with_deadline
 
 BEFORE_COMMIT = "1d1ef2e"
 LS_GRID = {"ls_rank_fractions": (1 / 16, 1 / 8), "ls_densities": (0.03,)}
-FULL = {"size": 112, "images": 8, "deadline": 1500.0, "before_deadline": 600.0, "layers": None}
+FULL = {"size": 112, "images": 8, "deadline": 1800.0, "before_deadline": 600.0, "layers": None}
 QUICK = {"size": 64, "images": 4, "deadline": 300.0, "before_deadline": 120.0, "layers": 6}
 ROOT = Path(__file__).resolve().parent.parent
 
