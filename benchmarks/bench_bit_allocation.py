@@ -22,6 +22,14 @@ calibration split all at once on the float model's inputs (``one_pass``), and la
 the quantized model's own inputs (``sequential``, what ``cetopt compress`` does by default). No
 gradient steps; GPTQ keeps the scales, bits and bytes; bias correction adds a float32 bias to
 layers that had none (4 bytes per channel, outside the weight budget, like every bias).
+
+``peer_speed`` (also on its own: ``python -m benchmarks peer_speed``): at each model's own budget
+4-bit bytes + 0.25 (8-bit − 4-bit bytes) — the smallest at which HAWQ-V3's {4, 8} bits have a choice
+(10× is below its all-4-bit size) — seed 0, end-to-end seconds and test accuracy of
+``cetopt.compress`` with its defaults (whatever sensitivity method and calibration they are), of
+HAWQ-V3 as published (Hutchinson traces, the ILP over {4, 8}, round-to-nearest), and of Sony MCT's
+``pytorch_post_training_quantization`` with ``ResourceUtilization(weights_memory=budget)`` where
+it imports (else the exact import error is recorded); peer seconds as a ratio to cetopt's.
 """
 
 from __future__ import annotations
@@ -238,4 +246,128 @@ def run(quick: bool = False) -> dict:
                 + ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in r["at_10x"].items()),
                 flush=True,
             )
-    return {"bits": BITS, "calibration_split": CALIBRATION, "runs": rows, "summary": _summary(rows)}
+    return {
+        "bits": BITS,
+        "calibration_split": CALIBRATION,
+        "runs": rows,
+        "summary": _summary(rows),
+        "peer_speed": run_peer_speed(quick),
+    }
+
+
+# --- peer_speed: cetopt's default compress against the cheapest credible peer recipes, same bytes ---
+
+PEER_MODELS = ("digits-resnet", "mnist1d-cnn")
+PEER_ALPHA = 0.25  # the budget: 4-bit bytes + α (8-bit − 4-bit), where HAWQ-V3's {4, 8} has a choice
+MCT_NOTE = (  # tried by hand in a separate venv, so the benchmark's venv keeps importing torch
+    "MCT imports torchvision; the index's torchvision 0.29.1 wheel (a CUDA build), installed with "
+    "--no-deps next to the CPU torch 2.13.0, fails on import with "
+    "'RuntimeError: operator torchvision::nms does not exist'"
+)
+
+
+def _mct_status() -> dict:
+    """Whether Sony MCT imports here; the exact error if not."""
+    try:
+        import model_compression_toolkit as mct
+    except Exception as exc:  # any import failure is the answer
+        import importlib.metadata
+
+        try:
+            version = importlib.metadata.version("model-compression-toolkit")
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        return {"runs": False, "installed": version, "error": f"{type(exc).__name__}: {exc}".strip()}
+    return {"runs": True, "installed": mct.__version__, "module": mct}
+
+
+def _mct_run(mct, model, data, budget: float) -> dict:
+    """``pytorch_post_training_quantization`` with a weights-memory target (only where MCT imports)."""
+    import copy
+
+    import torch
+
+    batches = [xb for xb, _ in data.loader(CALIBRATION, batch_size=64)][:8]
+
+    def representative():
+        for xb in batches:
+            yield [xb]
+
+    t0 = time.perf_counter()
+    target = mct.core.ResourceUtilization(weights_memory=budget)
+    quantized, _ = mct.ptq.pytorch_post_training_quantization(
+        copy.deepcopy(model), representative, target_resource_utilization=target
+    )
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        acc = float((quantized(data.x_test).argmax(1) == data.y_test).float().mean())
+    return {"seconds": seconds, "accuracy": acc}
+
+
+def _hawq_end_to_end(model, data, budget: float) -> dict:
+    """HAWQ-V3 as published: Hutchinson traces, the ILP over {4, 8} bits, round-to-nearest."""
+    t0 = time.perf_counter()
+    table = sensitivity(model, data.loader(CALIBRATION, batch_size=512), (4, 8), "hutchinson", progress=False)
+    plan = allocate(table, budget, use_greedy=False)
+    quantized = quantize(model, plan.bits)
+    seconds = time.perf_counter() - t0
+    acc = accuracy(quantized, data.x_test, data.y_test)
+    return {"seconds": seconds, "accuracy": acc, "bytes": plan.bytes}
+
+
+def _cetopt_default(model, data, budget: float) -> dict:
+    import cetopt
+
+    t0 = time.perf_counter()
+    result = cetopt.compress(model, data.loader(CALIBRATION, batch_size=512), budget, progress=False)
+    seconds = time.perf_counter() - t0
+    return {
+        "seconds": seconds,
+        "accuracy": accuracy(result.model, data.x_test, data.y_test),
+        "bytes": result.plan.bytes,
+        "sensitivity_method": result.table.method,
+    }
+
+
+def peer_speed_row(name: str, seed: int = 0) -> dict:
+    """One model: cetopt's default ``compress`` vs HAWQ-V3 (and MCT where it imports) at equal bytes."""
+    data = load_dataset(zoo_entry(name).dataset)
+    model = load_model(name, seed=seed, progress=False)
+    table = sensitivity(model, data.loader(CALIBRATION, batch_size=512), BITS, "fisher", progress=False)
+    four, eight = _fixed_bits_bytes(table, 4), _fixed_bits_bytes(table, 8)
+    budget = four + PEER_ALPHA * (eight - four)
+    row = {
+        "model": name,
+        "seed": seed,
+        "budget_bytes": budget,
+        "compression": 4.0 * float(table.params.sum()) / budget,
+        "fp32_accuracy": accuracy(model, data.x_test, data.y_test),
+        "cetopt_default": _cetopt_default(model, data, budget),
+        "hawq-v3": _hawq_end_to_end(model, data, budget),
+    }
+    mct = _mct_status()
+    row["mct"] = _mct_run(mct.pop("module"), model, data, budget) if mct["runs"] else {}
+    row["mct"].update({k: v for k, v in mct.items() if k != "module"})
+    base = row["cetopt_default"]["seconds"]
+    for peer in ("hawq-v3", "mct"):
+        if "seconds" in row[peer]:
+            row[peer]["seconds_ratio_to_cetopt"] = row[peer]["seconds"] / base
+    return row
+
+
+def run_peer_speed(quick: bool = False) -> dict:
+    """The ``peer_speed`` row alone (also part of the full bit-allocation run)."""
+    rows = [peer_speed_row(name) for name in (PEER_MODELS[:1] if quick else PEER_MODELS)]
+    for r in rows:
+        print(
+            f"   {r['model']}: cetopt {r['cetopt_default']['seconds']:.1f} s "
+            f"{r['cetopt_default']['accuracy']:.4f}, hawq-v3 {r['hawq-v3']['seconds']:.1f} s "
+            f"{r['hawq-v3']['accuracy']:.4f}, mct {r['mct'].get('error') or r['mct'].get('accuracy')}",
+            flush=True,
+        )
+    return {
+        "budget": f"4-bit bytes + {PEER_ALPHA} (8-bit - 4-bit bytes), each model's own",
+        "calibration_split": CALIBRATION,
+        "mct_note": MCT_NOTE,
+        "rows": rows,
+    }

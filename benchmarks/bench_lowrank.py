@@ -205,7 +205,7 @@ def _one(name: str, seed: int, quick: bool, selection: dict | None) -> dict:
     with torch.no_grad():
         reference = model(data.x_test).double()
     t0 = time.perf_counter()
-    menu = build_menu(model, calibration, iterations=10 if quick else ITERATIONS, seed=seed)
+    menu = build_menu(model, calibration, iterations=10 if quick else ITERATIONS, seed=seed, progress=False)
     menu_seconds = time.perf_counter() - t0
     if selection is None:
         selection = _select_schedule(menu, model, data, seed)

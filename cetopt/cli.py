@@ -379,11 +379,14 @@ def _configure_decompose(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data", help="dataset for a module:attr model (digits or mnist1d)")
     parser.add_argument("--calibration-size", type=int, default=512, help="training examples to fit on")
-    parser.add_argument("--iterations", type=int, default=20, help="ADMM iterations per option")
+    parser.add_argument(
+        "--iterations", type=int, default=20, help="most ADMM iterations per option (stopped by residuals)"
+    )
     parser.add_argument("--solver", default="highs", help="any registered solver (`cetopt solvers`)")
     parser.add_argument("--out", help="directory for model.safetensors and report.json")
     parser.set_defaults(out_kind="dir")
     parser.add_argument("--allow-import", action="store_true", help="allow importing a module:attr model")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
 
 @command("decompose", "low-rank + sparse / quantization menu chosen by one MILP")(_configure_decompose)
@@ -397,7 +400,13 @@ def run_decompose(args: argparse.Namespace) -> int:
 
     model, data, source = _resolve_model(args)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    menu = build_menu(model, data.x_train[: args.calibration_size], kinds=kinds, iterations=args.iterations)
+    menu = build_menu(
+        model,
+        data.x_train[: args.calibration_size],
+        kinds=kinds,
+        iterations=args.iterations,
+        progress=not args.no_progress,
+    )
     if args.params_ratio is not None:
         plan = menu.choose(menu.dense_params / args.params_ratio, kinds=kinds, solver=args.solver)
     else:
@@ -442,6 +451,7 @@ def _configure_self_compress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restore-threshold", type=float, default=0.05, help="accuracy drop that restores")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--allow-import", action="store_true", help="allow importing a module:attr model")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
 
 @command("self-compress", "learn per-channel bit depths in training, guarded by a preservation set")(
@@ -466,6 +476,7 @@ def run_self_compress(args: argparse.Namespace) -> int:
         preservation=not args.no_preservation,
         restore_threshold=args.restore_threshold,
         seed=args.seed,
+        progress=not args.no_progress,
     )
     out = Path(args.out)
     saved = save(result.model, out / "model.safetensors", source=source)
@@ -512,6 +523,7 @@ def _configure_leo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per MILP")
     parser.add_argument("--out", default=None, help="write the stability report as JSON here")
     parser.set_defaults(out_kind="file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
 
 @command("leo", "lossless compression: find stable ReLUs (LEO) and remove them")(_configure_leo)
@@ -534,7 +546,13 @@ def run_leo(args: argparse.Namespace) -> int:
             None,
         )
     report = cetopt.find_stable_units(
-        model, domain, args.solver, data=witnesses, time_limit=args.time_limit, seed=args.seed
+        model,
+        domain,
+        args.solver,
+        data=witnesses,
+        time_limit=args.time_limit,
+        seed=args.seed,
+        progress=not args.no_progress,
     )
     compressed = cetopt.remove_stable_units(model, report)
     print(report.summary())

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from cetopt._modes import in_eval_mode
+from cetopt.analysis._common import progress_bar
 from cetopt.errors import DataShapeError, DomainError, UntraceableModelError
 from cetopt.leo.attack import NetworkTorch, search_sign_change
 from cetopt.leo.domain import Domain, as_domain
@@ -516,6 +517,7 @@ def find_stable_units(
     milp_units: Mapping[int, Sequence[int]] | None = None,
     seed: int = 0,
     executor: str | Executor | None = None,
+    progress: bool = True,
 ) -> StabilityReport:
     """Find the ReLUs of ``model`` that never change sign on ``domain`` (LEO, Serra et al. 2020).
 
@@ -572,6 +574,8 @@ def find_stable_units(
         or joins one with ``ray.init()``). Same decisions either way. A solve task that fails
         (raises, its worker dies, or status ``error``) is retried once; if it fails again its unit
         is kept (stage ``failed``) and listed in ``report.extra["failed_tasks"]``.
+    progress : bool
+        Show a progress bar on stderr (per layer, with the stage running and its undecided units).
 
     Returns
     -------
@@ -609,10 +613,12 @@ def find_stable_units(
         run.witness(_data_points(data, domain, features), "data")
     if "samples" in stages and samples > 0:
         run.witness(domain.sample(samples, seed), "samples")
-    for i in range(1, len(net.layers) + 1):
-        t_layer = time.perf_counter()
-        _analyse_layer(run, i)
-        run.counters[i - 1].time = time.perf_counter() - t_layer
+    with progress_bar(len(net.layers), "leo: layers", progress) as bar:
+        for i in range(1, len(net.layers) + 1):
+            t_layer = time.perf_counter()
+            _analyse_layer(run, i, bar)
+            run.counters[i - 1].time = time.perf_counter() - t_layer
+            bar.update()
     if run.rejected:
         warnings.warn(
             f"{len(run.rejected)} solver bound(s) contradicted by the network's own values were ignored "
@@ -676,7 +682,13 @@ def _check_points(domain: Domain, per_box: int = 32) -> np.ndarray:
     return np.concatenate([centres, random], axis=1).reshape(-1, domain.features)
 
 
-def _analyse_layer(run: _Run, i: int) -> None:
+def _stage(bar, run: _Run, b: int, i: int, stage: str) -> None:
+    undecided = sum(n.size for n in run.needs(b, i))
+    box = f" box {b + 1}/{len(run.boxes)}" if len(run.boxes) > 1 else ""
+    bar.set_description(f"leo: layer {i}/{len(run.net.layers)}{box}: {stage} ({undecided} undecided)")
+
+
+def _analyse_layer(run: _Run, i: int, bar) -> None:
     for b in range(len(run.boxes)):
         run.interval(b, i)
         if i < len(run.net.layers) or any(n.size for n in run.needs(b, i)):
@@ -686,8 +698,10 @@ def _analyse_layer(run: _Run, i: int) -> None:
         if any(n.size for n in run.needs(b, i)):
             run.optimised(b, i)
         if "lp" in run.cfg.stages and any(n.size for n in run.needs(b, i)):
+            _stage(bar, run, b, i, "lp")
             run.lp_stage(b, i)
         if "milp" in run.cfg.stages and any(n.size for n in run.needs(b, i)):
+            _stage(bar, run, b, i, "milp")
             run.milp_stage(b, i)
     run.finish_layer(i)
 

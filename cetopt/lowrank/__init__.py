@@ -6,15 +6,17 @@
 
 from cetopt.lowrank.decompose import METHODS, Decomposition, LayerResult, decompose, fit_layer
 from cetopt.lowrank.fit import (
+    GramFactors,
     LowRankSparse,
     fit_admm,
     fit_prune,
     fit_svd,
+    fit_svd_ranks,
     fit_weight_space,
     project_sparse,
     truncate,
 )
-from cetopt.lowrank.layers import LayerData, collect, supported_layers
+from cetopt.lowrank.layers import LayerData, collect, collect_each, supported_layers
 from cetopt.lowrank.menu import (
     KINDS,
     Menu,
@@ -25,11 +27,13 @@ from cetopt.lowrank.menu import (
     stored_bytes,
     stored_params,
 )
+from cetopt.lowrank.suffix import output_errors
 
 __all__ = [
     "KINDS",
     "METHODS",
     "Decomposition",
+    "GramFactors",
     "LayerData",
     "LayerResult",
     "LowRankSparse",
@@ -38,12 +42,15 @@ __all__ = [
     "MenuPlan",
     "build_menu",
     "collect",
+    "collect_each",
     "decompose",
     "fit_admm",
     "fit_layer",
     "fit_prune",
     "fit_svd",
+    "fit_svd_ranks",
     "fit_weight_space",
+    "output_errors",
     "project_sparse",
     "sparse_bytes",
     "stored_bytes",

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from cetopt._modes import in_eval_mode
+from cetopt.analysis._common import progress_bar
 from cetopt.errors import UnreachableBudgetError
 from cetopt.graph import Factorize, rewrite
 from cetopt.lowrank.fit import (
@@ -32,7 +34,7 @@ from cetopt.lowrank.fit import (
     fit_svd,
     fit_weight_space,
 )
-from cetopt.lowrank.layers import LayerData, collect, supported_layers
+from cetopt.lowrank.layers import LayerData, check_layers, collect_each, supported_layers, weight_matrix
 
 __all__ = ["METHODS", "Decomposition", "LayerResult", "decompose", "fit_layer", "resolve_budget"]
 
@@ -152,13 +154,12 @@ def fit_layer(
     """
     if target_inputs is not None and method != "admm":
         raise ValueError(f"target_inputs needs method 'admm', got {method!r}")
-    gram = data.inputs @ data.inputs.T
     if method == "svd":
         return fit_svd(data.weight, rank)
     if method == "prune":
         return fit_prune(data.weight, nnz, structure)
     if method == "weight_space":
-        return fit_weight_space(data.weight, rank, nnz, gram, structure=structure)
+        return fit_weight_space(data.weight, rank, nnz, data.factors, structure=structure)
     scaled_init = None if init is None else init.scale_rows(data.scale)
     fit = fit_admm(
         data.effective_weight,
@@ -171,6 +172,7 @@ def fit_layer(
         iterations=iterations,
         init=scaled_init,
         target_inputs=target_inputs,
+        factors=data.factors,
     )
     return fit.scale_rows(1.0 / data.scale)
 
@@ -182,6 +184,12 @@ def factorize_decision(name: str, module: nn.Module, fit: LowRankSparse) -> Fact
     second = fit.left.to(torch.float32)
     sparse = fit.sparse.to(torch.float32).reshape(shape) if fit.nnz else None
     return Factorize(name, first, second, sparse)
+
+
+def _budget(modules, name: str, rank, nnz, method: str, structure: str) -> tuple[int, int]:
+    """:func:`resolve_budget` from the layer's weight alone (before any calibration pass)."""
+    shape = SimpleNamespace(name=name, weight=weight_matrix(modules[name]))
+    return resolve_budget(shape, _per_layer(rank, name), _per_layer(nnz, name), method, structure)
 
 
 def _check_args(method: str, structure: str) -> None:
@@ -204,6 +212,7 @@ def decompose(
     max_columns: int = 2048,
     iterations: int = 30,
     seed: int = 0,
+    progress: bool = True,
 ) -> Decomposition:
     """Approximate layers by ``L + S`` (rank ≤ r, at most k nonzeros) and write them back.
 
@@ -227,9 +236,12 @@ def decompose(
     max_columns : int
         Calibration columns kept per layer.
     iterations : int
-        ADMM iterations.
+        The most ADMM iterations (each fit stops earlier once its residuals are small, see
+        :func:`cetopt.lowrank.fit_admm`).
     seed : int
         Seed of the column subsampling.
+    progress : bool
+        Show a progress bar over the layers on stderr.
 
     Returns
     -------
@@ -251,23 +263,19 @@ def decompose(
         keyed = rank if isinstance(rank, Mapping) else nnz if isinstance(nnz, Mapping) else None
         layers = list(keyed) if keyed is not None else supported_layers(model)
     layers = list(layers)
-    problems = collect(model, calibration, layers, max_columns=max_columns, seed=seed)
-    budgets = {
-        name: resolve_budget(problems[name], _per_layer(rank, name), _per_layer(nnz, name), method, structure)
-        for name in layers
-    }
     modules = dict(model.named_modules())
+    check_layers(modules, layers)
+    budgets = {name: _budget(modules, name, rank, nnz, method, structure) for name in layers}
     decisions, results = [], {}
-    for name in layers:
-        data = problems[name]
-        fit = fit_layer(data, *budgets[name], method, structure=structure, iterations=iterations)
-        decisions.append(factorize_decision(name, modules[name], fit))
-        results[name] = LayerResult(
-            fit.rank,
-            fit.nnz,
-            fit.params,
-            data.weight.numel(),
-            data.relative_error(fit.dense()),
-            fit.history,
-        )
+    each = collect_each(model, calibration, layers, max_columns=max_columns, seed=seed)
+    with progress_bar(len(layers), f"decompose ({method})", progress) as bar:
+        for data in each:
+            bar.set_description(f"decompose ({method}): {data.name}")
+            fit = fit_layer(data, *budgets[data.name], method, structure=structure, iterations=iterations)
+            decisions.append(factorize_decision(data.name, modules[data.name], fit))
+            error = data.relative_error(fit.dense())
+            results[data.name] = LayerResult(
+                fit.rank, fit.nnz, fit.params, data.weight.numel(), error, fit.history
+            )
+            bar.update()
     return Decomposition(rewrite(model, decisions), results, method, decisions)

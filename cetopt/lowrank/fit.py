@@ -52,24 +52,33 @@ point is kept (from ``S = 0`` the first SVD absorbs large sparse entries and can
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
     "ACTIVATIONS",
+    "ADMM_TOL",
     "STRUCTURES",
+    "GramFactors",
     "LowRankSparse",
     "cholesky_jitter",
     "fit_admm",
     "fit_prune",
     "fit_svd",
+    "fit_svd_ranks",
     "fit_weight_space",
+    "largest_eigenvalue",
     "project_sparse",
     "truncate",
 ]
 
 STRUCTURES = ("unstructured", "rows", "columns")
+# ADMM stops once both residuals are below this share of ‖Y‖ (see fit_admm)
+ADMM_TOL = 1e-3
 ACTIVATIONS = ("identity", "relu")
 
 
@@ -115,12 +124,38 @@ class LowRankSparse:
 
 
 def truncate(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` approximation ``left @ right`` of ``matrix`` (truncated SVD)."""
+    """Best rank-``rank`` approximation ``left @ right`` of ``matrix`` (truncated SVD).
+
+    ``left`` has orthonormal columns and ``right`` carries the singular values. Past
+    :data:`EIGH_MIN_SIDE` rows and columns the top singular vectors come from the eigenvectors of the
+    smaller Gram matrix (``AAᵀ`` or ``AᵀA``), several times faster than a full SVD, unless the kept
+    singular values are too small for squared values to resolve them.
+    """
     m, n = matrix.shape
     if rank == 0:
         return matrix.new_zeros(m, 0), matrix.new_zeros(0, n)
+    if min(m, n) >= EIGH_MIN_SIDE and rank < min(m, n):
+        pair = _truncate_eigh(matrix, rank)
+        if pair is not None:
+            return pair
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     return u[:, :rank], s[:rank, None] * vh[:rank]
+
+
+EIGH_MIN_SIDE = 256
+
+
+def _truncate_eigh(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`truncate` through ``eigh`` of the smaller Gram matrix; None when it would be inexact."""
+    wide = matrix.shape[0] <= matrix.shape[1]
+    values, vectors = torch.linalg.eigh(matrix @ matrix.T if wide else matrix.T @ matrix)
+    top, vals = vectors[:, -rank:].flip(1), values[-rank:].flip(0)
+    if float(vals[-1]) <= 1e-10 * float(values[-1]):  # σ_r² within rounding of σ_1²
+        return None
+    if wide:
+        return top, top.T @ matrix
+    sing = vals.sqrt()
+    return (matrix @ top) / sing[None, :], sing[:, None] * top.T
 
 
 def project_sparse(matrix: torch.Tensor, nnz: int, structure: str = "unstructured") -> torch.Tensor:
@@ -163,11 +198,82 @@ def _column_scale(gram: torch.Tensor) -> torch.Tensor:
     return (diag + 1e-8 * float(diag.mean()) + 1e-12).sqrt()
 
 
+def largest_eigenvalue(gram: torch.Tensor) -> float:
+    """``λ_max`` of a symmetric positive semidefinite matrix (Lanczos past 512 rows, to 1e-10)."""
+    n = gram.shape[0]
+    if n <= 512:
+        return float(torch.linalg.eigvalsh(gram)[-1])
+    from scipy.sparse.linalg import eigsh
+
+    value = eigsh(gram.numpy(), k=1, which="LA", tol=1e-10, v0=np.ones(n), return_eigenvectors=False)
+    return float(value[0])
+
+
+class GramFactors:
+    """What every fit of one layer shares, each computed once on first use.
+
+    ``gram`` is ``XXᵀ`` (float64); ``chol`` its jittered Cholesky factor (:func:`cholesky_jitter`);
+    ``step`` the S-step length ``1 / λ_max(XXᵀ)``; ``column_scale`` the OATS scaling ``√diag(XXᵀ)``.
+    """
+
+    def __init__(self, gram: torch.Tensor, inputs: torch.Tensor | None = None):
+        self.gram = gram.to(torch.float64)
+        self.inputs = inputs
+
+    @classmethod
+    def of(cls, inputs: torch.Tensor) -> GramFactors:
+        x = inputs.to(torch.float64)
+        return cls(x @ x.T, x)
+
+    def times(self, a: torch.Tensor) -> torch.Tensor:
+        """``a XXᵀ``, through ``X`` when there are few columns (cheaper, same value)."""
+        return (a @ self.inputs) @ self.inputs.T if self.few_columns else a @ self.gram
+
+    @functools.cached_property
+    def chol(self) -> torch.Tensor:
+        return cholesky_jitter(self.gram)
+
+    @property
+    def few_columns(self) -> bool:
+        """Fewer calibration columns than half the inputs: work in the columns' span."""
+        return self.inputs is not None and 2 * self.inputs.shape[1] < self.inputs.shape[0]
+
+    @functools.cached_property
+    def column_basis(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, d)``: ``U`` (n, k) an orthonormal basis of X's columns, ``d = (σ² + λ)^-½``.
+
+        ``XXᵀ + λI = U diag(σ² + λ) Uᵀ + λ(I − UUᵀ)`` with λ the first jitter of
+        :func:`cholesky_jitter`; from the eigendecomposition of the small ``XᵀX``.
+        """
+        x = self.inputs
+        values, vectors = torch.linalg.eigh(x.T @ x)
+        keep = values > 1e-12 * float(values[-1].clamp_min(1e-300))
+        sing = values[keep].sqrt()
+        basis = (x @ vectors[:, keep]) / sing[None, :]
+        lam = max(1e-8 * float(self.gram.diagonal().mean()), 1e-12)
+        return basis, (values[keep] + lam).rsqrt()
+
+    @functools.cached_property
+    def step(self) -> float:
+        return 1.0 / max(largest_eigenvalue(self.gram), 1e-12)
+
+    @functools.cached_property
+    def column_scale(self) -> torch.Tensor:
+        return _column_scale(self.gram)
+
+
 def fit_svd(weight: torch.Tensor, rank: int) -> LowRankSparse:
     """Plain truncated SVD of ``weight``."""
+    return fit_svd_ranks(weight, [rank])[0]
+
+
+def fit_svd_ranks(weight: torch.Tensor, ranks: Sequence[int]) -> list[LowRankSparse]:
+    """:func:`fit_svd` at every rank in ``ranks`` from one decomposition of ``weight``."""
     w = weight.to(torch.float64)
-    left, right = truncate(w, rank)
-    return LowRankSparse(left, right, torch.zeros_like(w))
+    top = max(ranks, default=0)
+    left, right = truncate(w, top)
+    zeros = torch.zeros_like(w)
+    return [LowRankSparse(left[:, :r], right[:r], zeros) for r in ranks]
 
 
 def fit_prune(weight: torch.Tensor, nnz: int, structure: str = "unstructured") -> LowRankSparse:
@@ -181,30 +287,40 @@ def fit_weight_space(
     weight: torch.Tensor,
     rank: int,
     nnz: int,
-    gram: torch.Tensor | None = None,
+    gram: torch.Tensor | GramFactors | None = None,
     *,
     structure: str = "unstructured",
     iterations: int = 20,
+    tol: float = 1e-9,
 ) -> LowRankSparse:
-    """OATS-style alternation on ``W D``, ``D = √diag(XXᵀ)`` (identity without ``gram``)."""
+    """OATS-style alternation on ``W D``, ``D = √diag(XXᵀ)`` (identity without ``gram``).
+
+    Each run stops early once an alternation lowers ``‖WD − L − S‖²`` by at most ``tol`` times
+    its value (the alternation never raises it).
+    """
     w = weight.to(torch.float64)
-    d = torch.ones(w.shape[1], dtype=torch.float64) if gram is None else _column_scale(gram)
+    if gram is None:
+        d = torch.ones(w.shape[1], dtype=torch.float64)
+    else:
+        d = gram.column_scale if isinstance(gram, GramFactors) else _column_scale(gram)
     wd = w * d[None, :]
-    runs = [_alternate(wd, rank, nnz, structure, iterations, sparse_first=False)]
+    runs = [_alternate(wd, rank, nnz, structure, iterations, tol, sparse_first=False)]
     if rank and nnz:
-        runs.append(_alternate(wd, rank, nnz, structure, iterations, sparse_first=True))
+        runs.append(_alternate(wd, rank, nnz, structure, iterations, tol, sparse_first=True))
     left, right, sparse, history = min(runs, key=lambda run: run[3][-1])
     return LowRankSparse(left, right / d[None, :], sparse / d[None, :], tuple(history))
 
 
-def _alternate(wd, rank, nnz, structure, iterations, *, sparse_first):
+def _alternate(wd, rank, nnz, structure, iterations, tol, *, sparse_first):
     """Alternate ``L = [WD − S]_r``, ``S = P_k(WD − L)`` from ``S = 0`` or from ``S = P_k(WD)``."""
     sparse = project_sparse(wd, nnz, structure) if sparse_first else torch.zeros_like(wd)
-    history = []
+    history: list[float] = []
     for _ in range(iterations if nnz and rank else 1):
         left, right = truncate(wd - sparse, rank)
         sparse = project_sparse(wd - left @ right, nnz, structure)
         history.append(float((wd - left @ right - sparse).pow(2).sum()))
+        if len(history) > 1 and history[-2] - history[-1] <= tol * history[-2]:
+            break
     return left, right, sparse, history
 
 
@@ -224,15 +340,84 @@ def _prox(y: torch.Tensor, v: torch.Tensor, rho: float, activation: str) -> torc
     return torch.where(cost_pos <= cost_neg, z_pos, z_neg)
 
 
-def _reduced_rank(target_xt: torch.Tensor, chol: torch.Tensor, rank: int):
-    """``argmin_{rank ≤ r} ‖L X − T‖²`` as factors, given ``T Xᵀ`` and ``XXᵀ + λI = R Rᵀ``."""
+def _reduced_rank(target_xt: torch.Tensor, factors: GramFactors, rank: int):
+    """``argmin_{rank ≤ r} ‖L X − T‖² + λ‖L‖²`` as factors, given ``T Xᵀ``.
+
+    Whitened by ``XXᵀ + λI = R Rᵀ`` (Cholesky), or, with few columns, by the symmetric root in the
+    columns' span (``T Xᵀ`` lies in it, so the truncated SVD is of an (m, k) matrix, k ≤ N): the
+    same minimiser, since a truncated SVD commutes with an orthogonal change of whitening.
+    """
     m, n = target_xt.shape
     if rank == 0:
         return target_xt.new_zeros(m, 0), target_xt.new_zeros(0, n)
+    if factors.few_columns:
+        basis, root = factors.column_basis
+        left, right = truncate((target_xt @ basis) * root[None, :], rank)
+        return left, (right * root[None, :]) @ basis.T
+    chol = factors.chol
     whitened = torch.linalg.solve_triangular(chol, target_xt.T, upper=False).T  # T Xᵀ R⁻ᵀ
     left, right = truncate(whitened, rank)
     right = torch.linalg.solve_triangular(chol.T, right.T, upper=True).T  # · R⁻¹
     return left, right
+
+
+class _Columns:
+    """ADMM on the calibration columns: ``Z``, ``U`` and ``(L + S) X`` are (m, N) matrices."""
+
+    def __init__(self, w, b, x, x0, activation, gram):
+        self.x, self.b, self.activation = x, b, activation
+        self.y = _activate(w @ x0 + b, activation)
+
+    def apply(self, left, right, sparse):
+        return left @ (right @ self.x) + sparse @ self.x
+
+    def prox(self, pre, dual, rho):
+        return _prox(self.y, pre + self.b - dual, rho, self.activation)
+
+    def target_xt(self, z, dual):
+        return (z + dual - self.b) @ self.x.T
+
+    def residual(self, z, pre):
+        return z - pre - self.b
+
+    def objective(self, pre) -> float:
+        return float((_activate(pre + self.b, self.activation) - self.y).pow(2).sum())
+
+    def norm(self, a) -> float:
+        return float(a.norm())
+
+
+class _GramSpace:
+    """Identity activation with its own inputs as target: every iterate is ``M X + b``.
+
+    ``Z = M_z X + b``, ``U = M_u X`` and ``(L + S) X`` are carried by their (m, n) coefficients; the
+    steps of :func:`fit_admm` map onto them exactly (``M_z = (2W + ρ(P − M_u)) / (2 + ρ)``,
+    ``T Xᵀ = (M_z + M_u) XXᵀ``, ``M_u ← M_u + M_z − P``) and ``‖A X‖² = tr(A XXᵀ Aᵀ)``, so an iteration
+    costs O(m n²) instead of O(m n N): cheaper once there are more columns than inputs.
+    """
+
+    def __init__(self, w, b, x, x0, activation, gram):
+        self.w, self.gram = w, gram
+        self.y = torch.zeros_like(w)  # the dual's shape
+
+    def apply(self, left, right, sparse):
+        return left @ right + sparse
+
+    def prox(self, pre, dual, rho):
+        return (2 * self.w + rho * (pre - dual)) / (2 + rho)
+
+    def target_xt(self, z, dual):
+        return (z + dual) @ self.gram
+
+    def residual(self, z, pre):
+        return z - pre
+
+    def objective(self, pre) -> float:
+        diff = pre - self.w
+        return float(((diff @ self.gram) * diff).sum().clamp_min(0))
+
+    def norm(self, a) -> float:
+        return float(((a @ self.gram) * a).sum().clamp_min(0)) ** 0.5
 
 
 def fit_admm(
@@ -249,8 +434,10 @@ def fit_admm(
     rho_growth: float = 1.15,
     rho_max: float = 1e4,
     sparse_steps: int = 3,
+    tol: float = ADMM_TOL,
     init: LowRankSparse | None = None,
     target_inputs: torch.Tensor | None = None,
+    factors: GramFactors | None = None,
 ) -> LowRankSparse:
     """Activation-aware L + S by ADMM (see the module docstring for the derivation).
 
@@ -265,56 +452,65 @@ def fit_admm(
     activation : {"relu", "identity"}
     structure : {"unstructured", "rows", "columns"}
     iterations : int
+        The most iterations.
     rho, rho_growth, rho_max : float
         Initial penalty, its growth per iteration, its cap.
     sparse_steps : int
         Projected-gradient steps per S-step.
+    tol : float
+        Stop once the primal residual ``‖Z − (L + S) X − b‖`` and the dual residual
+        ``ρ ‖(L + S − L′ − S′) X‖`` (primes: the previous iterate) are both at most ``tol · ‖Y‖``;
+        0 runs every iteration.
     init : LowRankSparse, optional
         Starting point; default the weight-space fit.
     target_inputs : Tensor, shape (n, N), optional
         Inputs ``X₀`` defining the target ``Y = σ(W X₀ + b)`` (sequential calibration); default
         ``inputs``.
+    factors : GramFactors, optional
+        ``XXᵀ`` and its factorisation, shared by every fit on the same ``inputs``.
 
     Returns
     -------
     LowRankSparse
-        The best iterate; ``history[0]`` is the objective at the start.
+        The best iterate; ``history[0]`` is the objective at the start, one entry per iteration run.
     """
     w = weight.to(torch.float64)
     x = inputs.to(torch.float64)
     b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.to(torch.float64)
     b = b[:, None]
-    gram = x @ x.T
     if target_inputs is not None and target_inputs.shape != x.shape:
         raise ValueError(f"target_inputs has shape {tuple(target_inputs.shape)}, inputs {tuple(x.shape)}")
     x0 = x if target_inputs is None else target_inputs.to(torch.float64)
-    y = _activate(w @ x0 + b, activation)
-    chol = cholesky_jitter(gram)
-    eta = 1.0 / float(torch.linalg.eigvalsh(gram)[-1].clamp_min(1e-12))
-    start = init or fit_weight_space(w, rank, nnz, gram, structure=structure)
+    factors = factors or GramFactors.of(x)
+    gram = factors.gram
+    in_gram = activation == "identity" and target_inputs is None and x.shape[1] > x.shape[0]
+    space = (_GramSpace if in_gram else _Columns)(w, b, x, x0, activation, gram)
+    scale = float(torch.linalg.vector_norm(_activate(w @ x0 + b, activation))) if tol > 0 else 0.0
+    start = init or fit_weight_space(w, rank, nnz, factors, structure=structure)
     left, right, sparse = start.left.clone(), start.right.clone(), start.sparse.clone()
 
-    pre = (left @ right + sparse) @ x  # (L + S) X, shared by the objective, the Z-step and the dual
-
-    def objective(pre_x: torch.Tensor) -> float:
-        return float((_activate(pre_x + b, activation) - y).pow(2).sum())
-
-    best = (objective(pre), left, right, sparse)
+    pre = space.apply(left, right, sparse)  # (L + S) X, shared by the objective, the Z-step and the dual
+    best = (space.objective(pre), left, right, sparse)
     history = [best[0]]
-    dual = torch.zeros_like(y)
+    dual = torch.zeros_like(space.y)
     for _ in range(iterations):
-        z = _prox(y, pre + b - dual, rho, activation)
-        target_xt = (z + dual - b) @ x.T  # T Xᵀ; every other product goes through XXᵀ
-        left, right = _reduced_rank(target_xt - sparse @ gram, chol, rank)
-        low = left @ right
+        z = space.prox(pre, dual, rho)
+        target_xt = space.target_xt(z, dual)  # T Xᵀ; every other product goes through XXᵀ
+        left, right = _reduced_rank(target_xt - factors.times(sparse), factors, rank)
+        low_gram = left @ factors.times(right)
         for _ in range(sparse_steps if nnz else 0):
-            sparse = project_sparse(sparse - eta * ((low + sparse) @ gram - target_xt), nnz, structure)
-        pre = (low + sparse) @ x
-        dual = dual + z - pre - b
+            gradient = low_gram + factors.times(sparse) - target_xt
+            sparse = project_sparse(sparse - factors.step * gradient, nnz, structure)
+        previous, pre = pre, space.apply(left, right, sparse)
+        residual = space.residual(z, pre)
+        dual = dual + residual
+        primal, change = space.norm(residual), space.norm(pre - previous)
+        history.append(space.objective(pre))
+        if history[-1] < best[0]:
+            best = (history[-1], left, right, sparse)
+        if primal <= tol * scale and rho * change <= tol * scale:
+            break
         new_rho = min(rho * rho_growth, rho_max)
         dual *= rho / new_rho  # the scaled dual is λ/ρ
         rho = new_rho
-        history.append(objective(pre))
-        if history[-1] < best[0]:
-            best = (history[-1], left, right, sparse)
     return LowRankSparse(best[1], best[2], best[3], tuple(history))

@@ -13,7 +13,9 @@ is fitted with σ = identity after the BatchNorm.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +24,13 @@ from torch import fx, nn
 
 from cetopt._modes import to_eval
 from cetopt.errors import CalibrationShapeError, NonFiniteError, UnsupportedLayerError
+from cetopt.lowrank.fit import GramFactors
 from cetopt.nn.unfold import input_rows, is_matmul_layer
 
-__all__ = ["LayerData", "collect", "supported_layers", "weight_matrix"]
+__all__ = ["LayerData", "collect", "collect_each", "supported_layers", "weight_matrix"]
+
+GROUP_BYTES = 256 * 2**20  # calibration columns held at once by collect_each (float64)
+_UNFOLD_BYTES = 32 * 2**20  # one unfolded chunk of a batch, before its columns are picked
 
 _RELU = (torch.relu, F.relu, torch.nn.functional.relu)
 
@@ -56,6 +62,16 @@ class LayerData:
     shift: torch.Tensor
     activation: str
 
+    @functools.cached_property
+    def factors(self) -> GramFactors:
+        """``XXᵀ`` and its factorisation, computed once and shared by every fit of this layer."""
+        return GramFactors.of(self.inputs)
+
+    @functools.cached_property
+    def reference(self) -> torch.Tensor:
+        """The original post-activation output ``σ(a ⊙ (W X + b) + d)``."""
+        return self.output(self.weight)
+
     @property
     def effective_weight(self) -> torch.Tensor:
         """``diag(scale) W``: the weight as seen by the activation."""
@@ -72,7 +88,7 @@ class LayerData:
 
     def relative_error(self, weight: torch.Tensor) -> float:
         """``‖σ(W'…) − σ(W…)‖² / ‖σ(W…)‖²`` on the calibration columns."""
-        ref = self.output(self.weight)
+        ref = self.reference
         return float((self.output(weight) - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
 
 
@@ -154,7 +170,139 @@ def _followers(model: nn.Module, names: list[str]) -> dict[str, tuple]:
     return {n: _follower(graph, modules, n) for n in names}
 
 
-@torch.no_grad()
+def check_layers(modules: Mapping[str, nn.Module], names: list[str]) -> None:
+    """Raise :class:`UnsupportedLayerError` for a name that is not a decomposable layer."""
+    for name in names:
+        if not is_matmul_layer(modules.get(name, nn.Identity())):
+            kind = type(modules[name]).__name__ if name in modules else "missing"
+            raise UnsupportedLayerError(
+                f"layer {name!r} ({kind}) cannot be decomposed: only nn.Linear and ungrouped, "
+                "zero-padded nn.Conv1d/Conv2d are",
+                name,
+            )
+
+
+def _positions(out: torch.Tensor, module: nn.Module) -> int:
+    """Calibration columns one batch gives a layer (one per sample and output position)."""
+    return out.numel() // out.shape[-1 if isinstance(module, nn.Linear) else 1]
+
+
+def _run(model: nn.Module, calibration, modules, hooks: Mapping[str, object]) -> None:
+    """One pass of ``calibration`` through ``model`` in eval mode with forward hooks on named layers."""
+    handles = [modules[n].register_forward_hook(h) for n, h in hooks.items()]
+    saved = to_eval(model)
+    seen = 0
+    try:
+        for i, x in enumerate(_batches(calibration)):
+            _check_batch(x, i)
+            seen += 1
+            try:
+                model(x)
+            except RuntimeError as exc:
+                raise CalibrationShapeError(
+                    f"calibration batch {i} of shape {tuple(x.shape)} does not fit the model: {exc}"
+                ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+        saved.restore()
+    if not seen:
+        raise CalibrationShapeError("the calibration data holds no batch")
+
+
+def _column_picks(model, calibration, modules, names, max_columns, seed) -> dict[str, torch.Tensor | None]:
+    """Which calibration columns each layer keeps (None: all), as :func:`collect` always drew them.
+
+    One counting pass, then one ``randperm`` per layer with more than ``max_columns`` columns, in
+    layer order from one generator seeded with ``seed``.
+    """
+    counts = dict.fromkeys(names, 0)
+
+    def count(name):
+        def hook(module, args, out):
+            counts[name] += _positions(out, module)
+
+        return hook
+
+    _run(model, calibration, modules, {n: count(n) for n in names})
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        n: torch.randperm(c, generator=generator)[:max_columns] if c > max_columns else None
+        for n, c in counts.items()
+    }
+
+
+class _Gather:
+    """A forward hook keeping only the picked columns of a layer's unfolded inputs, chunk by chunk."""
+
+    def __init__(self, pick: torch.Tensor | None):
+        self.order = None if pick is None else torch.argsort(pick)
+        self.wanted = None if pick is None else pick[self.order]
+        self.offset, self.parts = 0, []
+
+    def __call__(self, module, args, out):
+        x = args[0].detach()
+        per_sample = _positions(out, module) // max(x.shape[0], 1)
+        fan_in = math.prod(module.weight.shape[1:])
+        chunk = max(1, _UNFOLD_BYTES // max(4 * fan_in * per_sample, 1))
+        for i in range(0, x.shape[0], chunk):
+            rows = input_rows(module, x[i : i + chunk])
+            start, self.offset = self.offset, self.offset + len(rows)
+            if self.wanted is not None:
+                lo, hi = torch.searchsorted(self.wanted, torch.tensor([start, self.offset]))
+                rows = rows[self.wanted[lo:hi] - start]
+            self.parts.append(rows.to(torch.float64).T)
+
+    def columns(self) -> torch.Tensor:
+        cols = torch.cat(self.parts, dim=1)
+        return cols if self.order is None else cols[:, torch.argsort(self.order)]
+
+
+def _layer_data(name: str, module: nn.Module, cols: torch.Tensor, follower) -> LayerData:
+    w = weight_matrix(module)
+    bias = module.bias.detach().double() if module.bias is not None else torch.zeros(w.shape[0])
+    scale, shift = _affine(follower[0], w.shape[0])
+    return LayerData(name, w, bias.double(), cols, scale, shift, follower[1])
+
+
+def collect_each(
+    model: nn.Module,
+    calibration,
+    names: list[str],
+    *,
+    max_columns: int = 2048,
+    seed: int = 0,
+    group_bytes: int | None = None,
+) -> Iterator[LayerData]:
+    """:func:`collect`, one layer at a time, holding only a few layers' columns at once.
+
+    Layers are gathered in consecutive groups whose kept columns take at most ``group_bytes``
+    (default :data:`GROUP_BYTES`), one pass over ``calibration`` per group, after one counting pass.
+    Each yielded :class:`LayerData` equals :func:`collect`'s for the same arguments.
+    """
+    modules = dict(model.named_modules())
+    check_layers(modules, names)
+    picks = _column_picks(model, calibration, modules, names, max_columns, seed)
+    followers = _followers(model, names)
+    budget = GROUP_BYTES if group_bytes is None else group_bytes
+    groups: list[list[str]] = []
+    held = budget + 1
+    for name in names:
+        size = 8 * math.prod(modules[name].weight.shape[1:]) * max_columns
+        if held + size > budget:
+            groups.append([])
+            held = 0
+        groups[-1].append(name)
+        held += size
+    for group in groups:
+        gathers = {n: _Gather(picks[n]) for n in group}
+        with torch.no_grad():
+            _run(model, calibration, modules, gathers)
+        for name in group:
+            cols = gathers.pop(name).columns()
+            yield _layer_data(name, modules[name], cols, followers[name])
+
+
 def collect(
     model: nn.Module,
     calibration,
@@ -165,11 +313,15 @@ def collect(
 ) -> dict[str, LayerData]:
     """Run ``calibration`` through ``model`` (not modified) and build each named layer's problem.
 
+    Two passes: one counts each layer's columns and draws which to keep, the other keeps only
+    those (so at most ``max_columns`` columns per layer are ever held, plus one chunk of a batch).
+
     Parameters
     ----------
     model : nn.Module
     calibration : Tensor or iterable of batches
         Inputs ``(batch, *input_shape)``, or a DataLoader yielding them (or ``(inputs, targets)``).
+        It is iterated twice.
     names : list of str
         Layers to collect (see :func:`supported_layers`).
     max_columns : int
@@ -183,46 +335,5 @@ def collect(
     UnsupportedLayerError
         A name is not a supported layer.
     """
-    modules = dict(model.named_modules())
-    for name in names:
-        if not is_matmul_layer(modules.get(name, nn.Identity())):
-            kind = type(modules[name]).__name__ if name in modules else "missing"
-            raise UnsupportedLayerError(
-                f"layer {name!r} ({kind}) cannot be decomposed: only nn.Linear and ungrouped, "
-                "zero-padded nn.Conv1d/Conv2d are",
-                name,
-            )
-    chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = [
-        modules[n].register_forward_hook(lambda m, args, out, n=n: chunks[n].append(_columns(m, args[0])))
-        for n in names
-    ]
-    saved = to_eval(model)
-    try:
-        for i, x in enumerate(_batches(calibration)):
-            _check_batch(x, i)
-            try:
-                model(x)
-            except RuntimeError as exc:
-                raise CalibrationShapeError(
-                    f"calibration batch {i} of shape {tuple(x.shape)} does not fit the model: {exc}"
-                ) from exc
-    finally:
-        for h in hooks:
-            h.remove()
-        saved.restore()
-    if not all(chunks.values()):
-        raise CalibrationShapeError("the calibration data holds no batch")
-    followers = _followers(model, names)
-    generator = torch.Generator().manual_seed(seed)
-    out = {}
-    for name in names:
-        cols = torch.cat(chunks[name], dim=1)
-        if cols.shape[1] > max_columns:
-            cols = cols[:, torch.randperm(cols.shape[1], generator=generator)[:max_columns]]
-        module = modules[name]
-        w = weight_matrix(module)
-        bias = module.bias.detach().double() if module.bias is not None else torch.zeros(w.shape[0])
-        scale, shift = _affine(followers[name][0], w.shape[0])
-        out[name] = LayerData(name, w, bias.double(), cols, scale, shift, followers[name][1])
-    return out
+    each = collect_each(model, calibration, names, max_columns=max_columns, seed=seed, group_bytes=2**62)
+    return {data.name: data for data in each}

@@ -37,15 +37,16 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cetopt._modes import in_eval_mode, to_eval
 from cetopt.allocation import choose_options
+from cetopt.analysis._common import progress_bar
 from cetopt.graph import Quantize, rewrite
 from cetopt.lowrank.decompose import factorize_decision, fit_layer
-from cetopt.lowrank.fit import LowRankSparse
-from cetopt.lowrank.layers import LayerData, collect, supported_layers
+from cetopt.lowrank.fit import LowRankSparse, fit_svd_ranks
+from cetopt.lowrank.layers import LayerData, collect, collect_each, supported_layers
+from cetopt.lowrank.suffix import output_errors
 from cetopt.nn.factorized import FactorizedConv, FactorizedLinear
 from cetopt.nn.quantized import QuantizedMixin
 from cetopt.quant import quantize_weight
@@ -380,40 +381,38 @@ def _quant_option(data: LayerData, bits: int) -> MenuOption:
     return _option(data, "quant", 0, 0, bits, m * n, _quant_bytes(m * n, m, bits), approx)
 
 
-def _layer_options(
-    data: LayerData,
-    bits,
-    factor_bits,
-    rank_fractions,
-    prune_densities,
-    ls_rank_fractions,
-    ls_densities,
-    kinds,
-    iterations,
-) -> list[MenuOption]:
+def _fits(data: LayerData, grids: dict, kinds: set, iterations: int, bar) -> list[tuple[str, LowRankSparse]]:
+    """Every factorised fit of one layer; the Gram matrix, its factors and W's SVD are shared."""
     m, n = data.weight.shape
     full = min(m, n)
+    fits: list[tuple[str, LowRankSparse]] = []
+    if "svd" in kinds:
+        fits += [("svd", fit) for fit in fit_svd_ranks(data.weight, _grid(full, grids["rank_fractions"]))]
+    if "prune" in kinds:
+        densities = [d for d in grids["prune_densities"] if round(d * m * n)]
+        fits += [("prune", fit_layer(data, 0, round(d * m * n), "prune")) for d in densities]
+    ls = [
+        (r, round(d * m * n))
+        for r in (_grid(full, grids["ls_rank_fractions"]) if {"weight_space", "admm"} & kinds else [])
+        for d in grids["ls_densities"]
+    ]
+    bar.reset(total=len(ls))
+    for r, k in ls:
+        ws = fit_layer(data, r, k, "weight_space")
+        if "weight_space" in kinds:
+            fits.append(("weight_space", ws))
+        if "admm" in kinds:
+            fits.append(("admm", fit_layer(data, r, k, "admm", iterations=iterations, init=ws)))
+        bar.update()
+    return fits
+
+
+def _layer_options(data: LayerData, bits, factor_bits, grids: dict, kinds: set, iterations: int, bar):
+    m, n = data.weight.shape
     options = [_option(data, "dense", 0, 0, None, m * n, 4 * m * n, data.weight)]
     if "quant" in kinds:
         options += [_quant_option(data, b) for b in bits]
-    fits: list[tuple[str, LowRankSparse]] = []
-    if "svd" in kinds:
-        fits += [("svd", fit_layer(data, r, 0, "svd")) for r in _grid(full, rank_fractions)]
-    if "prune" in kinds:
-        fits += [
-            ("prune", fit_layer(data, 0, round(d * m * n), "prune"))
-            for d in prune_densities
-            if round(d * m * n)
-        ]
-    for r in _grid(full, ls_rank_fractions) if {"weight_space", "admm"} & set(kinds) else []:
-        for d in ls_densities:
-            k = round(d * m * n)
-            ws = fit_layer(data, r, k, "weight_space")
-            if "weight_space" in kinds:
-                fits.append(("weight_space", ws))
-            if "admm" in kinds:
-                fits.append(("admm", fit_layer(data, r, k, "admm", iterations=iterations, init=ws)))
-    for kind, fit in fits:
+    for kind, fit in _fits(data, grids, kinds, iterations, bar):
         if fit.params >= m * n:
             continue
         options.append(_float_option(data, kind, fit))
@@ -439,8 +438,14 @@ def build_menu(
     max_examples: int = 512,
     iterations: int = 20,
     seed: int = 0,
+    progress: bool = True,
 ) -> Menu:
     """Measure every option of every layer on calibration data.
+
+    Layers are handled one at a time: their calibration columns are gathered a few layers at a time
+    (:func:`cetopt.lowrank.collect_each`), every fit of a layer shares its Gram matrix, Cholesky
+    factor and SVD, and the layer's output errors are measured right after its fits, all options
+    in batched passes over the network after the layer (:func:`cetopt.lowrank.output_errors`).
 
     Parameters
     ----------
@@ -462,9 +467,11 @@ def build_menu(
     ls_rank_fractions, ls_densities : sequence of float
         The (rank, sparsity) grid of the L + S kinds.
     max_columns, iterations, seed
-        As in :func:`cetopt.lowrank.decompose`.
+        As in :func:`cetopt.lowrank.decompose` (``iterations``: the most ADMM iterations).
     max_examples : int
         Calibration examples on which the output errors are measured.
+    progress : bool
+        Show progress bars on stderr (layers, and the (rank, sparsity) fits of the current layer).
 
     Returns
     -------
@@ -475,22 +482,22 @@ def build_menu(
     if unknown:
         raise ValueError(f"unknown kinds {unknown}; known: {KINDS}")
     names = list(layers) if layers is not None else supported_layers(model)
-    problems = collect(model, calibration, names, max_columns=max_columns, seed=seed)
-    options = {
-        n: _layer_options(
-            problems[n],
-            bits,
-            factor_bits,
-            rank_fractions,
-            prune_densities,
-            ls_rank_fractions,
-            ls_densities,
-            set(kinds),
-            iterations,
-        )
-        for n in names
+    grids = {
+        "rank_fractions": rank_fractions,
+        "prune_densities": prune_densities,
+        "ls_rank_fractions": ls_rank_fractions,
+        "ls_densities": ls_densities,
     }
-    _measure_output_errors(model, calibration, options, max_examples)
+    x = _calibration_inputs(calibration, max_examples)
+    options: dict[str, list[MenuOption]] = {}
+    each = collect_each(model, calibration, names, max_columns=max_columns, seed=seed)
+    layer_bar = progress_bar(len(names), "menu: layers", progress)
+    with layer_bar, progress_bar(0, "menu: L + S fits", progress) as fit_bar:
+        for i, data in enumerate(each):
+            layer_bar.set_description(f"menu: layer {i + 1}/{len(names)} {data.name}")
+            menu = _layer_options(data, bits, factor_bits, grids, set(kinds), iterations, fit_bar)
+            options[data.name] = _with_output_errors(model, data.name, x, menu)
+            layer_bar.update()
     return Menu(names, options)
 
 
@@ -507,39 +514,15 @@ def _calibration_inputs(calibration, max_examples: int) -> torch.Tensor:
     return torch.cat(kept)
 
 
-def _with_weight(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    w = weight.to(x.dtype).reshape(module.weight.shape)
-    if isinstance(module, nn.Linear):
-        return F.linear(x, w, module.bias)
-    conv = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
-    return conv(x, w, module.bias, module.stride, module.padding, module.dilation)
-
-
-@torch.no_grad()
-def _measure_output_errors(model, calibration, options: dict[str, list[MenuOption]], max_examples: int):
-    """Fill ``output_error``: the network's relative output error with one layer's weight replaced."""
-    x = _calibration_inputs(calibration, max_examples)
+def _with_output_errors(model: nn.Module, name: str, x: torch.Tensor, menu: list[MenuOption]):
+    """Fill ``output_error`` (network output error, only this layer changed); drop ``approx``."""
+    changed = [o for o in menu if o.kind != "dense"]
     saved = to_eval(model)
-    reference = model(x)
-    norm = float(reference.double().pow(2).sum().clamp_min(1e-30))
-    modules = dict(model.named_modules())
     try:
-        for name, menu in options.items():
-            module = modules[name]
-            for i, option in enumerate(menu):
-                if option.kind == "dense":
-                    menu[i] = replace(option, output_error=0.0, approx=None)
-                    continue
-                hook = module.register_forward_hook(
-                    lambda m, args, out, w=option.approx: _with_weight(m, args[0], w)
-                )
-                try:
-                    err = float((model(x).double() - reference.double()).pow(2).sum()) / norm
-                finally:
-                    hook.remove()
-                menu[i] = replace(option, output_error=err, approx=None)
+        errors = iter(output_errors(model, name, x, [o.approx for o in changed]))
     finally:
         saved.restore()
+    return [replace(o, output_error=0.0 if o.kind == "dense" else next(errors), approx=None) for o in menu]
 
 
 def _module_bytes(module: nn.Module) -> int:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from cetopt._modes import eval_mode, in_eval_mode
+from cetopt.analysis._common import progress_bar
 from cetopt.errors import DataShapeError, NonFiniteError, NoQuantizableLayerError
 from cetopt.graph.decisions import Decision, Quantize
 from cetopt.graph.rewriter import rewrite
@@ -359,6 +360,7 @@ def self_compress(
     removal_grace: int = 100,
     layers: Sequence[str] | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> SelfCompressionResult:
     """Compress ``model`` by learning each output channel's bit depth during training.
 
@@ -400,6 +402,9 @@ def self_compress(
     layers : sequence of str, optional
         Names of the Linear/Conv layers to compress (default: all).
     seed : int
+    progress : bool
+        Show a progress bar on stderr: steps, and at every check the task loss, the size term and
+        the stored bytes.
 
     Returns
     -------
@@ -441,14 +446,18 @@ def self_compress(
     trainer = _Trainer(work, _optimizer(work, lr, bit_lr), example_inputs, opts)
     reference = _accuracy(work, pres.x, pres.y) if pres is not None else None
     fit_t = torch.as_tensor(fit)
-    for step in range(1, steps + 1):
-        pick = fit_t[torch.randint(len(fit_t), (min(batch_size, len(fit_t)),), generator=generator)]
-        stats = trainer.step(x[pick], y[pick], pres, generator)
-        trainer.clock(step)
-        if step % check_every == 0 or step == steps:
-            _check(trainer, step, stats, pres, reference)
-        if step % remove_every == 0:
-            trainer.remove(step, final=False)
+    with progress_bar(steps, "self-compress: training", progress) as bar:
+        for step in range(1, steps + 1):
+            pick = fit_t[torch.randint(len(fit_t), (min(batch_size, len(fit_t)),), generator=generator)]
+            stats = trainer.step(x[pick], y[pick], pres, generator)
+            trainer.clock(step)
+            if step % check_every == 0 or step == steps:
+                _check(trainer, step, stats, pres, reference)
+                if progress:
+                    _show(bar, trainer.model, stats)
+            if step % remove_every == 0:
+                trainer.remove(step, final=False)
+            bar.update()
     trainer.remove(steps, final=True)
     trained = trainer.model.eval()
     final = _export(original, trained, trainer.removals, example_inputs)
@@ -462,6 +471,10 @@ def self_compress(
         size_bytes=storage_bytes(trained),
         bits={n: m.storage_bits_per_weight()[m.kept()].tolist() for n, m in sc_layers(trained).items()},
     )
+
+
+def _show(bar, model: nn.Module, stats: dict) -> None:
+    bar.set_postfix(loss=f"{stats['loss']:.4f}", Q=f"{stats['Q']:.3f}", bytes=storage_bytes(model))
 
 
 def _check(trainer: _Trainer, step: int, stats: dict, pres, reference) -> None:

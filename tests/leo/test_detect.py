@@ -90,3 +90,15 @@ def test_multi_box_domain_is_the_union():
     for layer, t1, t2 in zip(a.layers, *truths):
         want = np.where(t1 == t2, t1, 0)
         assert np.array_equal(layer.state, want)
+
+
+def test_progress_can_be_disabled_and_does_not_change_the_decisions(capsys):
+    build, shape, lo, hi = CASES[0]
+    runs = []
+    for progress in (False, True):
+        runs.append(
+            cetopt.find_stable_units(build(), (lo, hi), input_shape=shape, workers=1, progress=progress)
+        )
+        err = capsys.readouterr().err
+        assert ("leo" in err) == progress
+    assert all(np.array_equal(a, b) for a, b in zip(_states(runs[0]), _states(runs[1])))

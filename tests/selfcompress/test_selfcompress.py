@@ -252,3 +252,12 @@ def test_bad_input_raises_named_errors_and_the_model_is_untouched(trained, digit
     after = trained.state_dict()
     assert set(after) == set(state) and all(torch.equal(state[k], after[k]) for k in state)
     assert all(type(m) in (SmallCNN, nn.Conv2d, nn.MaxPool2d, nn.Linear) for m in trained.modules())
+
+
+def test_progress_can_be_disabled_and_does_not_change_the_result(trained, digits, capsys):
+    quiet = self_compress(trained, digits, **_fast(steps=20, progress=False))
+    assert capsys.readouterr().err == ""
+    shown = self_compress(trained, digits, **_fast(steps=20, progress=True))
+    assert "self-compress" in capsys.readouterr().err
+    assert quiet.size_bytes == shown.size_bytes and quiet.bits == shown.bits
+    assert [e["loss"] for e in quiet.log] == [e["loss"] for e in shown.log]
