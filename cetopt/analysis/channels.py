@@ -71,7 +71,7 @@ def _measured(obj: LossObjective, quantized: dict, base: float, progress: bool) 
     with progress_bar(
         len(trials) * len(obj.batches), "measured: quantize each channel alone", progress
     ) as bar:
-        losses, _ = measure_trials(obj.model, obj.batches, obj.loss_fn, trials, bar)
+        losses, _, _ = measure_trials(obj.model, obj.batches, obj.loss_fn, trials, bar)
     return np.array(losses).reshape(-1, len(quantized)) - base
 
 

@@ -18,7 +18,10 @@ Each method is one function ``(objective, deltas, options) -> (values, stderr, m
   (layer, bits): the ground truth the estimators are checked against. Each evaluation runs only
   the network suffix from that layer on (:mod:`cetopt.analysis.replay`).
 * ``auto`` (the default) — ``measured`` or ``cet``, whichever is cheaper here
-  (:mod:`cetopt.analysis.auto`); ``table.meta["auto"]`` says which and why.
+  (:mod:`cetopt.analysis.auto`); ``table.meta["auto"]`` says which and why. Its ``measured``
+  takes the batches in rounds that double the examples (from 64) and stops once a round leaves
+  the ranking of the layers at the two lowest bit widths as it was (Spearman ≥ 0.95):
+  ``meta["examples_used"]`` says how many it used.
 
 Probes and per-example gradients are taken in chunks sized to a working-memory bound
 (:data:`WORKING_BYTES`), so memory does not grow with the probe count.
@@ -31,6 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import nn
 
 from cetopt.analysis._common import WORKING_BYTES, checked_bits, progress_bar
@@ -188,10 +192,29 @@ def _measured(obj: LossObjective, deltas: Deltas, opts: dict):
         for b in deltas
     ]
     total = len(trials) * len(obj.batches)
+    shape = (len(layers), len(deltas))
+    stable = _stable_ranking(shape) if opts.get("stable") else None
     with progress_bar(total, "measured: quantize each layer alone", opts["progress"]) as bar:
-        losses, base = measure_trials(obj.model, obj.batches, obj.loss_fn, trials, bar)
-    values = np.array(losses).reshape(len(layers), len(deltas)) - base
-    return values, None, {"suffix_passes": len(trials) * len(obj.batches)}
+        losses, base, used = measure_trials(obj.model, obj.batches, obj.loss_fn, trials, bar, stable)
+    values = np.array(losses).reshape(shape) - base
+    return values, None, {"examples_used": used}
+
+
+STABLE_RANK = 0.95  # rank correlation across layers at which more examples stop paying
+
+
+def _stable_ranking(shape: tuple[int, int]) -> Callable[[np.ndarray, np.ndarray], bool]:
+    """Whether two measured tables (flat) rank the layers alike at the two lowest bit widths,
+    where the allocation's choices bite (Spearman ≥ :data:`STABLE_RANK` at each)."""
+
+    def stable(previous: np.ndarray, current: np.ndarray) -> bool:
+        a, b = previous.reshape(shape), current.reshape(shape)
+        if shape[0] < 3:
+            return False
+        rhos = [stats.spearmanr(a[:, j], b[:, j]).statistic for j in range(min(2, shape[1]))]
+        return bool(np.all(np.nan_to_num(rhos) >= STABLE_RANK))
+
+    return stable
 
 
 METHODS: dict[str, Callable] = {
@@ -269,6 +292,7 @@ def sensitivity(
     choice = None
     if method == "auto":
         method, choice = choose_method(obj, len(bits), int(probes), int(rounds))
+        choice["stable_ranking"] = STABLE_RANK
     deltas = {
         b: {k: fake_quantize(w, b, clip_search=clip_search) - w for k, w in obj.weights.items()} for b in bits
     }
@@ -279,6 +303,7 @@ def sensitivity(
         "min_probes": 8,
         "sample_chunk": sample_chunk(obj),
         "progress": progress,
+        "stable": choice is not None,
     }
     values, stderr, meta, method = _run(method, obj, deltas, opts, choice)
     return SensitivityTable(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -157,16 +158,22 @@ def measure_trials(
     loss_fn: Callable,
     trials: list[Trial],
     bar=None,
-) -> tuple[list[float], float]:
+    stable: Callable[[np.ndarray, np.ndarray], bool] | None = None,
+    min_examples: int = 64,
+) -> tuple[list[float], float, int]:
     """The dataset loss with each trial's weight in place, and without, weighted by batch size.
 
     Sums over batches in the order and arithmetic of :meth:`LossObjective.loss`, so each value is
-    the one a full forward pass would give.
+    the one a full forward pass would give. With ``stable``, the batches are taken in rounds that
+    double the examples seen (from ``min_examples``); once ``stable(previous, current)`` says the
+    loss increases after a round rank as after the round before, the rest is left out and the
+    losses are the means over the examples seen. Returns the losses, the base loss and the
+    number of examples used.
     """
     replay = PrefixReplay(model)
     total = sum(len(x) for x, _ in batches)
     sums: list[torch.Tensor | None] = [None] * len(trials)
-    base = None
+    base, seen, checkpoint, previous = None, 0, min_examples, None
     for x, y in batches:
         w = len(x) / total
         out = replay.record(x)
@@ -183,7 +190,14 @@ def measure_trials(
             if bar is not None:
                 bar.update(1)
         replay._reset()
-    return [float(s) for s in sums], float(base)
+        seen += len(x)
+        if stable is not None and seen >= checkpoint and seen < total:
+            current = np.array([float(v) for v in sums]) - float(base)
+            if previous is not None and stable(previous, current):
+                scale = total / seen
+                return [float(v) * scale for v in sums], float(base) * scale, seen
+            previous, checkpoint = current, 2 * seen
+    return [float(v) for v in sums], float(base), total
 
 
 def _check_replay(replay: PrefixReplay, x: torch.Tensor, out: torch.Tensor, layers: set[str]) -> None:

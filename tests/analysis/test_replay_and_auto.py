@@ -143,3 +143,14 @@ def test_auto_takes_cet_when_measured_would_cost_more(monkeypatch):
     model, data = _Net().eval(), _data((2, 5, 5))
     table = sensitivity(model, data, (2, 4), progress=False)
     assert table.method == table.meta["auto"]["chose"] == "cet"
+
+
+def test_auto_stops_adding_examples_once_the_ranking_is_stable():
+    model, data = _Net().eval(), _data((2, 5, 5), n=16, batch=32)
+    table = sensitivity(model, data, (2, 3, 4), progress=False)
+    used = table.meta["examples_used"]
+    assert 64 <= used < 16 * 32 and table.meta["auto"]["stable_ranking"] == 0.95
+    head = data[: used // 32]
+    expected = sensitivity(model, head, (2, 3, 4), "measured", progress=False)
+    np.testing.assert_allclose(table.values, expected.values, rtol=1e-5, atol=1e-8)
+    assert sensitivity(model, data, (2, 3, 4), "measured", progress=False).meta["examples_used"] == 16 * 32
