@@ -17,7 +17,7 @@ Each model runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its ow
   estimator ``auto`` chose and why, how many examples its sensitivities used, the peak RSS, the
   share of the model's weights that are quantized, and the top-1 agreement of the compressed
   model with the float one on the calibration images;
-* the other estimators on the first few calibration images, each in a forked child with a
+* the other estimators on the first few calibration images, each in its own subprocess with a
   deadline: ``fisher`` in full; ``cet`` and ``hutchinson`` for a few Hessian-vector products,
   whose measured cost per HVP (in forward+backward passes over the same images, timed in the
   same run) gives their cost for the full table (``cet``: 1 gradient + bits × the exact probe
@@ -131,55 +131,64 @@ def quantized_share(model: nn.Module, compressed: nn.Module) -> dict:
     return {"quantized_weights": done, "all_parameters": total, "share": done / total}
 
 
-def _other_estimators(model, batches, quick: bool) -> dict:
-    from benchmarks.harness import with_deadline
+RUNS = {  # what each other estimator runs on the subset
+    "fisher": {"bits": BITS},
+    "cet": {"bits": (2,), "probes": 2, "rounds": 1},
+    "hutchinson": {"bits": (2,), "max_probes": 2},
+}
+
+
+def estimator_child(name: str, method: str, images: int, side: int, batch: int) -> dict:
+    """One other estimator on the first ``images`` calibration images, in this (sub)process."""
     from cetopt.analysis import sensitivity
     from cetopt.analysis.auto import _cet_probes
 
-    subset, images = [], SUBSET // 2 if quick else SUBSET
-    for x, y in batches:
-        take = min(len(x), images - sum(len(b[0]) for b in subset))
-        if take > 0:
-            subset.append((x[:take], y[:take]))
+    model = build(name, side)
+    subset = calibration(model, images, side, batch)
     fwdbwd = forward_backward_seconds(model, subset)
-    layers = sum(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in model.modules())
-    deadline = 120 if quick else 900
-    runs = {
-        "fisher": {"bits": BITS},
-        "cet": {"bits": (2,), "probes": 2, "rounds": 1},
-        "hutchinson": {"bits": (2,), "max_probes": 2},
-    }
-    out = {"images": sum(len(x) for x, _ in subset), "forward_backward_seconds": fwdbwd}
-    for method, options in runs.items():
-        def job(method=method, options=options):
-            t0 = time.perf_counter()
-            table = sensitivity(model, subset, method=method, progress=False, **options)
-            return time.perf_counter() - t0, table.meta.get("hvps", table.meta.get("probes"))
+    options = RUNS[method]
+    entry = {"run": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    entry["forward_backward_seconds"] = fwdbwd
+    t0 = time.perf_counter()
+    try:
+        table = sensitivity(model, subset, method=method, progress=False, **options)
+    except Exception as exc:
+        return {**entry, "error": f"{type(exc).__name__}: {str(exc)[:300]}", "peak_rss_mb": peak_rss_mb()}
+    seconds = time.perf_counter() - t0
+    entry.update(seconds=seconds, ratio_to_forward_backward=seconds / fwdbwd, peak_rss_mb=peak_rss_mb())
+    if method in ("cet", "hutchinson"):
+        hvps = table.meta.get("hvps", table.meta.get("probes"))
+        gradient = 1 if method == "cet" else 0  # one gradient: about one forward+backward
+        per_hvp = max(seconds / fwdbwd - gradient, 0) / hvps
+        layers = len(table.layers)
+        full = len(BITS) * _cet_probes(layers, 16, 2) if method == "cet" else 200
+        entry.update(hvps=hvps, ratio_per_hvp=per_hvp, full_table_hvps=full)
+        entry["full_table_ratio_estimate"] = gradient + full * per_hvp
+    return entry
 
-        try:
-            value, seconds, finished = with_deadline(job, deadline)
-        except RuntimeError as exc:
-            out[method] = {"error": str(exc)[:300]}
-            continue
-        entry = {"run": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
-        if not finished:
-            entry.update(finished=False, seconds=seconds, ratio_at_least=seconds / fwdbwd)
-        else:
-            entry.update(finished=True, seconds=value[0], ratio_to_forward_backward=value[0] / fwdbwd)
-            if method in ("cet", "hutchinson"):
-                hvps = value[1] or 2
-                # one gradient (about one forward+backward) plus the HVPs just timed
-                per_hvp = max(value[0] / fwdbwd - (1 if method == "cet" else 0), 0) / hvps
-                full = len(BITS) * _cet_probes(layers, 16, 2) if method == "cet" else 200
-                entry.update(
-                    hvps=hvps,
-                    ratio_per_hvp=per_hvp,
-                    full_table_hvps=full,
-                    full_table_ratio_estimate=(1 if method == "cet" else 0) + full * per_hvp,
-                )
-        out[method] = entry
-    out["peak_rss_mb_of_children"] = peak_rss_mb(resource.RUSAGE_CHILDREN)
+
+def _other_estimators(name: str, side: int, batch: int, images: int, quick: bool) -> dict:
+    """Each other estimator in its own subprocess (a fork of a process that ran torch can hang)."""
+    images = min(images, SUBSET // 2 if quick else SUBSET)
+    out = {"images": images}
+    for method in RUNS:
+        command = [sys.executable, "-m", "benchmarks.bench_pipeline_cost", name, str(images), str(side)]
+        command += [str(min(batch, images)), "--estimator", method]
+        timeout = 240 if quick else 900
+        out[method] = _subprocess(command, timeout)
     return out
+
+
+def _subprocess(command: list[str], timeout: float) -> dict:
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        row = json.loads(lines[-1]) if lines else {"error": done.stderr[-2000:]}
+    except subprocess.TimeoutExpired:
+        row = {"error": f"did not finish within {timeout} s"}
+    row["wall_seconds"] = time.perf_counter() - t0
+    return row
 
 
 def child(name: str, images: int, side: int, batch: int, quick: bool) -> dict:
@@ -225,8 +234,6 @@ def child(name: str, images: int, side: int, batch: int, quick: bool) -> dict:
         "top1_agreement_with_fp32_on_calibration": float(agree),
     }
     row["peak_rss_mb"] = peak_rss_mb()
-    del result
-    row["other_estimators"] = _other_estimators(model, batches, quick)
     return row
 
 
@@ -280,17 +287,9 @@ def run(quick: bool = False) -> dict:
     _partial(quick, {"zoo": zoo})
     for name, (images, side, batch, timeout) in sizes.items():
         command = [sys.executable, "-m", "benchmarks.bench_pipeline_cost", name]
-        command += [str(images), str(side), str(batch)]
-        if quick:
-            command.append("--quick")
-        t0 = time.perf_counter()
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-            rows[name] = json.loads(lines[-1]) if lines else {"error": done.stderr[-2000:]}
-        except subprocess.TimeoutExpired:
-            rows[name] = {"error": f"did not finish within {timeout} s"}
-        rows[name]["wall_seconds"] = time.perf_counter() - t0
+        command += [str(images), str(side), str(batch)] + (["--quick"] if quick else [])
+        rows[name] = _subprocess(command, timeout)
+        rows[name]["other_estimators"] = _other_estimators(name, side, batch, images, quick)
         print(f"   {name}: {json.dumps(rows[name])[:1500]}", flush=True)
         _partial(quick, {"zoo": zoo, "models": rows})
     return {
@@ -304,4 +303,9 @@ def run(quick: bool = False) -> dict:
 
 if __name__ == "__main__":
     model_name, n_images, image_side, batch_size = sys.argv[1], *map(int, sys.argv[2:5])
-    print(json.dumps(child(model_name, n_images, image_side, batch_size, "--quick" in sys.argv)), flush=True)
+    if "--estimator" in sys.argv:
+        which = sys.argv[sys.argv.index("--estimator") + 1]
+        print(json.dumps(estimator_child(model_name, which, n_images, image_side, batch_size)), flush=True)
+    else:
+        quick_run = "--quick" in sys.argv
+        print(json.dumps(child(model_name, n_images, image_side, batch_size, quick_run)), flush=True)
