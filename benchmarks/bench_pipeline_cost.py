@@ -20,8 +20,8 @@ Each model runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its ow
 * the other estimators on the first few calibration images, each in its own subprocess with a
   deadline: ``fisher`` in full; ``cet`` and ``hutchinson`` for a few Hessian-vector products,
   whose measured cost per HVP (in forward+backward passes over the same images, timed in the
-  same run) gives their cost for the full table (``cet``: 1 gradient + bits × the exact probe
-  count; ``hutchinson``: its ``max_probes``, an upper bound).
+  same run) gives their cost for the full table (``cet``: 1 gradient + bits × its default
+  16-probe design; ``hutchinson``: its ``max_probes`` of 200, an upper bound).
 
 On the zoo models (digits ResNet, MNIST-1D CNN, seed 0, calibration = the train split as in
 ``bit_allocation``): every per-layer estimator's seconds as a ratio to one forward+backward pass
