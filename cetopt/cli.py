@@ -124,8 +124,9 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="dataset for a module:attr model (digits or mnist1d)")
     parser.add_argument(
         "--method",
-        default="cet",
-        help="sensitivity: cet, hutchinson, fisher, measured (per channel: cet, measured)",
+        default="auto",
+        help="sensitivity: auto (default: the cheaper of measured and cet, printed), cet, hutchinson, "
+        "fisher, measured (per channel: auto, cet, measured)",
     )
     parser.add_argument("--bits", default="2,3,4,5,6,8", help="candidate bit widths, comma-separated")
     parser.add_argument("--solver", default="highs", help="any registered solver (`cetopt solvers`)")
@@ -221,6 +222,9 @@ def run_compress(args: argparse.Namespace) -> int:
         bias_correction=not args.no_bias_correction,
         sequential=args.sequential,
     )
+    choice = result.table.meta.get("auto")
+    if choice is not None:
+        print(f"sensitivity method (auto): {choice['reason']}")
     print(result.plan.summary())
     before = accuracy(model, data.x_test, data.y_test)
     after = accuracy(result.model, data.x_test, data.y_test)
@@ -243,6 +247,8 @@ def run_compress(args: argparse.Namespace) -> int:
         "plan": result.plan.to_dict(),
         "solver_status": result.plan.status,
         "sensitivity_method": result.table.method,
+        "sensitivity_method_choice": choice,
+        "step_seconds": result.seconds,
         "gptq": not args.no_gptq,
         "bias_correction": not args.no_bias_correction,
         "sequential_calibration": args.sequential and not (args.no_gptq and args.no_bias_correction),

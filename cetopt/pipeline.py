@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -18,11 +19,17 @@ __all__ = ["CompressionResult", "compress"]
 
 @dataclass(frozen=True, eq=False)
 class CompressionResult:
-    """What :func:`compress` produced: the quantized model, the plan and the sensitivity table."""
+    """What :func:`compress` produced: the quantized model, the plan and the sensitivity table.
+
+    ``seconds`` holds the wall-clock time of each step (``sensitivity``, ``allocation``,
+    ``quantization`` — which includes the calibration — and ``total``). Under ``method="auto"``,
+    ``table.meta["auto"]`` says which estimator ran and why.
+    """
 
     model: nn.Module
     plan: Plan
     table: SensitivityTable
+    seconds: dict = field(default_factory=dict)
 
 
 @in_eval_mode("model")
@@ -31,7 +38,7 @@ def compress(
     data,
     budget: float | str,
     *,
-    method: str = "cet",
+    method: str = "auto",
     per_channel: bool = False,
     bits: Sequence[int] = (2, 3, 4, 5, 6, 8),
     solver="highs",
@@ -56,8 +63,9 @@ def compress(
     budget : float or str
         Weight bytes, ``"10x"`` (against float32) or ``"3.2bits"``.
     method : str
-        Sensitivity estimator: any of :data:`cetopt.analysis.METHODS` per layer; ``"cet"`` or
-        ``"measured"`` per channel.
+        Sensitivity estimator: ``"auto"`` (the cheaper of ``measured`` and ``cet`` here, see
+        :mod:`cetopt.analysis.auto`) or any of :data:`cetopt.analysis.METHODS` per layer;
+        ``"auto"``, ``"cet"`` or ``"measured"`` per channel.
     per_channel : bool
         Give every output channel its own bit width, from per-channel sensitivities
         (:func:`cetopt.channel_sensitivity`). The plan's rows are then ``"layer[c]"``.
@@ -65,9 +73,11 @@ def compress(
         Candidate bit widths.
     solver, time_limit
         Passed to :func:`cetopt.allocate`.
-    loss_fn, probes, seed, progress
+    loss_fn, probes, seed
         Passed to :func:`cetopt.sensitivity` or :func:`cetopt.channel_sensitivity` (``probes``
         defaults to theirs: 16 per layer, 64 per channel).
+    progress : bool
+        Progress bars (on stderr) for the sensitivities and the calibration.
     gptq : bool
         Round the codes with GPTQ on ``data`` (:func:`cetopt.quant.gptq_round`), so each layer's
         output stays close; scales, bits and bytes are unchanged.
@@ -85,13 +95,19 @@ def compress(
     """
     estimate = channel_sensitivity if per_channel else sensitivity
     options = {} if probes is None else {"probes": probes}
+    start = time.perf_counter()
     table = estimate(model, data, bits, method, loss_fn=loss_fn, seed=seed, progress=progress, **options)
+    seconds = {"sensitivity": time.perf_counter() - start}
     plan = allocate(table, budget, solver, time_limit, **allocate_options)
+    seconds["allocation"] = time.perf_counter() - start - seconds["sensitivity"]
     quantized = quantize(
         model,
         channel_bits(plan) if per_channel else plan,
         gptq=data if gptq else None,
         bias_correction=data if bias_correction else None,
         sequential=sequential and (gptq or bias_correction),
+        progress=progress,
     )
-    return CompressionResult(model=quantized, plan=plan, table=table)
+    seconds["total"] = time.perf_counter() - start
+    seconds["quantization"] = seconds["total"] - seconds["sensitivity"] - seconds["allocation"]
+    return CompressionResult(model=quantized, plan=plan, table=table, seconds=seconds)

@@ -45,7 +45,10 @@ def test_compress_writes_model_and_report(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "test accuracy: fp32" in printed and "bits" in printed
+    assert "sensitivity method (auto): measured" in printed
     report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sensitivity_method"] == report["sensitivity_method_choice"]["chose"] == "measured"
+    assert set(report["step_seconds"]) == {"sensitivity", "allocation", "quantization", "total"}
     assert report["solver_status"] == "optimal"
     assert report["bytes_on_disk"] == (tmp_path / "model.safetensors").stat().st_size
     assert report["quantized_weight_bytes"] <= report["plan"]["budget_bytes"]

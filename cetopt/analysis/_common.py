@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from cetopt.errors import CetoptError
 
+WORKING_BYTES = 2 << 30  # bound on what the estimators' probe and example chunks hold at once
+
 
 def progress_bar(total: int, desc: str, enabled: bool):
     """A tqdm bar (a no-op when ``enabled`` is false)."""

@@ -26,8 +26,10 @@ from torch import nn
 
 from cetopt._modes import in_eval_mode
 from cetopt.analysis._common import checked_bits, progress_bar
-from cetopt.analysis.estimators import cet_options, cet_quadratic
+from cetopt.analysis.auto import choose_method
+from cetopt.analysis.estimators import cet_options, cet_quadratic, probe_chunk
 from cetopt.analysis.objective import LossObjective, quantizable_layers
+from cetopt.analysis.replay import measure_trials
 from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import CetoptError
 from cetopt.quant.quantizer import fake_quantize
@@ -53,21 +55,25 @@ def _split(value: int, parts: int) -> list[int]:
     return [value - share * (parts - 1)] + [share] * (parts - 1)
 
 
+def _channel_trial(weight: torch.Tensor, quantized: torch.Tensor, c: int):
+    def build():
+        trial = weight.clone()
+        trial[c] = quantized[c]
+        return trial
+
+    return build
+
+
 def _measured(obj: LossObjective, quantized: dict, base: float, progress: bool) -> np.ndarray:
-    values = []
-    total = sum(info.channels for info in obj.layers) * len(quantized)
-    with progress_bar(total, "measured: quantize each channel alone", progress) as bar:
-        for key, info in zip(obj.keys, obj.layers):
-            weight = obj.weights[key]
-            for c in range(info.channels):
-                row = []
-                for b in quantized:
-                    trial = weight.clone()
-                    trial[c] = quantized[b][key][c]
-                    row.append(obj.loss({key: trial}) - base)
-                    bar.update(1)
-                values.append(row)
-    return np.asarray(values)
+    trials = []
+    for key, info in zip(obj.keys, obj.layers):
+        for c in range(info.channels):
+            trials += [(info.name, _channel_trial(obj.weights[key], quantized[b][key], c)) for b in quantized]
+    with progress_bar(
+        len(trials) * len(obj.batches), "measured: quantize each channel alone", progress
+    ) as bar:
+        losses, _, _ = measure_trials(obj.model, obj.batches, obj.loss_fn, trials, bar)
+    return np.array(losses).reshape(-1, len(quantized)) - base
 
 
 def _cet(obj: LossObjective, quantized: dict, opts: dict):
@@ -84,7 +90,7 @@ def channel_sensitivity(
     model: nn.Module,
     data,
     bits: Sequence[int] = (2, 3, 4, 5, 6, 8),
-    method: str = "cet",
+    method: str = "auto",
     *,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     layers: Sequence[str] | None = None,
@@ -105,12 +111,13 @@ def channel_sensitivity(
         Calibration batches; the loss is averaged over all of them.
     bits : sequence of int
         Candidate bit widths (2 to 16).
-    method : {"cet", "measured"}
-        ``cet``: ``gᵀΔ_c + ½ Δ_cᵀHΔ_c`` for each channel's own perturbation, with the same
-        Hessian-vector probes as :func:`cetopt.sensitivity` (``bits × probes`` HVPs whatever the
+    method : {"auto", "cet", "measured"}
+        ``auto``: the cheaper of the two (:mod:`cetopt.analysis.auto`), recorded with its reason
+        in ``meta["auto"]``. ``cet``: ``gᵀΔ_c + ½ Δ_cᵀHΔ_c`` for each channel's own perturbation,
+        with the same Hessian-vector probes as :func:`cetopt.sensitivity` (``bits × probes`` HVPs whatever the
         channel count; exact once ``probes`` reaches the next power of two above the channel
-        count). ``measured``: the loss increase itself, one pass over ``data`` per channel and
-        bit width; on a model with a few hundred channels it is the cheaper of the two.
+        count). ``measured``: the loss increase itself, one pass of the network suffix from the
+        channel's layer on over ``data`` per channel and bit width.
     probes, rounds, seed
         ``cet``'s probes, as in :func:`cetopt.sensitivity`.
     loss_fn, layers, max_batches, clip_search, progress
@@ -122,21 +129,30 @@ def channel_sensitivity(
         One row per output channel, named ``"layer[c]"``, method ``"cet-channel"`` or
         ``"measured-channel"``. ``meta["layers"]`` lists the layers in order.
     """
-    if method not in ("cet", "measured"):
-        raise CetoptError(f"unknown per-channel sensitivity method {method!r}; available: cet, measured")
+    if method not in ("auto", "cet", "measured"):
+        raise CetoptError(
+            f"unknown per-channel sensitivity method {method!r}; available: auto, cet, measured"
+        )
     names = quantizable_layers(model, layers)
     bits = checked_bits(bits)
     start = time.perf_counter()
     obj = LossObjective(model, data, names, loss_fn=loss_fn, max_batches=max_batches)
+    choice = None
+    if method == "auto":
+        method, choice = choose_method(obj, len(bits), int(probes), int(rounds), per_channel=True)
     quantized = {
         b: {k: fake_quantize(w, b, clip_search=clip_search) for k, w in obj.weights.items()} for b in bits
     }
     base = obj.loss()
     stderr, meta = None, {}
     if method == "cet":
-        values, stderr, meta = _cet(obj, quantized, cet_options(probes, rounds, seed, progress))
+        values, stderr, meta = _cet(
+            obj, quantized, cet_options(probes, rounds, seed, progress, probe_chunk(obj))
+        )
     else:
         values = _measured(obj, quantized, base, progress)
+    if choice is not None:
+        meta = {**meta, "auto": choice}
     rows, params, macs, fixed = [], [], [], []
     for name, key, info in zip(names, obj.keys, obj.layers):
         rows += [_row_name(name, c) for c in range(info.channels)]

@@ -15,7 +15,16 @@ Each method is one function ``(objective, deltas, options) -> (values, stderr, m
 * ``fisher`` — ``½ Σ_i F_ii Δ_i²`` with the diagonal empirical Fisher (mean squared per-example
   gradient, from ``vmap`` over ``grad``).
 * ``measured`` — the loss increase of quantizing each layer alone, one evaluation per
-  (layer, bits): the ground truth the estimators are checked against.
+  (layer, bits): the ground truth the estimators are checked against. Each evaluation runs only
+  the network suffix from that layer on (:mod:`cetopt.analysis.replay`).
+* ``auto`` (the default) — ``measured`` or ``cet``, whichever is cheaper here
+  (:mod:`cetopt.analysis.auto`); ``table.meta["auto"]`` says which and why. Its ``measured``
+  takes the batches in rounds that double the examples (from 64) and stops once a round leaves
+  the ranking of the layers at the two lowest bit widths as it was (Spearman ≥ 0.95):
+  ``meta["examples_used"]`` says how many it used.
+
+Probes and per-example gradients are taken in chunks sized to a working-memory bound
+(:data:`WORKING_BYTES`), so memory does not grow with the probe count.
 """
 
 from __future__ import annotations
@@ -25,12 +34,15 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import nn
 
 from cetopt._modes import in_eval_mode
-from cetopt.analysis._common import checked_bits, progress_bar
+from cetopt.analysis._common import WORKING_BYTES, checked_bits, progress_bar
+from cetopt.analysis.auto import choose_method
 from cetopt.analysis.objective import LossObjective, quantizable_layers
 from cetopt.analysis.probes import probe_design
+from cetopt.analysis.replay import measure_trials
 from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import CetoptError
 from cetopt.quant.quantizer import fake_quantize
@@ -98,12 +110,26 @@ def cet_quadratic(obj: LossObjective, deltas: Deltas, units: dict[str, torch.Ten
     return linear + 0.5 * quad, stderr, meta
 
 
-def cet_options(probes: int, rounds: int, seed: int, progress: bool) -> dict:
+def activation_bytes(obj: LossObjective) -> int:
+    """Rough bytes of one batch's activations: the quantizable layers' outputs, three times over
+    (their normalisations and activations), from the per-example MACs the objective measured."""
+    per_example = sum(info.macs // max(info.weight[0].numel(), 1) for info in obj.layers)
+    return 12 * per_example * max(len(x) for x, _ in obj.batches)
+
+
+def probe_chunk(obj: LossObjective, limit: int = 16) -> int:
+    """Probes per vmapped HVP pass: at most ``limit``, fewer where the probes' working sets (a
+    batch's activations and two weight-sized tangents each) would exceed :data:`WORKING_BYTES`."""
+    per_probe = activation_bytes(obj) + 8 * sum(w.numel() for w in obj.weights.values())
+    return int(max(1, min(limit, WORKING_BYTES // max(per_probe, 1))))
+
+
+def cet_options(probes: int, rounds: int, seed: int, progress: bool, chunk: int = 16) -> dict:
     """The options :func:`cet_quadratic` reads, from the public keywords."""
     return {
         "probes": max(int(probes), 1),
         "rounds": max(int(rounds), 1),
-        "chunk": 16,
+        "chunk": max(int(chunk), 1),
         "seed": seed,
         "progress": progress,
     }
@@ -160,14 +186,36 @@ def _fisher(obj: LossObjective, deltas: Deltas, opts: dict):
 
 
 def _measured(obj: LossObjective, deltas: Deltas, opts: dict):
-    base = obj.loss()
-    values = np.zeros((len(obj.keys), len(deltas)))
-    with progress_bar(values.size, "measured: quantize each layer alone", opts["progress"]) as bar:
-        for i, k in enumerate(obj.keys):
-            for j, b in enumerate(deltas):
-                values[i, j] = obj.loss({k: obj.weights[k] + deltas[b][k]}) - base
-                bar.update(1)
-    return values, None, {}
+    layers = [info.name for info in obj.layers]
+    trials = [
+        (layer, lambda k=k, b=b: obj.weights[k] + deltas[b][k])
+        for layer, k in zip(layers, obj.keys)
+        for b in deltas
+    ]
+    total = len(trials) * len(obj.batches)
+    shape = (len(layers), len(deltas))
+    stable = _stable_ranking(shape) if opts.get("stable") else None
+    with progress_bar(total, "measured: quantize each layer alone", opts["progress"]) as bar:
+        losses, base, used = measure_trials(obj.model, obj.batches, obj.loss_fn, trials, bar, stable)
+    values = np.array(losses).reshape(shape) - base
+    return values, None, {"examples_used": used}
+
+
+STABLE_RANK = 0.95  # rank correlation across layers at which more examples stop paying
+
+
+def _stable_ranking(shape: tuple[int, int]) -> Callable[[np.ndarray, np.ndarray], bool]:
+    """Whether two measured tables (flat) rank the layers alike at the two lowest bit widths,
+    where the allocation's choices bite (Spearman ≥ :data:`STABLE_RANK` at each)."""
+
+    def stable(previous: np.ndarray, current: np.ndarray) -> bool:
+        a, b = previous.reshape(shape), current.reshape(shape)
+        if shape[0] < 3:
+            return False
+        rhos = [stats.spearmanr(a[:, j], b[:, j]).statistic for j in range(min(2, shape[1]))]
+        return bool(np.all(np.nan_to_num(rhos) >= STABLE_RANK))
+
+    return stable
 
 
 METHODS: dict[str, Callable] = {
@@ -183,7 +231,7 @@ def sensitivity(
     model: nn.Module,
     data,
     bits: Sequence[int] = (2, 3, 4, 5, 6, 8),
-    method: str = "cet",
+    method: str = "auto",
     *,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     layers: Sequence[str] | None = None,
@@ -206,8 +254,9 @@ def sensitivity(
         A DataLoader or any iterable of batches; the loss is averaged over all of it.
     bits : sequence of int
         Candidate bit widths (2 to 16).
-    method : {"cet", "hutchinson", "fisher", "measured"}
-        See the module docstring.
+    method : {"auto", "cet", "hutchinson", "fisher", "measured"}
+        See the module docstring. ``auto`` runs the cheaper of ``measured`` and ``cet`` and
+        records its choice and reason in ``meta["auto"]``.
     loss_fn : callable, optional
         ``loss_fn(outputs, targets)`` returning the mean loss of a batch; default cross-entropy.
     layers : sequence of str, optional
@@ -236,23 +285,29 @@ def sensitivity(
         With ``stderr`` for the stochastic methods, and ``channels``, ``macs`` and
         ``fixed_bytes`` filled in for the allocation's byte and BOPs rows.
     """
-    if method not in METHODS:
-        raise CetoptError(f"unknown sensitivity method {method!r}; available: {', '.join(METHODS)}")
+    if method not in METHODS and method != "auto":
+        raise CetoptError(f"unknown sensitivity method {method!r}; available: auto, {', '.join(METHODS)}")
     names = quantizable_layers(model, layers)
     bits = checked_bits(bits)
     start = time.perf_counter()
     obj = LossObjective(model, data, names, loss_fn=loss_fn, max_batches=max_batches)
+    choice = None
+    if method == "auto":
+        method, choice = choose_method(obj, len(bits), int(probes), int(rounds))
+        choice["stable_ranking"] = STABLE_RANK
     deltas = {
         b: {k: fake_quantize(w, b, clip_search=clip_search) - w for k, w in obj.weights.items()} for b in bits
     }
     opts = {
-        **cet_options(probes, rounds, seed, progress),
+        **cet_options(probes, rounds, seed, progress, probe_chunk(obj)),
         "tol": tol,
         "max_probes": max(int(max_probes), 2),
         "min_probes": 8,
-        "sample_chunk": 128,
+        "sample_chunk": sample_chunk(obj),
+        "progress": progress,
+        "stable": choice is not None,
     }
-    values, stderr, meta = METHODS[method](obj, deltas, opts)
+    values, stderr, meta, method = _run(method, obj, deltas, opts, choice)
     return SensitivityTable(
         layers=names,
         bits=bits,
@@ -265,3 +320,29 @@ def sensitivity(
         fixed_bytes=[info.fixed_bytes for info in obj.layers],
         meta={**meta, "seconds": time.perf_counter() - start, "examples": obj.total, "base_loss": obj.loss()},
     )
+
+
+def _run(method: str, obj: LossObjective, deltas: Deltas, opts: dict, choice: dict | None):
+    """``METHODS[method]``'s result and the method that produced it; under ``auto`` a ``cet`` that
+    the model's kernels cannot run (no forward-mode AD) gives way to ``measured``."""
+    if choice is None:
+        return (*METHODS[method](obj, deltas, opts), method)
+    try:
+        values, stderr, meta = METHODS[method](obj, deltas, opts)
+    except (NotImplementedError, RuntimeError) as exc:
+        if method != "cet" or ("forward AD" not in str(exc) and not isinstance(exc, NotImplementedError)):
+            raise
+        first_line = str(exc).splitlines()[0][:120] if str(exc) else ""
+        why = f"{choice['reason']}; but cet cannot run here ({type(exc).__name__}: {first_line}), so measured"
+        choice = {**choice, "chose": "measured", "reason": why}
+        method = "measured"
+        values, stderr, meta = METHODS[method](obj, deltas, opts)
+    return values, stderr, {**meta, "auto": choice}, method
+
+
+def sample_chunk(obj: LossObjective, limit: int = 128) -> int:
+    """Examples per vmapped per-example-gradient pass for ``fisher``: at most ``limit``, fewer
+    where their gradients (one weight-sized tensor each) would exceed :data:`WORKING_BYTES`."""
+    per_example = 8 * sum(w.numel() for w in obj.weights.values())
+    per_example += activation_bytes(obj) // max(len(x) for x, _ in obj.batches)
+    return int(max(1, min(limit, WORKING_BYTES // max(per_example, 1))))

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from cetopt._modes import to_eval
 from cetopt.errors import DataShapeError, NonFiniteError, NoQuantizableLayerError
+from cetopt.quant._calibration import is_data_mismatch
 
 __all__ = ["LayerInfo", "LossObjective", "quantizable_layers"]
 
@@ -143,6 +144,8 @@ class LossObjective:
                 out = self.model(x)
                 self.loss_fn(out, y)
         except (RuntimeError, ValueError, IndexError) as exc:
+            if not is_data_mismatch(exc):  # e.g. out of memory: not the data's fault
+                raise
             raise DataShapeError(
                 f"the model cannot run on the data: a batch of inputs {tuple(x.shape)} and targets "
                 f"{tuple(y.shape)} failed with: {exc}"

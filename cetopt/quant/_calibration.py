@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -11,7 +13,37 @@ from cetopt._modes import to_eval
 from cetopt.errors import CetoptError, DataShapeError, NonFiniteError
 from cetopt.nn.quantized import QuantizedMixin
 
-__all__ = ["paired_layers", "run_with_hooks"]
+__all__ = ["StopForward", "is_data_mismatch", "paired_layers", "run_with_hooks"]
+
+# What torch and Python say when inputs do not fit a layer: shapes, sizes, dtypes, channels.
+_MISMATCH = re.compile(
+    r"shape|size|dimension|dtype|channels|cannot be multiplied|must match|expected (scalar )?type"
+    r"|expected .*input|mismatch|out of (range|bounds)",
+    re.IGNORECASE,
+)
+_OUT_OF_MEMORY = re.compile(r"allocate|out of memory", re.IGNORECASE)
+
+
+class StopForward(Exception):
+    """Raised by a hook of :func:`run_with_hooks` once it has what it needs from a batch."""
+
+
+class _HookFailure(Exception):
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def is_data_mismatch(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a model's forward, says its inputs or targets do not fit the model.
+
+    Only shape, size and dtype mismatches count; running out of memory (``MemoryError`` or torch's
+    "can't allocate memory") or any other failure is not a data problem and keeps its own type.
+    """
+    if not isinstance(exc, (RuntimeError, ValueError, IndexError, TypeError)):
+        return False
+    text = str(exc)
+    return not _OUT_OF_MEMORY.search(text) and bool(_MISMATCH.search(text))
 
 
 def paired_layers(original: nn.Module, quantized: nn.Module, *, need_bias: bool = False) -> dict:
@@ -43,34 +75,56 @@ def _inputs(batch, index: int = 0):
     return x
 
 
+def _guarded(hook: Callable) -> Callable:
+    """``hook``, with its own errors marked so they are not mistaken for the model's."""
+
+    def run(module, args, output):
+        try:
+            return hook(module, args, output)
+        except StopForward:
+            raise
+        except Exception as exc:
+            raise _HookFailure(exc) from exc
+
+    return run
+
+
 def run_with_hooks(
     model: nn.Module, hooks: Mapping[str, Callable], data: Iterable, max_batches: int | None = None
 ) -> None:
     """Run ``model`` in eval mode over ``data`` with ``hooks[name]`` as the forward hook of layer ``name``.
 
-    The model's train/eval mode is restored and the hooks removed afterwards.
+    The model's train/eval mode is restored and the hooks removed afterwards. A hook may raise
+    :class:`StopForward` to skip the rest of a batch's forward pass (the layers after it). An error
+    raised by a hook propagates unchanged.
 
     Raises
     ------
     DataShapeError
-        If the model cannot run on a batch, or ``data`` yields no batches.
+        If the model cannot run on a batch because of its shape or dtype, or ``data`` yields no
+        batches. Any other failure of the model (e.g. out of memory) is raised as it is.
     NonFiniteError
         If a batch's inputs hold NaN or infinity.
     """
     modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(hook) for name, hook in hooks.items()]
+    handles = [modules[name].register_forward_hook(_guarded(hook)) for name, hook in hooks.items()]
     saved = to_eval(model)
     batches = 0
     try:
         for batch in data:
             if max_batches is not None and batches >= max_batches:
                 break
-            model(_inputs(batch, batches))
+            with contextlib.suppress(StopForward):
+                model(_inputs(batch, batches))
             batches += 1
+    except _HookFailure as failure:
+        raise failure.error from None
     except NonFiniteError:
         raise
-    except (RuntimeError, ValueError) as exc:
-        raise DataShapeError(f"the model cannot run on the calibration data: {exc}") from exc
+    except Exception as exc:
+        if is_data_mismatch(exc):
+            raise DataShapeError(f"the model cannot run on the calibration data: {exc}") from exc
+        raise
     finally:
         saved.restore()
         for handle in handles:

@@ -22,6 +22,7 @@ def quantize(
     gptq=None,
     bias_correction=None,
     sequential: bool = False,
+    progress: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` with the planned layers quantized (integer codes, per-channel scales).
 
@@ -49,8 +50,10 @@ def quantize(
         it, instead of all at once on the float model's inputs
         (:func:`cetopt.quant.calibrate_sequentially`): GPTQ then sees the earlier layers' errors,
         and bias correction cancels the mean shift they left. Needs ``gptq`` or
-        ``bias_correction`` data (the same data when both are given); costs two calibration
-        passes per layer.
+        ``bias_correction`` data (the same data when both are given); costs one calibration
+        pass per layer, each stopping after that layer.
+    progress : bool
+        Show a progress bar over the layers being calibrated sequentially.
     """
     bits = plan.bits if hasattr(plan, "bits") else plan
     if not isinstance(bits, Mapping):
@@ -65,7 +68,9 @@ def quantize(
         from cetopt.quant.sequential import calibrate_sequentially
 
         data = gptq if gptq is not None else bias_correction
-        return calibrate_sequentially(model, quantized, data, gptq=gptq is not None, bias_correction=add_bias)
+        return calibrate_sequentially(
+            model, quantized, data, gptq=gptq is not None, bias_correction=add_bias, progress=progress
+        )
     if gptq is not None:
         from cetopt.quant.gptq import gptq_round
 

@@ -8,10 +8,20 @@ column ``j`` is rounded and the rest updated by
 
     e = (w_j − ŵ_j) / U_jj,      W_{:, j+1:} −= e · U_{j, j+1:}.
 
-Columns are taken in order of decreasing ``diag H`` (the most active inputs first). The scales and
-bit widths the quantizer chose stay as they are, so sizes on disk and the bit plan do not change;
-only the codes do. The inputs are the float model's own (one calibration pass for all layers);
-:mod:`cetopt.quant.sequential` rounds each layer on the quantized model's inputs instead.
+Columns are taken in order of decreasing ``diag H`` (the most active inputs first), in blocks of
+128: within a block the update runs column by column, and the columns after the block get the
+whole block's errors in one matrix product (the paper's lazy batch updates; the same result up to
+float64 rounding). The scales and bit widths the quantizer chose stay as they are, so sizes on
+disk and the bit plan do not change; only the codes do. The inputs are the float model's own (one
+calibration pass for all layers); :mod:`cetopt.quant.sequential` rounds each layer on the
+quantized model's inputs instead.
+
+``H`` is accumulated from the layer's inputs unfolded a few samples at a time, never the whole
+batch at once, in float64 (blocks of 512 columns or more: each chunk's product in float32, summed
+in float64). When ``H`` (float64, ``fan_in²``) would exceed ``max_gram_bytes``, it is kept
+block-diagonal over groups of input channels (each group's columns rounded against its own block;
+a warning names the layer); when even one input channel per group does not fit, the layer keeps
+round-to-nearest, with a warning naming it.
 
 Linear layers and Conv1d/Conv2d with ``groups=1`` and numeric padding are rounded this way; other
 quantized layers keep their round-to-nearest codes.
@@ -20,6 +30,10 @@ quantized layers keep their round-to-nearest codes.
 from __future__ import annotations
 
 import copy
+import itertools
+import math
+import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,34 +43,109 @@ from cetopt.nn.unfold import input_rows, is_matmul_layer
 from cetopt.quant._calibration import paired_layers, run_with_hooks
 from cetopt.quant.quantizer import codes_for
 
-__all__ = ["gptq_round"]
+__all__ = ["GRAM_BYTES", "GramBlocks", "gptq_round"]
+
+GRAM_BYTES = 1 << 30  # default bound on one layer's Gram matrices
+_ROW_CHUNK_ELEMENTS = 1 << 22  # unfolded input values materialised at a time
+_BLOCK = 128  # columns per lazy batch update
+_FLOAT32_COLUMNS = 512  # Gram blocks this wide accumulate float32 chunk products
+
+
+@dataclass
+class GramBlocks:
+    """A layer's input Gram matrix, whole (one block) or block-diagonal over input-channel groups.
+
+    ``blocks[i]`` is ``Σ rows[:, a:b]ᵀ rows[:, a:b]`` (float64) for ``(a, b) = spans[i]``.
+    """
+
+    spans: list[tuple[int, int]]
+    blocks: list[torch.Tensor]
+    rows: int = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.rows += rows.shape[0]
+        for i, (a, b) in enumerate(self.spans):
+            # Wide blocks: each chunk's product in float32 (twice as fast; a few thousand rows
+            # keep its relative error near 1e-6), summed in float64.
+            part = rows[:, a:b] if b - a >= _FLOAT32_COLUMNS else rows[:, a:b].double()
+            self.blocks[i] += (part.T @ part).double()
+
+
+def gram_spans(layer: nn.Module, max_bytes: int) -> list[tuple[int, int]] | None:
+    """Column spans of ``layer``'s Gram blocks within ``max_bytes`` (float64), or ``None`` if none fit.
+
+    One span when the whole Gram fits; otherwise contiguous groups of input channels (a
+    convolution's columns are channel-major: each channel's kernel taps together).
+    """
+    fan_in = layer.weight[0].numel()
+    if 8 * fan_in**2 <= max_bytes:
+        return [(0, fan_in)]
+    taps = fan_in // layer.weight.shape[1]  # 1 for a Linear
+    channels = layer.weight.shape[1]
+    per_group = int(max_bytes // (8 * fan_in * taps))  # channels per group: Σ blocks = fan_in · group cols
+    if per_group < 1:
+        return None
+    groups = math.ceil(channels / per_group)
+    bounds = [round(i * channels / groups) * taps for i in range(groups + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def accumulate_rows(gram: GramBlocks, shaped: nn.Module, x: torch.Tensor) -> None:
+    """Add the rows of input ``x`` (unfolded for a convolution) to ``gram``, a few samples at a time."""
+    if isinstance(shaped, nn.Linear):
+        x = x.reshape(-1, x.shape[-1])
+        per_sample = x.shape[-1]
+    else:
+        per_sample = input_rows(shaped, x[:1]).numel()
+    step = max(1, _ROW_CHUNK_ELEMENTS // max(per_sample, 1))
+    for start in range(0, len(x), step):
+        gram.add(input_rows(shaped, x[start : start + step]))
 
 
 @torch.no_grad()
 def input_gram(
-    model: nn.Module, names: list[str], data, max_batches: int | None, geometry: dict | None = None
+    model: nn.Module,
+    names: list[str],
+    data,
+    max_batches: int | None,
+    geometry: dict | None = None,
+    *,
+    max_gram_bytes: int = GRAM_BYTES,
 ) -> dict:
     """``Σ rows·rowsᵀ`` of each named layer's inputs over ``data``, in float64.
 
     ``geometry[name]`` is the float layer whose shape unfolds the inputs (needed when ``model``'s
-    layer is a quantized one); by default the hooked layer itself.
+    layer is a quantized one); by default the hooked layer itself. Each value is a
+    :class:`GramBlocks`; a layer whose Gram blocks cannot fit ``max_gram_bytes`` is left out.
     """
-    grams: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    grams: dict[str, GramBlocks] = {}
+    for name in names:
+        shaped = modules[name] if geometry is None else geometry[name]
+        spans = gram_spans(shaped, max_gram_bytes)
+        if spans is not None:
+            blocks = [torch.zeros(b - a, b - a, dtype=torch.float64) for a, b in spans]
+            grams[name] = GramBlocks(spans, blocks)
 
     def hook(name):
+        shaped = modules[name] if geometry is None else geometry[name]
+
         def accumulate(module, args, output):
-            shaped = module if geometry is None else geometry[name]
-            cols = input_rows(shaped, args[0].detach()).double()
-            grams[name] = grams.get(name, 0) + cols.T @ cols
+            accumulate_rows(grams[name], shaped, args[0].detach())
 
         return accumulate
 
-    run_with_hooks(model, {n: hook(n) for n in names}, data, max_batches)
+    run_with_hooks(model, {n: hook(n) for n in grams}, data, max_batches)
     return grams
 
 
 def _round_columns(
-    weight: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, qmax: torch.Tensor, damp: float
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    scale: torch.Tensor,
+    qmax: torch.Tensor,
+    damp: float,
+    block: int = _BLOCK,
 ) -> torch.Tensor:
     """GPTQ codes for ``weight`` (out, n) given the input Gram matrix (n, n)."""
     w = weight.clone()
@@ -68,11 +157,17 @@ def _round_columns(
     w, h = w[:, order], h[order][:, order]
     h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    del h
     codes = torch.empty_like(w)
-    for j in range(w.shape[1]):
-        codes[:, j] = codes_for(w[:, j], scale, qmax)
-        err = (w[:, j] - codes[:, j] * scale) / upper[j, j]
-        w[:, j + 1 :] -= err[:, None] * upper[j, j + 1 :][None, :]
+    for start in range(0, w.shape[1], block):
+        stop = min(start + block, w.shape[1])
+        part, errors = w[:, start:stop], torch.empty(w.shape[0], stop - start, dtype=w.dtype)
+        for j in range(stop - start):
+            col = start + j
+            codes[:, col] = codes_for(part[:, j], scale, qmax)
+            errors[:, j] = (part[:, j] - codes[:, col] * scale) / upper[col, col]
+            part[:, j + 1 :] -= errors[:, j, None] * upper[col, col + 1 : stop][None, :]
+        w[:, stop:] -= errors @ upper[start:stop, stop:]
     return codes[:, torch.argsort(order)]
 
 
@@ -84,6 +179,7 @@ def gptq_round(
     *,
     damp: float = 0.01,
     max_batches: int | None = None,
+    max_gram_bytes: int = GRAM_BYTES,
 ) -> nn.Module:
     """A copy of ``quantized`` whose codes are re-rounded by GPTQ on calibration data.
 
@@ -99,6 +195,10 @@ def gptq_round(
         Diagonal damping of the input Gram matrix, relative to its mean diagonal.
     max_batches : int, optional
         Use only the first batches.
+    max_gram_bytes : int
+        Memory bound of one layer's float64 Gram matrix; above it the Gram is block-diagonal over
+        input-channel groups, or (if even that does not fit) the layer keeps round-to-nearest.
+        Either way a warning names the layer.
 
     Returns
     -------
@@ -113,18 +213,49 @@ def gptq_round(
     rounded = copy.deepcopy(quantized)
     if not names:
         return rounded
-    grams = input_gram(original, names, data, max_batches)
+    grams = input_gram(original, names, data, max_batches, max_gram_bytes=max_gram_bytes)
     modules = dict(rounded.named_modules())
     for name in names:
-        reround(modules[name], floats[name].weight, grams[name], damp)
+        if name in grams:
+            reround(modules[name], floats[name].weight, grams.pop(name), damp, name=name)
+        else:
+            warn_round_to_nearest(name, floats[name], max_gram_bytes)
     return rounded
 
 
+def warn_round_to_nearest(name: str, layer: nn.Module, max_bytes: int) -> None:
+    """Warn that GPTQ leaves layer ``name`` at round-to-nearest: no Gram block fits ``max_bytes``."""
+    fan_in = layer.weight[0].numel()
+    warnings.warn(
+        f"GPTQ keeps round-to-nearest on layer {name!r}: even one input channel's Gram block "
+        f"({fan_in} columns) exceeds max_gram_bytes={max_bytes}",
+        stacklevel=3,
+    )
+
+
 @torch.no_grad()
-def reround(layer: nn.Module, weight: torch.Tensor, gram: torch.Tensor, damp: float) -> None:
-    """Replace ``layer``'s codes (in place) by GPTQ's for the float ``weight`` and input ``gram``."""
+def reround(layer: nn.Module, weight: torch.Tensor, gram, damp: float, *, name: str = "") -> None:
+    """Replace ``layer``'s codes (in place) by GPTQ's for the float ``weight`` and input ``gram``.
+
+    ``gram`` is a tensor (the whole Gram matrix) or :class:`GramBlocks`; blocks that saw no input
+    (the layer never ran) leave the codes as they are.
+    """
+    if isinstance(gram, torch.Tensor):
+        gram = GramBlocks([(0, gram.shape[0])], [gram], rows=1)
+    if gram.rows == 0:
+        return
+    if len(gram.spans) > 1:
+        warnings.warn(
+            f"GPTQ on layer {name or type(layer).__name__!r}: its {gram.spans[-1][1]}-column Gram matrix "
+            f"exceeds the memory bound; rounding {len(gram.spans)} groups of input channels, each "
+            "against its own block",
+            stacklevel=3,
+        )
     shape = layer.weight_q.shape
     qmax = 2.0 ** (layer.weight_bits.double() - 1) - 1
+    scale = layer.weight_scale.double()
     target = weight.detach().double().reshape(shape[0], -1)
-    codes = _round_columns(target, gram, layer.weight_scale.double(), qmax, damp)
+    codes = torch.empty_like(target)
+    for (a, b), block in zip(gram.spans, gram.blocks):
+        codes[:, a:b] = _round_columns(target[:, a:b], block, scale, qmax, damp)
     layer.weight_q = codes.reshape(shape).to(layer.weight_q.dtype)

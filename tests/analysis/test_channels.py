@@ -81,8 +81,8 @@ def _exact_channel_quadratic(model, data, bits):
 
 
 def test_cet_per_channel_is_the_exact_quadratic_form_once_the_probes_suffice():
-    model, data = _net(), _data()
-    table = channel_sensitivity(model, data, bits=(2, 4), probes=8, progress=False)  # 7 channels
+    model, data = _net(), _data()  # 7 channels
+    table = channel_sensitivity(model, data, bits=(2, 4), method="cet", probes=8, progress=False)
     assert table.method == "cet-channel" and table.meta["exact"]
     assert table.meta["hvps"] == 2 * 8
     exact = _exact_channel_quadratic(model, data, (2, 4)).numpy()
@@ -92,7 +92,7 @@ def test_cet_per_channel_is_the_exact_quadratic_form_once_the_probes_suffice():
 
 def test_cet_per_channel_below_exactness_reports_a_standard_error():
     model, data = _net(), _data()
-    table = channel_sensitivity(model, data, bits=(2, 4), probes=4, rounds=2, progress=False)
+    table = channel_sensitivity(model, data, bits=(2, 4), method="cet", probes=4, rounds=2, progress=False)
     exact = _exact_channel_quadratic(model, data, (2, 4)).numpy()
     assert not table.meta["exact"] and table.meta["rounds"] == 2
     assert (table.stderr > 0).any()

@@ -3,6 +3,7 @@ import torch
 
 from cetopt.errors import NonFiniteError
 from cetopt.quant import fake_quantize, quantize_weight
+from cetopt.quant.quantizer import _check_bits, codes_for
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8, 12, 16, 24, 32])
@@ -85,3 +86,38 @@ def test_nan_weight():
     w[1, 2] = float("nan")
     with pytest.raises(NonFiniteError, match="NaN"):
         quantize_weight(w, 4)
+
+
+def _scales_by_trying_every_candidate(weight: torch.Tensor, bits, grid: int = 64, min_ratio: float = 0.3):
+    """The clip search as first written: every (ratio, sign) candidate tried on the whole tensor."""
+
+    bits = _check_bits(bits, weight.shape[0])
+    w = weight.reshape(weight.shape[0], -1).float()
+    qmax = (2.0 ** (bits.double() - 1) - 1).float()[:, None]
+    wmax = w.abs().amax(dim=1, keepdim=True)
+    scale, best = wmax / qmax, torch.full_like(wmax, float("inf"))
+    for ratio in torch.linspace(min_ratio, 1.0, grid):
+        for sign in (1.0, -1.0):
+            s = sign * (ratio * wmax / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+            err = ((codes_for(w, s, qmax) * s - w) ** 2).sum(dim=1, keepdim=True)
+            better = (err < best) & (bits <= 8)[:, None]
+            best, scale = torch.where(better, err, best), torch.where(better, s, scale)
+    return torch.where(wmax > 0, scale, torch.ones_like(scale)).reshape(-1)
+
+
+def test_the_sorted_clip_search_picks_the_same_scales_and_codes_as_trying_every_candidate():
+    torch.manual_seed(0)
+    weights = [
+        torch.distributions.StudentT(3.0).sample((40, 33)),
+        torch.randn(16, 3, 3, 3) * torch.rand(16, 1, 1, 1),
+        torch.randn(8, 1),
+        torch.zeros(4, 6),
+    ]
+    for w in weights:
+        for bits in (2, 3, 5, 8, [2, 4, 6, 16] * (w.shape[0] // 4)):
+            qw = quantize_weight(w, bits)
+            reference = _scales_by_trying_every_candidate(w, bits)
+            assert torch.equal(qw.scale, reference)
+            qmax = (2.0 ** (qw.bits.double() - 1) - 1).float()[:, None]
+            codes = codes_for(w.reshape(len(w), -1).float(), reference[:, None], qmax)
+            assert torch.equal(qw.q.reshape(len(w), -1).float(), codes)
