@@ -158,16 +158,19 @@ def _round_columns(
     h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     del h
-    codes = torch.empty_like(w)
-    for start in range(0, w.shape[1], block):
-        stop = min(start + block, w.shape[1])
-        part, errors = w[:, start:stop], torch.empty(w.shape[0], stop - start, dtype=w.dtype)
+    # Column j of W is row j of Wᵀ: contiguous, which the column-by-column loop needs to be fast.
+    wt = w.T.contiguous()
+    codes = torch.empty_like(wt)
+    for start in range(0, wt.shape[0], block):
+        stop = min(start + block, wt.shape[0])
+        part, errors = wt[start:stop], torch.empty(stop - start, wt.shape[1], dtype=w.dtype)
         for j in range(stop - start):
             col = start + j
-            codes[:, col] = codes_for(part[:, j], scale, qmax)
-            errors[:, j] = (part[:, j] - codes[:, col] * scale) / upper[col, col]
-            part[:, j + 1 :] -= errors[:, j, None] * upper[col, col + 1 : stop][None, :]
-        w[:, stop:] -= errors @ upper[start:stop, stop:]
+            codes[col] = codes_for(part[j], scale, qmax)
+            errors[j] = (part[j] - codes[col] * scale) / upper[col, col]
+            part[j + 1 :] -= upper[col, col + 1 : stop, None] * errors[j][None, :]
+        wt[stop:] -= upper[start:stop, stop:].T @ errors
+    codes = codes.T
     return codes[:, torch.argsort(order)]
 
 
