@@ -257,7 +257,7 @@ def run(quick: bool = False) -> dict:
 
 # --- peer_speed: cetopt's default compress against the cheapest credible peer recipes, same bytes ---
 
-PEER_MODELS = ("digits-resnet", "mnist1d-cnn")
+PEER_MODELS = ("mnist1d-cnn", "digits-resnet")  # the cheaper first
 PEER_ALPHA = 0.25  # the budget: 4-bit bytes + α (8-bit − 4-bit), where HAWQ-V3's {4, 8} has a choice
 MCT_NOTE = (  # tried by hand in a separate venv, so the benchmark's venv keeps importing torch
     "MCT imports torchvision; the index's torchvision 0.29.1 wheel (a CUDA build), installed with "
@@ -306,23 +306,26 @@ def _mct_run(mct, model, data, budget: float) -> dict:
 
 def _hawq_end_to_end(model, data, budget: float) -> dict:
     """HAWQ-V3 as published: Hutchinson traces, the ILP over {4, 8} bits, round-to-nearest."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     table = sensitivity(model, data.loader(CALIBRATION, batch_size=512), (4, 8), "hutchinson", progress=False)
     plan = allocate(table, budget, use_greedy=False)
     quantized = quantize(model, plan.bits)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     acc = accuracy(quantized, data.x_test, data.y_test)
-    return {"seconds": seconds, "accuracy": acc, "bytes": plan.bytes}
+    return {"seconds": seconds, "cpu_seconds": cpu, "accuracy": acc, "bytes": plan.bytes}
 
 
 def _cetopt_default(model, data, budget: float) -> dict:
     import cetopt
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = cetopt.compress(model, data.loader(CALIBRATION, batch_size=512), budget, progress=False)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu,
+        "cpu_seconds_per_step": result.cpu_seconds,
+        "auto": result.table.meta.get("auto"),
         "accuracy": accuracy(result.model, data.x_test, data.y_test),
         "bytes": result.plan.bytes,
         "sensitivity_method": result.table.method,
@@ -348,16 +351,56 @@ def peer_speed_row(name: str, seed: int = 0) -> dict:
     mct = _mct_status()
     row["mct"] = _mct_run(mct.pop("module"), model, data, budget) if mct["runs"] else {}
     row["mct"].update({k: v for k, v in mct.items() if k != "module"})
-    base = row["cetopt_default"]["seconds"]
+    base = row["cetopt_default"]
     for peer in ("hawq-v3", "mct"):
         if "seconds" in row[peer]:
-            row[peer]["seconds_ratio_to_cetopt"] = row[peer]["seconds"] / base
+            row[peer]["seconds_ratio_to_cetopt"] = row[peer]["seconds"] / base["seconds"]
+        if "cpu_seconds" in row[peer]:
+            row[peer]["cpu_seconds_ratio_to_cetopt"] = row[peer]["cpu_seconds"] / base["cpu_seconds"]
     return row
+
+
+def _torchvision_check() -> dict:
+    """Import torchvision (and MCT with it) in a subprocess, from the directory named by
+    ``CETOPT_TORCHVISION_DIR`` (``pip install --no-deps --target DIR torchvision``), so that a
+    wheel that breaks torch cannot break this process; the outcome, or why it was not tried."""
+    import os
+    import subprocess
+    import sys
+
+    where = os.environ.get("CETOPT_TORCHVISION_DIR")
+    if not where:
+        return {"tried": False, "why": "CETOPT_TORCHVISION_DIR is not set"}
+    code = (
+        "import importlib.metadata as m, torch\n"
+        "print('torch', torch.__version__)\n"
+        "print('torchvision', m.version('torchvision'))\n"
+        "try:\n import torchvision; print('torchvision imports')\n"
+        "except Exception as e: print('torchvision:', type(e).__name__, e)\n"
+        "try:\n import model_compression_toolkit; print('mct imports')\n"
+        "except Exception as e: print('model_compression_toolkit:', type(e).__name__, e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": where}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    libs = (
+        sorted(p for p in os.listdir(os.path.join(where, "torchvision.libs")))
+        if os.path.isdir(os.path.join(where, "torchvision.libs"))
+        else []
+    )
+    return {"tried": True, "output": done.stdout.strip().splitlines(), "bundled_libraries": libs}
 
 
 def run_peer_speed(quick: bool = False) -> dict:
     """The ``peer_speed`` row alone (also part of the full bit-allocation run)."""
-    rows = [peer_speed_row(name) for name in (PEER_MODELS[:1] if quick else PEER_MODELS)]
+    from benchmarks.harness import RESULTS
+    from cetopt._io import atomic_write_json
+
+    rows = []
+    for name in PEER_MODELS[:1] if quick else PEER_MODELS:
+        rows.append(peer_speed_row(name))
+        partial = RESULTS / ("quick" if quick else ".") / "peer_speed.partial.json"
+        partial.parent.mkdir(exist_ok=True)
+        atomic_write_json(partial, {"partial": True, "rows": rows})
     for r in rows:
         print(
             f"   {r['model']}: cetopt {r['cetopt_default']['seconds']:.1f} s "
@@ -369,5 +412,89 @@ def run_peer_speed(quick: bool = False) -> dict:
         "budget": f"4-bit bytes + {PEER_ALPHA} (8-bit - 4-bit bytes), each model's own",
         "calibration_split": CALIBRATION,
         "mct_note": MCT_NOTE,
+        "torchvision_check": _torchvision_check(),
         "rows": rows,
+    }
+
+
+# --- default_path: the README's zoo figures at 10x with compress's own defaults (method="auto") ---
+
+DEFAULT_PATH_ROWS = {  # what compress's default gives → the bit_allocation rows it replaces
+    "per_layer": ("10x ilp+cet", "10x ilp+measured"),
+    "per_channel": ("10x ilp+cet-channel", "10x ilp+measured-channel"),
+}
+
+
+def default_path_row(name: str, seed: int) -> dict:
+    """One model and seed: ``cetopt.compress(model, train, "10x")`` with every default, per layer
+    and per channel, as the README's figures are measured (sequential GPTQ + bias correction)."""
+    import cetopt
+
+    data = load_dataset(zoo_entry(name).dataset)
+    model = load_model(name, seed=seed, progress=False)
+    row = {"model": name, "seed": seed, "fp32_accuracy": accuracy(model, data.x_test, data.y_test)}
+    for key, per_channel in (("per_layer", False), ("per_channel", True)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        loader = data.loader(CALIBRATION, batch_size=512)
+        result = cetopt.compress(model, loader, "10x", per_channel=per_channel, progress=False)
+        row[key] = {
+            "accuracy_sequential": accuracy(result.model, data.x_test, data.y_test),
+            "method": result.table.method,
+            "auto": result.table.meta.get("auto"),
+            "bytes": result.plan.bytes,
+            "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0,
+        }
+    return row
+
+
+def run_default_path(quick: bool = False, old: dict | None = None) -> dict:
+    """The zoo's 10x accuracies with compress's defaults over bit_allocation's seeds, next to the
+    same figures from ``old`` (the committed ``bit_allocation.json``, measured with the plans of
+    ``cet`` and of ``measured`` before ``auto`` was the default)."""
+    import json
+
+    from benchmarks.harness import RESULTS
+    from cetopt._io import atomic_write_json
+
+    if old is None:
+        old = json.loads((RESULTS / "bit_allocation.json").read_text())
+    seeds = (
+        sorted({r["seed"] for r in old["runs"]})[:1] if quick else sorted({r["seed"] for r in old["runs"]})
+    )
+    rows = []
+    for name in ("digits-resnet", "mnist1d-cnn"):
+        for seed in seeds:
+            rows.append(default_path_row(name, seed))
+            print(f"   default path {name} seed {seed}: {json.dumps(rows[-1])[:600]}", flush=True)
+            partial = RESULTS / ("quick" if quick else ".") / "default_path.partial.json"
+            partial.parent.mkdir(exist_ok=True)
+            atomic_write_json(partial, {"partial": True, "runs": rows})
+    summary = {}
+    for name in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == name]
+        before = {r["seed"]: r for r in old["runs"] if r["model"] == name}
+        entry = {"fp32": mean_sd([r["fp32_accuracy"] for r in mine])}
+        for key, (cet_row, measured_row) in DEFAULT_PATH_ROWS.items():
+            entry[key] = {
+                "new_default_auto": mean_sd([r[key]["accuracy_sequential"] for r in mine]),
+                f"old_{cet_row.split()[1]}": mean_sd(
+                    [before[r["seed"]]["at_10x"][cet_row.split()[1]]["accuracy_sequential"] for r in mine]
+                ),
+                f"old_{measured_row.split()[1]}": mean_sd(
+                    [
+                        before[r["seed"]]["at_10x"][measured_row.split()[1]]["accuracy_sequential"]
+                        for r in mine
+                    ]
+                ),
+                "methods_chosen": sorted({r[key]["method"] for r in mine}),
+            }
+        summary[name] = entry
+    return {
+        "budget": "10x",
+        "calibration_split": CALIBRATION,
+        "seeds": seeds,
+        "old_source": "benchmarks/results/bit_allocation.json (at_10x, accuracy_sequential, same seeds)",
+        "runs": rows,
+        "summary": summary,
     }

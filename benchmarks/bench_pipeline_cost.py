@@ -296,9 +296,10 @@ def _zoo(quick: bool) -> dict:
 def _partial(quick: bool, data: dict) -> None:
     """What has been measured so far, in case a later model runs out of time."""
     from benchmarks.harness import RESULTS
+    from cetopt._io import atomic_write_json
 
     path = RESULTS / f"pipeline_cost{'.quick' if quick else ''}.partial.json"
-    path.write_text(json.dumps(data, indent=1, default=str))
+    atomic_write_json(path, data)
 
 
 def run(quick: bool = False) -> dict:

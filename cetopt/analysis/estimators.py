@@ -198,7 +198,21 @@ def _measured(obj: LossObjective, deltas: Deltas, opts: dict):
     with progress_bar(total, "measured: quantize each layer alone", opts["progress"]) as bar:
         losses, base, used = measure_trials(obj.model, obj.batches, obj.loss_fn, trials, bar, stable)
     values = np.array(losses).reshape(shape) - base
-    return values, None, {"examples_used": used}
+    return values, None, {"examples_used": used, "base_loss": _full_loss(obj, base, used)}
+
+
+@torch.no_grad()
+def _full_loss(obj: LossObjective, base: float, used: int) -> float:
+    """The loss over all of ``obj``'s data, given ``base``, the mean over its first ``used`` examples:
+    only the batches not yet seen run."""
+    if used >= obj.total:
+        return base
+    total, seen = base * used / obj.total, 0
+    for x, y in obj.batches:
+        if seen >= used:
+            total += float(obj._batch_loss(obj.weights, x, y)) * len(x) / obj.total
+        seen += len(x)
+    return total
 
 
 STABLE_RANK = 0.95  # rank correlation across layers at which more examples stop paying
@@ -318,7 +332,12 @@ def sensitivity(
         channels=[info.channels for info in obj.layers],
         macs=[info.macs for info in obj.layers],
         fixed_bytes=[info.fixed_bytes for info in obj.layers],
-        meta={**meta, "seconds": time.perf_counter() - start, "examples": obj.total, "base_loss": obj.loss()},
+        meta={
+            **meta,
+            "seconds": time.perf_counter() - start,
+            "examples": obj.total,
+            "base_loss": meta["base_loss"] if "base_loss" in meta else obj.loss(),
+        },
     )
 
 

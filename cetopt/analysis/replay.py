@@ -105,25 +105,43 @@ class PrefixReplay:
         tensors = _tensors(out)
         if tensors is not None:
             # the forward changes it in place later: keep a copy of it as it is now
-            mutated = self._snapshot is not None and self._snapshot[index]
+            mutated = self._snapshot is not None and index < len(self._snapshot) and self._snapshot[index]
             self.outputs[index] = _clone(out) if mutated else out
             self.versions[index] = [t._version for t in tensors]
         return out
 
     @torch.no_grad()
     def record(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the unperturbed copy on ``x`` and keep every module call's output; returns the model output."""
+        """Run the unperturbed copy on ``x`` and keep every module call's output; returns the model output.
+
+        The first batch takes two passes: one finds the outputs the forward later changes in
+        place, the second keeps copies of those. Later batches take one pass with the same
+        copies, checked afterwards: if the calls or the outputs changed in place differ from the
+        first batch's, the batch is recorded again the two-pass way.
+        """
+        if self._mutated:
+            self._snapshot = self._mutated
+            out = self._pass("record", x)
+            same_calls = len(self.names) == len(self._mutated)
+            if same_calls and not any(c and not m for c, m in zip(self._changed(), self._mutated)):
+                return out
+            self._reset()
         self._snapshot = None
         self._pass("record", x)
-        mutated = [
-            v is not None and [t._version for t in _tensors(o)] != v
-            for o, v in zip(self.outputs, self.versions)
-        ]
+        mutated = self._changed()
         self._reset()
         self._snapshot = mutated
         out = self._pass("record", x)
         self._mutated = mutated
         return out
+
+    def _changed(self) -> list[bool]:
+        """Per recorded call: whether its output was changed in place after it was produced (read
+        off the outputs as kept, so meaningful only for those kept without a copy)."""
+        return [
+            v is not None and [t._version for t in _tensors(o)] != v
+            for o, v in zip(self.outputs, self.versions)
+        ]
 
     def first_call(self, layer: str) -> int | None:
         """Index of ``layer``'s first call in the recorded pass (``None`` if it did not run)."""

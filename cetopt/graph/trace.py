@@ -88,14 +88,7 @@ class ModelGraph:
 
     def layer_node(self, layer: str) -> fx.Node:
         """The (unique) fx node that calls submodule ``layer``."""
-        found = [n for n in self.module.graph.nodes if n.op == "call_module" and n.target == layer]
-        if not found:
-            raise KeyError(layer)
-        if len(found) > 1:
-            raise ValueError(
-                f"layer {layer!r} is called {len(found)} times; shared layers cannot be rewritten"
-            )
-        return found[0]
+        return layer_node(self.module, layer)
 
     def layers(self) -> list[str]:
         """Names of called submodules that have a handler, in execution order."""
@@ -105,6 +98,16 @@ class ModelGraph:
             for n in gm.graph.nodes
             if n.op == "call_module" and get_handler(gm.get_submodule(n.target)) is not None
         ]
+
+
+def layer_node(gm: fx.GraphModule, layer: str) -> fx.Node:
+    """The (unique) fx node of ``gm`` that calls submodule ``layer`` (no shapes needed)."""
+    found = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer]
+    if not found:
+        raise KeyError(layer)
+    if len(found) > 1:
+        raise ValueError(f"layer {layer!r} is called {len(found)} times; shared layers cannot be rewritten")
+    return found[0]
 
 
 def node_shape(node: fx.Node):

@@ -154,3 +154,21 @@ def test_auto_stops_adding_examples_once_the_ranking_is_stable():
     expected = sensitivity(model, head, (2, 3, 4), "measured", progress=False)
     np.testing.assert_allclose(table.values, expected.values, rtol=1e-5, atol=1e-8)
     assert sensitivity(model, data, (2, 3, 4), "measured", progress=False).meta["examples_used"] == 16 * 32
+
+
+def test_later_batches_are_recorded_in_one_pass_with_the_same_outputs():
+    model = _Net().eval()
+    data = _data((2, 5, 5), n=2)
+    replay = PrefixReplay(model)
+    calls = []
+    hook = replay.modules["head"].register_forward_hook(lambda m, a, o: calls.append(1))
+    replay.record(data[0][0])
+    assert len(calls) == 2  # the first batch: one pass to find the in-place changes, one to record
+    replay._reset()
+    out = replay.record(data[1][0])
+    hook.remove()
+    assert len(calls) == 3  # a later batch: one pass
+    with torch.no_grad():
+        assert torch.equal(out, model(data[1][0]))
+    for name in ("block.conv2", "head"):  # the kept outputs replay exactly as a plain pass
+        assert torch.equal(replay.replay(data[1][0], name, replay.modules[name].weight.data), out)

@@ -94,3 +94,15 @@ def test_inputs_are_not_modified_and_bad_data_is_named():
         gptq_round(model, plain, [(torch.randn(4, 5, 12), None)])
     with pytest.raises(cetopt.errors.DataShapeError, match="no batches"):
         gptq_round(model, plain, [])
+
+
+def test_inverse_upper_cholesky_is_the_upper_factor_of_the_inverse():
+    from cetopt.quant.gptq import inverse_upper_cholesky
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 12, dtype=torch.float64, generator=g)
+    h = x.T @ x + 0.1 * torch.eye(12, dtype=torch.float64)
+    upper = inverse_upper_cholesky(h)
+    assert torch.equal(upper, torch.triu(upper)) and bool((torch.diagonal(upper) > 0).all())
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    torch.testing.assert_close(upper, expected, rtol=1e-10, atol=1e-12)

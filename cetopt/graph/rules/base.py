@@ -11,7 +11,7 @@ from cetopt.errors import RewriteError
 from cetopt.graph.decisions import Decision
 from cetopt.graph.dependency import ChannelGroup, channel_groups
 from cetopt.graph.handlers import LayerHandler, get_handler
-from cetopt.graph.trace import ModelGraph, _to_networkx, propagate_shapes
+from cetopt.graph.trace import ModelGraph, _to_networkx, layer_node, propagate_shapes
 
 __all__ = ["RewriteRule", "RewriteState"]
 
@@ -42,6 +42,13 @@ class RewriteState:
             propagate_shapes(self.model, self.example_inputs)
             self._graph = ModelGraph(module=self.model, graph=_to_networkx(self.model))
         return self._graph
+
+    def layer_node(self, layer: str) -> fx.Node:
+        """The fx node calling submodule ``layer``, from the graph as it is: no shape propagation,
+        for rules that need only the wiring (shapes are checked once, in :meth:`finish`)."""
+        if not self.traced:
+            raise RewriteError("this decision needs the traced graph, but the model was not traced")
+        return layer_node(self.model, layer)
 
     def groups(self) -> list[ChannelGroup]:
         """Coupled channel groups of the current graph."""

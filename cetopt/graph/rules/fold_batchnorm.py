@@ -27,7 +27,7 @@ class FoldBatchNormRule(RewriteRule):
             return f"{d.batchnorm!r} is a {type(bn).__name__}, not a BatchNorm"
         if bn.running_mean is None:
             return f"{d.batchnorm!r} tracks no running statistics; there is nothing fixed to fold"
-        node = state.graph().layer_node(d.batchnorm)
+        node = state.layer_node(d.batchnorm)
         src = node.args[0]
         if getattr(src, "op", None) != "call_module" or not isinstance(state.module(src.target), _PRODUCERS):
             return f"the input of {d.batchnorm!r} does not come straight from a Linear or convolution"
@@ -44,7 +44,7 @@ class FoldBatchNormRule(RewriteRule):
 
     @torch.no_grad()
     def apply(self, state: RewriteState, d: FoldBatchNorm) -> None:
-        node = state.graph().layer_node(d.batchnorm)
+        node = state.layer_node(d.batchnorm)
         producer_node = node.args[0]
         producer = state.module(producer_node.target)
         bn = state.module(d.batchnorm)

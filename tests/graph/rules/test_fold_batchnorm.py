@@ -56,3 +56,18 @@ def test_not_a_batchnorm():
     model, x = example("cnn")
     with pytest.raises(RewriteError, match="not a BatchNorm"):
         rewrite(model, [FoldBatchNorm("conv1")], x)
+
+
+def test_folding_propagates_shapes_once_per_rewrite(monkeypatch):
+    import cetopt.graph.rules.base as base
+
+    model, x = example("resnet")
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) > 2
+    calls = []
+    real = base.propagate_shapes
+    monkeypatch.setattr(base, "propagate_shapes", lambda gm, inputs: calls.append(1) or real(gm, inputs))
+    new = rewrite(model, [FoldBatchNorm(b) for b in bns], x)
+    assert len(calls) == 1  # the final check in finish(), not once per decision
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), model(x), rtol=1e-5, atol=1e-5)
