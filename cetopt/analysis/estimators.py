@@ -186,12 +186,10 @@ def _fisher(obj: LossObjective, deltas: Deltas, opts: dict):
 
 
 def _measured(obj: LossObjective, deltas: Deltas, opts: dict):
-    layers = [info.name for info in obj.layers]
     trials = [
-        (layer, lambda k=k, b=b: obj.weights[k] + deltas[b][k])
-        for layer, k in zip(layers, obj.keys)
-        for b in deltas
+        (obj.site(k), lambda k=k, b=b: obj.weights[k] + deltas[b][k]) for k in obj.keys for b in deltas
     ]
+    layers = obj.keys
     total = len(trials) * len(obj.batches)
     shape = (len(layers), len(deltas))
     stable = _stable_ranking(shape) if opts.get("stable") else None
@@ -318,7 +316,14 @@ def sensitivity(
         channels=[info.channels for info in obj.layers],
         macs=[info.macs for info in obj.layers],
         fixed_bytes=[info.fixed_bytes for info in obj.layers],
-        meta={**meta, "seconds": time.perf_counter() - start, "examples": obj.total, "base_loss": obj.loss()},
+        meta={
+            **meta,
+            "seconds": time.perf_counter() - start,
+            "examples": obj.total,
+            "base_loss": obj.loss(),
+            "kept_float": list(obj.kept_float),
+            "tied": {t.name: list(t.tied) for t in obj.targets if t.tied},
+        },
     )
 
 
