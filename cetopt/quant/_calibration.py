@@ -59,13 +59,21 @@ def paired_layers(original: nn.Module, quantized: nn.Module, *, need_bias: bool 
     absent = [n for n in layers if n not in floats]
     if absent:
         raise CetoptError(f"the original model has no layers named {absent}")
-    missing = [n for n, m in layers.items() if getattr(m, "bias", None) is None]
+    missing = [n for n, m in layers.items() if getattr(m, "bias", None) is None and _has_bias_slot(m)]
     if need_bias and missing:
         raise CetoptError(
             f"quantized layers without a bias cannot be corrected: {missing}; "
             "quantize with bias_correction=<data> (it adds the biases)"
         )
     return layers
+
+
+def _has_bias_slot(layer: nn.Module) -> bool:
+    """Whether a quantized layer type carries a bias at all (an Embedding, attention's packed
+    in-projection do not get one added)."""
+    from cetopt.nn.quantized import QuantizedEmbedding, QuantizedMultiheadAttention
+
+    return not isinstance(layer, (QuantizedEmbedding, QuantizedMultiheadAttention))
 
 
 def _inputs(batch, index: int = 0):
@@ -89,10 +97,32 @@ def _guarded(hook: Callable) -> Callable:
     return run
 
 
+def _guarded_kwargs(hook: Callable) -> Callable:
+    """:func:`_guarded` for a hook that takes the call's keyword arguments."""
+
+    def run(module, args, kwargs, output):
+        try:
+            return hook(module, args, kwargs, output)
+        except StopForward:
+            raise
+        except Exception as exc:
+            raise _HookFailure(exc) from exc
+
+    return run
+
+
 def run_with_hooks(
-    model: nn.Module, hooks: Mapping[str, Callable], data: Iterable, max_batches: int | None = None
+    model: nn.Module,
+    hooks: Mapping[str, Callable],
+    data: Iterable,
+    max_batches: int | None = None,
+    *,
+    call_hooks: Iterable[tuple[str, Callable]] = (),
 ) -> None:
     """Run ``model`` in eval mode over ``data`` with ``hooks[name]`` as the forward hook of layer ``name``.
+
+    ``call_hooks`` adds ``(name, hook)`` pairs whose hooks also get the call's keyword arguments,
+    ``hook(module, args, kwargs, output)`` (several may share a module).
 
     The model's train/eval mode is restored and the hooks removed afterwards. A hook may raise
     :class:`StopForward` to skip the rest of a batch's forward pass (the layers after it). An error
@@ -108,6 +138,9 @@ def run_with_hooks(
     """
     modules = dict(model.named_modules())
     handles = [modules[name].register_forward_hook(_guarded(hook)) for name, hook in hooks.items()]
+    handles += [
+        modules[name].register_forward_hook(_guarded_kwargs(hook), with_kwargs=True) for name, hook in call_hooks
+    ]
     saved = to_eval(model)
     batches = 0
     try:
