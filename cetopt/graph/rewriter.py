@@ -47,7 +47,12 @@ def _describe(decision: Decision) -> str:
 
 
 def rewrite(
-    model: nn.Module, decisions: Iterable[Decision], example_inputs=None, *, leaf_types: Sequence[type] = ()
+    model: nn.Module,
+    decisions: Iterable[Decision],
+    example_inputs=None,
+    *,
+    leaf_types: Sequence[type] = (),
+    copy_model: bool = True,
 ) -> nn.Module:
     """Return a new model with ``decisions`` applied; ``model`` itself is never modified.
 
@@ -61,6 +66,9 @@ def rewrite(
         result's shapes are checked on them.
     leaf_types : sequence of types
         Module types to keep opaque when tracing.
+    copy_model : bool
+        ``False`` edits ``model`` itself instead of a deep copy: only for a caller that owns it
+        (:func:`cetopt.load` on the architecture it built).
 
     Returns
     -------
@@ -84,7 +92,7 @@ def rewrite(
         if type(d) not in RULES:
             raise RewriteError(f"no rewrite rule is registered for {type(d).__name__}")
     needs_graph = any(RULES[type(d)].needs_graph for d in decisions)
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model) if copy_model else model
     if needs_graph:
         if example_inputs is None:
             raise DataShapeError(

@@ -93,8 +93,12 @@ class Accumulator:
         return [(use.runs_in, self._hook(use)) for use in self.pair.target.uses]
 
     def _hook(self, use: QuantUse):
+        # The float layer gives the geometry when the hooked layer is the user itself (it may be the
+        # quantized layer); a caller that reads the weight (attention) is used as it is.
+        geometry = self.pair.float_modules[use.module] if use.runs_in == use.module else None
+
         def record(module, args, kwargs, output):
-            self.add(use, module, args, kwargs, output)
+            self.add(use, module if geometry is None else geometry, args, kwargs, output)
 
         return record
 
