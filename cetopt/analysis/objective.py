@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from cetopt._modes import to_eval
 from cetopt.errors import CetoptError, DataShapeError, NonFiniteError, NoQuantizableLayerError
-from cetopt.quant._calibration import is_data_mismatch
+from cetopt.quant._calibration import is_data_mismatch, module_calls
 from cetopt.quant.handlers import call_macs, quant_targets, registered_quant_types, select_targets
 
 __all__ = [
@@ -224,7 +224,7 @@ class LossObjective:
         ]
         saved = to_eval(self.model)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), module_calls():
                 out = self.model(x)
                 self.loss_fn(out, y)
         except (RuntimeError, ValueError, IndexError) as exc:

@@ -193,6 +193,13 @@ def measure_trials(
     losses are the means over the examples seen. Returns the losses, the base loss and the
     number of examples used.
     """
+    from cetopt.quant._calibration import module_calls
+
+    with module_calls():
+        return _measure_trials(model, batches, loss_fn, trials, bar, stable, min_examples)
+
+
+def _measure_trials(model, batches, loss_fn, trials, bar, stable, min_examples):
     replay = PrefixReplay(model)
     total = sum(len(x) for x, _ in batches)
     sums: list[torch.Tensor | None] = [None] * len(trials)

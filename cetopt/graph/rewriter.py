@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from cetopt.errors import DataShapeError, RewriteError
+from cetopt.errors import DataShapeError, RewriteError, UntraceableModelError
 from cetopt.graph.decisions import Decision, decision_to_dict
 from cetopt.graph.rules import RULES
 from cetopt.graph.rules.base import RewriteState
@@ -99,7 +99,16 @@ def rewrite(
                 f"{_describe(next(d for d in decisions if RULES[type(d)].needs_graph))} needs the model's "
                 "graph; pass example_inputs"
             )
-        state = RewriteState(symbolic_trace(work, leaf_types=leaf_types), as_input_tuple(example_inputs))
+        try:
+            traced = symbolic_trace(work, leaf_types=leaf_types)
+        except UntraceableModelError as exc:
+            first = next(d for d in decisions if RULES[type(d)].needs_graph)
+            raise UntraceableModelError(
+                f"{_describe(first)} needs the model's graph, which torch.fx cannot build: {exc} "
+                "(quantization, sensitivity, GPTQ, bias correction and save/load need no graph)",
+                exc.module_name,
+            ) from exc
+        state = RewriteState(traced, as_input_tuple(example_inputs))
     else:
         state = RewriteState(work, None if example_inputs is None else as_input_tuple(example_inputs))
     for d in decisions:

@@ -13,7 +13,7 @@ from cetopt._modes import to_eval
 from cetopt.errors import CetoptError, DataShapeError, NonFiniteError
 from cetopt.nn.quantized import QuantizedMixin
 
-__all__ = ["StopForward", "is_data_mismatch", "paired_layers", "run_with_hooks"]
+__all__ = ["StopForward", "is_data_mismatch", "module_calls", "paired_layers", "run_with_hooks"]
 
 # What torch and Python say when inputs do not fit a layer: shapes, sizes, dtypes, channels.
 _MISMATCH = re.compile(
@@ -22,6 +22,23 @@ _MISMATCH = re.compile(
     re.IGNORECASE,
 )
 _OUT_OF_MEMORY = re.compile(r"allocate|out of memory", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def module_calls():
+    """Within this block every layer runs through its own call: torch's fused transformer fast path
+    (which reads ``linear1.weight``, ``out_proj.weight``... without calling those modules, so their
+    hooks never fire) is turned off."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    previous = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(previous)
 
 
 class StopForward(Exception):
@@ -143,6 +160,8 @@ def run_with_hooks(
     ]
     saved = to_eval(model)
     batches = 0
+    calls = module_calls()
+    calls.__enter__()
     try:
         for batch in data:
             if max_batches is not None and batches >= max_batches:
@@ -159,6 +178,7 @@ def run_with_hooks(
             raise DataShapeError(f"the model cannot run on the calibration data: {exc}") from exc
         raise
     finally:
+        calls.__exit__(None, None, None)
         saved.restore()
         for handle in handles:
             handle.remove()

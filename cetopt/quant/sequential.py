@@ -30,7 +30,7 @@ from torch import nn
 
 from cetopt._modes import in_eval_mode
 from cetopt.analysis._common import progress_bar
-from cetopt.quant._calibration import StopForward, paired_layers, run_with_hooks
+from cetopt.quant._calibration import StopForward, module_calls, paired_layers, run_with_hooks
 from cetopt.quant._sites import Accumulator, Pair, bias_of, pairs
 from cetopt.quant.gptq import GRAM_BYTES
 
@@ -117,9 +117,10 @@ def _run_block(block: nn.Module, modules: dict, captured, acc: Accumulator, stop
     """Run ``block`` on every captured call with ``acc``'s hooks (stopping after its weight's call)."""
     handles = [modules[name].register_forward_hook(_stopping(hook, stop), with_kwargs=True) for name, hook in acc.hooks()]
     try:
-        for args, kwargs in captured:
-            with contextlib.suppress(StopForward):
-                block(*args, **kwargs)
+        with module_calls():
+            for args, kwargs in captured:
+                with contextlib.suppress(StopForward):
+                    block(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
