@@ -36,6 +36,7 @@ from cetopt._modes import in_eval_mode
 from cetopt.errors import CetoptError, ModelFileError
 from cetopt.graph.decisions import decision_from_dict
 from cetopt.graph.rewriter import _SOURCE, history, rewrite
+from cetopt.graph.rules.quantize import skeleton_quantization
 from cetopt.nn.quantized import QuantizedMixin
 from cetopt.quant.packing import pack_codes, packed_size, unpack_codes
 
@@ -126,7 +127,13 @@ def _serialize(model: nn.Module, source: str | None) -> tuple[bytes, dict]:
     quantized = _quantized_layers(model)
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
+    owners: dict[int, str] = {}
+    tied_layers: dict[str, str] = {}  # a layer sharing another's codes (a tied weight) → that layer
     for name, layer in quantized.items():
+        if id(layer.weight_q) in owners:
+            tied_layers[name] = owners[id(layer.weight_q)]
+            continue
+        owners[id(layer.weight_q)] = name
         bits = layer.weight_bits.to(torch.int64).numpy()
         packed = torch.from_numpy(pack_codes(layer.weight_q, bits))
         tensors[f"{name}.weight_packed"] = packed
@@ -140,15 +147,25 @@ def _serialize(model: nn.Module, source: str | None) -> tuple[bytes, dict]:
             "dtype": str(layer.weight_q.dtype).removeprefix("torch."),
         }
     skip = {f"{name}.{key}" for name in quantized for key in _QUANT_KEYS}
+    seen: dict[tuple, str] = {}
+    tied: dict[str, str] = {}  # a tensor stored under another key (shared storage) → that key
     for key, value in model.state_dict().items():
-        if key not in skip:
-            tensors[key] = value.detach().contiguous()
+        if key in skip:
+            continue
+        ident = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride()) if value.numel() else None
+        if ident is not None and ident in seen:
+            tied[key] = seen[ident]
+            continue
+        if ident is not None:
+            seen[ident] = key
+        tensors[key] = value.detach().contiguous()
     metadata = {
         "format": FORMAT,
         "source": json.dumps(source),
         "history": json.dumps(record["decisions"]),
         "example_inputs": json.dumps(record["example_inputs"]),
         "quantized": json.dumps(layers),
+        "tied": json.dumps({"layers": tied_layers, "tensors": tied}),
     }
     return st_save(tensors, metadata=metadata), layers
 
@@ -313,11 +330,13 @@ def _build_architecture(source: str | None, allow_import: bool) -> nn.Module:
     return obj() if not isinstance(obj, nn.Module) else obj
 
 
-def _rebuild(base: nn.Module, decisions: list, inputs, path) -> nn.Module:
+def _rebuild(base: nn.Module, decisions: list, inputs, path, owned: bool = False) -> nn.Module:
     if not decisions:
-        return _copy(base)
+        return base if owned else _copy(base)
     try:
-        return rewrite(base, decisions, inputs)
+        # The file's tensors replace every code and scale: the layers are built without quantizing.
+        with skeleton_quantization():
+            return rewrite(base, decisions, inputs, copy_model=not owned)
     except Exception as exc:
         raise ModelFileError(f"{path}: the recorded decisions do not fit the architecture: {exc}") from exc
 
@@ -378,13 +397,15 @@ def _load(path, model: nn.Module | None, allow_import: bool) -> nn.Module:
     history_records = _field(meta, "history", path)
     spec = _field(meta, "example_inputs", path, "null")
     layers = _field(meta, "quantized", path)
+    tied = _field(meta, "tied", path, '{"layers": {}, "tensors": {}}')
     base = model if model is not None else _build_architecture(source, allow_import)
     limit = _size_limit(tensors, base)
     decisions = _decisions(history_records, path, limit)
     inputs = _example_inputs(spec, path, limit)
     state = _quantized_state(tensors, layers, path, limit)
-    rebuilt = _rebuild(base, decisions, inputs, path)
+    rebuilt = _rebuild(base, decisions, inputs, path, owned=model is None)
     state.update(tensors)
+    _add_tied(state, tied, path)
     try:
         rebuilt.load_state_dict(state, strict=True)
     except Exception as exc:
@@ -393,6 +414,21 @@ def _load(path, model: nn.Module | None, allow_import: bool) -> nn.Module:
     if source is not None:
         setattr(rebuilt, _SOURCE, source)
     return rebuilt
+
+
+def _add_tied(state: dict, tied, path) -> None:
+    """Add the entries a tied weight shares with another key (stored once in the file)."""
+    if not isinstance(tied, dict) or not all(isinstance(tied.get(k, {}), dict) for k in ("layers", "tensors")):
+        raise ModelFileError(f"{path}: the tied-weight table is malformed")
+    for alias, owner in tied.get("layers", {}).items():
+        for key in _QUANT_KEYS:
+            if f"{owner}.{key}" not in state:
+                raise ModelFileError(f"{path}: layer {alias!r} is tied to {owner!r}, which the file lacks")
+            state[f"{alias}.{key}"] = state[f"{owner}.{key}"]
+    for alias, owner in tied.get("tensors", {}).items():
+        if owner not in state:
+            raise ModelFileError(f"{path}: tensor {alias!r} is tied to {owner!r}, which the file lacks")
+        state[alias] = state[owner]
 
 
 def _copy(model: nn.Module) -> nn.Module:

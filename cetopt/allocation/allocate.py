@@ -276,6 +276,7 @@ def _make_plan(setup: _Setup, answer, limits, seconds: float) -> Plan:
         layer_bytes=LayerValues(names, layer_bytes, index),
         layer_loss=LayerValues(names, layer_loss, index),
         layer_params=LayerValues(names, table.params, index),
+        kept_float=tuple(table.meta.get("kept_float", ())),
     )
 
 

@@ -131,6 +131,9 @@ class Plan:
         Layer name → predicted loss increase under the plan.
     layer_params : Mapping
         Layer name → weight count.
+    kept_float : tuple of str
+        Weights (parameter names) of the model that no quantization handler covers: they stay in
+        float32, outside the plan's bytes (with the reason in parentheses where a handler declined).
 
     ``allocate`` fills ``bits`` and the last three with :class:`LayerValues` (read-only,
     array-backed mappings that compare equal to dicts); any mapping works when you build one.
@@ -151,6 +154,7 @@ class Plan:
     latency: float | None = None
     layer_bytes: Mapping[str, float] = field(default_factory=dict)
     layer_loss: Mapping[str, float] = field(default_factory=dict)
+    kept_float: tuple[str, ...] = ()
     layer_params: Mapping[str, int] = field(default_factory=dict)
 
     @property
@@ -223,6 +227,8 @@ class Plan:
             f"smaller than fp32), predicted Δloss {self.predicted_loss:.4g}, status {self.status}, "
             f"gap {gap}, solved by {self.solver} in {self.solve_time:.3f} s"
         )
+        if self.kept_float:
+            lines.append(f"kept in float ({len(self.kept_float)}): {', '.join(self.kept_float)}")
         return "\n".join(lines)
 
     def _width_counts(self) -> list[tuple[int, int]]:

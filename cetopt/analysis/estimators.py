@@ -186,12 +186,10 @@ def _fisher(obj: LossObjective, deltas: Deltas, opts: dict):
 
 
 def _measured(obj: LossObjective, deltas: Deltas, opts: dict):
-    layers = [info.name for info in obj.layers]
     trials = [
-        (layer, lambda k=k, b=b: obj.weights[k] + deltas[b][k])
-        for layer, k in zip(layers, obj.keys)
-        for b in deltas
+        (obj.site(k), lambda k=k, b=b: obj.weights[k] + deltas[b][k]) for k in obj.keys for b in deltas
     ]
+    layers = obj.keys
     total = len(trials) * len(obj.batches)
     shape = (len(layers), len(deltas))
     stable = _stable_ranking(shape) if opts.get("stable") else None
@@ -337,6 +335,8 @@ def sensitivity(
             "seconds": time.perf_counter() - start,
             "examples": obj.total,
             "base_loss": meta["base_loss"] if "base_loss" in meta else obj.loss(),
+            "kept_float": list(obj.kept_float),
+            "tied": {t.name: list(t.tied) for t in obj.targets if t.tied},
         },
     )
 

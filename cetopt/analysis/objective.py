@@ -8,7 +8,8 @@ batch size, so the result is the same as one pass over the whole data.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,17 +18,32 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn import functional as F
 
 from cetopt._modes import to_eval
-from cetopt.errors import DataShapeError, NonFiniteError, NoQuantizableLayerError
-from cetopt.quant._calibration import is_data_mismatch
+from cetopt.errors import CetoptError, DataShapeError, NonFiniteError, NoQuantizableLayerError
+from cetopt.quant._calibration import is_data_mismatch, module_calls
+from cetopt.quant.handlers import call_macs, quant_targets, registered_quant_types, select_targets
 
-__all__ = ["LayerInfo", "LossObjective", "quantizable_layers"]
+__all__ = [
+    "LOSSES",
+    "LayerInfo",
+    "LossObjective",
+    "math_attention",
+    "model_logits",
+    "next_token_loss",
+    "quantizable_layers",
+    "resolve_loss",
+]
 
-QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the built-in matrix layers (see handlers)
+
+LossFn = Callable[[object, torch.Tensor], torch.Tensor] | str | None
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A quantizable layer: its name, weight, output channels, MACs per example, float bytes kept."""
+    """A quantizable layer: its name, weight, output channels, MACs per example, float bytes kept.
+
+    ``weight`` is in the codes layout of its handler (output channels on dimension 0).
+    """
 
     name: str
     weight: torch.Tensor
@@ -37,38 +53,80 @@ class LayerInfo:
 
 
 def quantizable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> list[str]:
-    """Names of the Linear / Conv layers of ``model`` whose weights cetopt quantizes.
+    """Names of the allocation rows of ``model``: one per distinct weight that a quantization handler
+    covers (:mod:`cetopt.quant.handlers`; a tied weight is one row, named by its first module).
 
     Raises
     ------
     NoQuantizableLayerError
         If the model has none (or ``layers`` names a module that is not one).
     """
-    found = [name for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
-    if layers is not None:
-        wanted = list(layers)
-        modules = dict(model.named_modules())
-        for name in wanted:
-            if name not in modules:
-                raise NoQuantizableLayerError(f"model has no module named {name!r}")
-            if not isinstance(modules[name], QUANTIZABLE):
-                raise NoQuantizableLayerError(
-                    f"layer {name!r} is a {type(modules[name]).__name__}; quantizable layers are "
-                    f"{', '.join(t.__name__ for t in QUANTIZABLE)}"
-                )
-        found = wanted
+    targets, _ = quant_targets(model)
+    found = [t.name for t in select_targets(targets, layers, model)]
     if not found:
         raise NoQuantizableLayerError(
-            f"{type(model).__name__} has no quantizable layer ({', '.join(t.__name__ for t in QUANTIZABLE)})"
+            f"{type(model).__name__} has no quantizable layer ({', '.join(registered_quant_types())})"
         )
     return found
 
 
-def _batches(data, max_batches: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def model_logits(output) -> torch.Tensor:
+    """The prediction tensor of a model output: the tensor itself, ``output["logits"]`` of an HF
+    ``ModelOutput`` or a dict (else its first value), or the first element of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "logits" in output:
+            return output["logits"]
+        return next(iter(output.values()))
+    if isinstance(output, (tuple, list)) and output:
+        return model_logits(output[0])
+    raise DataShapeError(f"cannot find the predictions in a model output of type {type(output).__name__}")
+
+
+def next_token_loss(output, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token ``t + 1`` from the logits at ``t`` (a causal LM's loss)."""
+    logits = model_logits(output)
+    return F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]), tokens[..., 1:].reshape(-1))
+
+
+def _cross_entropy(output, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model_logits(output), targets)
+
+
+LOSSES: dict[str, Callable] = {"cross_entropy": _cross_entropy, "next_token": next_token_loss}
+
+
+def resolve_loss(loss_fn: LossFn) -> Callable:
+    """The loss callable for ``loss_fn``: ``None`` (cross-entropy), a name of :data:`LOSSES`
+    (``"next_token"``: shifted cross-entropy on ``logits``, targets are the input tokens), or a
+    callable ``loss_fn(outputs, targets)`` given the model's raw outputs."""
+    if loss_fn is None:
+        return _cross_entropy
+    if isinstance(loss_fn, str):
+        if loss_fn not in LOSSES:
+            raise CetoptError(f"unknown loss {loss_fn!r}; built in: {', '.join(LOSSES)}")
+        return LOSSES[loss_fn]
+    return loss_fn
+
+
+def math_attention():
+    """A context in which ``scaled_dot_product_attention`` uses its math kernel, the one that
+    supports forward-mode AD, vmap and double backward (torch's fused CPU kernels do not)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _batches(data, max_batches: int | None, self_targets: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for i, batch in enumerate(data):
         if max_batches is not None and i >= max_batches:
             break
+        if self_targets and isinstance(batch, torch.Tensor):
+            batch = (batch, batch)  # a language model's tokens are its own targets
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise DataShapeError(
                 f"batch {i} is a {type(batch).__name__}; data must yield (inputs, targets) pairs"
@@ -93,8 +151,9 @@ class LossObjective:
     data : iterable of (inputs, targets)
     layers : list of str
         Quantizable layers (see :func:`quantizable_layers`).
-    loss_fn : callable, optional
-        ``loss_fn(outputs, targets) -> scalar mean loss``; default cross-entropy.
+    loss_fn : callable or str, optional
+        ``loss_fn(outputs, targets) -> scalar mean loss``, or ``"next_token"``; default
+        cross-entropy (both built-ins read ``logits`` from HF outputs and dicts).
     max_batches : int, optional
         Use only the first batches of ``data``.
     """
@@ -109,38 +168,63 @@ class LossObjective:
         max_batches: int | None = None,
     ):
         self.model = model
-        self.loss_fn = loss_fn or F.cross_entropy
-        self.batches = _batches(data, max_batches)
+        self.loss_fn = resolve_loss(loss_fn)
+        self.batches = _batches(data, max_batches, self_targets=self.loss_fn is next_token_loss)
         self.total = sum(len(x) for x, _ in self.batches)
-        self.keys = [f"{name}.weight" for name in layers]
+        targets, self.kept_float = quant_targets(model)
+        self.targets = select_targets(targets, layers, model)
+        self.keys = [t.key for t in self.targets]
+        modules = dict(model.named_modules())
+        self._owners = {t.key: modules[t.name] for t in self.targets}
+        self._handlers = {t.key: t.handler for t in self.targets}
         named = dict(model.named_parameters())
-        self.weights = {k: named[k].detach() for k in self.keys}
+        # In the codes layout (output channels first): every estimator works per row of it.
+        self.weights = {
+            t.key: t.handler.codes_layout(self._owners[t.key], named[t.key].detach()) for t in self.targets
+        }
         self.frozen = {k: v.detach() for k, v in named.items() if k not in self.weights}
         self.buffers = dict(model.named_buffers())
-        self.layers = self._describe(layers)
+        self.layers = self._describe()
 
-    def _forward(self, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, ({**self.frozen, **weights}, self.buffers), (x,))
+    def natural(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (codes layout) shaped as the parameter ``key`` of the model."""
+        return self._handlers[key].natural(self._owners[key], weight)
+
+    def site(self, key: str):
+        """Where :mod:`cetopt.analysis.replay` puts a trial weight for ``key``."""
+        from cetopt.analysis.replay import Site
+
+        target = self.targets[self.keys.index(key)]
+        owner, handler = self._owners[key], self._handlers[key]
+        return Site(key, tuple(dict.fromkeys(u.runs_in for u in target.uses)), lambda w: handler.natural(owner, w))
+
+    def _forward(self, weights: dict[str, torch.Tensor], x: torch.Tensor):
+        params = {k: self.natural(k, w) for k, w in weights.items()}
+        return functional_call(self.model, ({**self.frozen, **params}, self.buffers), (x,))
 
     def _batch_loss(self, weights, x, y) -> torch.Tensor:
         return self.loss_fn(self._forward(weights, x), y)
 
-    def _describe(self, layers: list[str]) -> list[LayerInfo]:
+    def _describe(self) -> list[LayerInfo]:
         modules = dict(self.model.named_modules())
         macs: dict[str, int] = {}
+        x, y = self.batches[0]
 
-        def hook(name):
-            def record(module, inputs, output):
-                per_out = module.weight[0].numel()  # in_features, or in_channels/groups × kernel
-                macs[name] = int(output[0].numel() * per_out)
+        def hook(target, use):
+            def record(module, args, kwargs, output):
+                macs.setdefault(target.name, 0)  # per example, summed over every call of every user
+                macs[target.name] += call_macs(use, module, args, kwargs, output) // max(len(x), 1)
 
             return record
 
-        handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
-        x, y = self.batches[0]
+        handles = [
+            modules[use.runs_in].register_forward_hook(hook(t, use), with_kwargs=True)
+            for t in self.targets
+            for use in t.uses
+        ]
         saved = to_eval(self.model)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), module_calls():
                 out = self.model(x)
                 self.loss_fn(out, y)
         except (RuntimeError, ValueError, IndexError) as exc:
@@ -155,18 +239,11 @@ class LossObjective:
             for h in handles:
                 h.remove()
         infos = []
-        for name in layers:
-            m = modules[name]
-            bias = getattr(m, "bias", None)
-            infos.append(
-                LayerInfo(
-                    name,
-                    m.weight.detach(),
-                    m.weight.shape[0],
-                    macs.get(name, 0),
-                    0 if bias is None else 4 * bias.numel(),
-                )
-            )
+        for t in self.targets:
+            w = self.weights[t.key]
+            bias = t.handler.bias(modules[t.name])
+            fixed = 0 if not isinstance(bias, torch.Tensor) else 4 * bias.numel()
+            infos.append(LayerInfo(t.name, w, w.shape[0], macs.get(t.name, 0), fixed))
         return infos
 
     def _weighted(self, fn, *args):
@@ -193,7 +270,8 @@ class LossObjective:
 
     def gradient(self) -> dict[str, torch.Tensor]:
         """∇L at the model's weights."""
-        return self._weighted(grad(self._batch_loss), self.weights)
+        with math_attention():
+            return self._weighted(grad(self._batch_loss), self.weights)
 
     def hvp(self, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``H v`` for a stack of directions (leading dim K), in one vmapped forward-over-reverse pass."""
@@ -203,7 +281,8 @@ class LossObjective:
             return jvp(lambda w: grad_fn(w, x, y), (self.weights,), (v,))[1]
 
         batched = vmap(one, in_dims=(0, None, None))
-        return self._weighted(lambda v, x, y: batched(v, x, y), vectors)
+        with math_attention():
+            return self._weighted(lambda v, x, y: batched(v, x, y), vectors)
 
     def per_sample_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gradient of each example's loss (leading dim = batch), by vmap over ``grad``."""
@@ -211,4 +290,5 @@ class LossObjective:
         def one(w, xi, yi):
             return self._batch_loss(w, xi.unsqueeze(0), yi.unsqueeze(0))
 
-        return vmap(grad(one), in_dims=(None, 0, 0))(self.weights, x, y)
+        with math_attention():
+            return vmap(grad(one), in_dims=(None, 0, 0))(self.weights, x, y)

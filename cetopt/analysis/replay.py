@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,9 +26,24 @@ from torch import nn
 
 from cetopt.errors import CetoptError
 
-__all__ = ["PrefixReplay", "measure_trials"]
+__all__ = ["PrefixReplay", "Site", "measure_trials"]
 
-Trial = tuple[str, Callable[[], torch.Tensor]]  # (layer, weight to try in place of its own)
+@dataclass(frozen=True)
+class Site:
+    """Where a trial weight goes: the parameter ``key``, the modules whose calls read it (``runs``),
+    and how a trial weight (codes layout) becomes the parameter's shape (``natural``)."""
+
+    key: str
+    runs: tuple[str, ...]
+    natural: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda w: w, compare=False)
+
+    @classmethod
+    def of(cls, layer) -> Site:
+        """``layer`` itself if it is a Site, else the ``weight`` of the module named ``layer``."""
+        return layer if isinstance(layer, Site) else cls(f"{layer}.weight", (layer,))
+
+
+Trial = tuple  # (layer name or Site, weight to try in place of its own)
 
 
 def _tensors(value) -> list[torch.Tensor] | None:
@@ -150,13 +166,20 @@ class PrefixReplay:
         except ValueError:
             return None
 
+    def site_first_call(self, site: Site) -> int | None:
+        """The first recorded call of any module that reads the site's weight."""
+        calls = [c for c in (self.first_call(r) for r in site.runs) if c is not None]
+        return min(calls) if calls else None
+
     @torch.no_grad()
-    def replay(self, x: torch.Tensor, layer: str, weight: torch.Tensor) -> torch.Tensor:
-        """The model output on the recorded ``x`` with ``layer``'s weight replaced by ``weight``."""
-        param = self.modules[layer].weight
+    def replay(self, x: torch.Tensor, layer, weight: torch.Tensor) -> torch.Tensor:
+        """The model output on the recorded ``x`` with ``layer``'s weight (a layer name or a
+        :class:`Site`) replaced by ``weight``."""
+        site = Site.of(layer)
+        param = self.model.get_parameter(site.key)
         original = param.data
-        self._stop = self.first_call(layer) if self.enabled else 0
-        param.data = weight
+        self._stop = self.site_first_call(site) if self.enabled else 0
+        param.data = site.natural(weight)
         try:
             return self._pass("replay", x)
         finally:
@@ -188,6 +211,13 @@ def measure_trials(
     losses are the means over the examples seen. Returns the losses, the base loss and the
     number of examples used.
     """
+    from cetopt.quant._calibration import module_calls
+
+    with module_calls():
+        return _measure_trials(model, batches, loss_fn, trials, bar, stable, min_examples)
+
+
+def _measure_trials(model, batches, loss_fn, trials, bar, stable, min_examples):
     replay = PrefixReplay(model)
     total = sum(len(x) for x, _ in batches)
     sums: list[torch.Tensor | None] = [None] * len(trials)
@@ -198,9 +228,9 @@ def measure_trials(
         part = loss_fn(out, y) * w
         base = part if base is None else base + part
         if base is part:
-            _check_replay(replay, x, out, {layer for layer, _ in trials})
+            _check_replay(replay, x, out, {Site.of(layer) for layer, _ in trials})
         for i, (layer, weight) in enumerate(trials):
-            if replay.first_call(layer) is None:  # the layer never runs: the loss cannot change
+            if replay.site_first_call(Site.of(layer)) is None:  # never runs: the loss cannot change
                 part = loss_fn(out, y) * w
             else:
                 part = loss_fn(replay.replay(x, layer, weight()), y) * w
@@ -218,13 +248,16 @@ def measure_trials(
     return [float(v) for v in sums], float(base), total
 
 
-def _check_replay(replay: PrefixReplay, x: torch.Tensor, out: torch.Tensor, layers: set[str]) -> None:
+def _check_replay(replay: PrefixReplay, x: torch.Tensor, out, sites: set) -> None:
     """Replay each layer with its own weight once: if one does not give the recorded output
     exactly (a forward that relies on aliasing the replay cannot keep), run whole passes instead."""
-    for layer in layers:
-        if replay.first_call(layer) is None:
+    from cetopt.analysis.objective import model_logits
+
+    for site in sites:
+        if replay.site_first_call(site) is None:
             continue
-        again = replay.replay(x, layer, replay.modules[layer].weight.data)
-        if not (isinstance(again, torch.Tensor) and torch.equal(again, out)):
+        param = replay.model.get_parameter(site.key).data
+        again = replay.replay(x, Site(site.key, site.runs), param)
+        if not torch.equal(model_logits(again), model_logits(out)):
             replay.enabled = False
             return

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from cetopt.errors import DataShapeError, RewriteError
+from cetopt.errors import DataShapeError, RewriteError, UntraceableModelError
 from cetopt.graph.decisions import Decision, decision_to_dict
 from cetopt.graph.rules import RULES
 from cetopt.graph.rules.base import RewriteState
@@ -47,7 +47,12 @@ def _describe(decision: Decision) -> str:
 
 
 def rewrite(
-    model: nn.Module, decisions: Iterable[Decision], example_inputs=None, *, leaf_types: Sequence[type] = ()
+    model: nn.Module,
+    decisions: Iterable[Decision],
+    example_inputs=None,
+    *,
+    leaf_types: Sequence[type] = (),
+    copy_model: bool = True,
 ) -> nn.Module:
     """Return a new model with ``decisions`` applied; ``model`` itself is never modified.
 
@@ -61,6 +66,9 @@ def rewrite(
         result's shapes are checked on them.
     leaf_types : sequence of types
         Module types to keep opaque when tracing.
+    copy_model : bool
+        ``False`` edits ``model`` itself instead of a deep copy: only for a caller that owns it
+        (:func:`cetopt.load` on the architecture it built).
 
     Returns
     -------
@@ -84,14 +92,23 @@ def rewrite(
         if type(d) not in RULES:
             raise RewriteError(f"no rewrite rule is registered for {type(d).__name__}")
     needs_graph = any(RULES[type(d)].needs_graph for d in decisions)
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model) if copy_model else model
     if needs_graph:
         if example_inputs is None:
             raise DataShapeError(
                 f"{_describe(next(d for d in decisions if RULES[type(d)].needs_graph))} needs the model's "
                 "graph; pass example_inputs"
             )
-        state = RewriteState(symbolic_trace(work, leaf_types=leaf_types), as_input_tuple(example_inputs))
+        try:
+            traced = symbolic_trace(work, leaf_types=leaf_types)
+        except UntraceableModelError as exc:
+            first = next(d for d in decisions if RULES[type(d)].needs_graph)
+            raise UntraceableModelError(
+                f"{_describe(first)} needs the model's graph, which torch.fx cannot build: {exc} "
+                "(quantization, sensitivity, GPTQ, bias correction and save/load need no graph)",
+                exc.module_name,
+            ) from exc
+        state = RewriteState(traced, as_input_tuple(example_inputs))
     else:
         state = RewriteState(work, None if example_inputs is None else as_input_tuple(example_inputs))
     for d in decisions:

@@ -7,13 +7,23 @@ channel ``c``'s codes need (what :func:`cetopt.save` packs).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cetopt.quant.quantizer import QuantizedWeight, dequantize, quantize_weight, storage_dtype
 
-__all__ = ["QuantizedConv", "QuantizedLinear", "QuantizedMixin", "quantized_from_float"]
+__all__ = [
+    "QuantizedConv",
+    "QuantizedConv1D",
+    "QuantizedEmbedding",
+    "QuantizedLinear",
+    "QuantizedMixin",
+    "QuantizedMultiheadAttention",
+    "quantized_from_float",
+]
 
 
 class QuantizedMixin:
@@ -106,14 +116,87 @@ def _bits_repr(layer: QuantizedMixin) -> str:
     return f"{int(bits.min())}..{int(bits.max())} per channel"
 
 
+class QuantizedConv1D(QuantizedMixin, nn.Module):
+    """HF ``transformers.pytorch_utils.Conv1D`` (a Linear whose weight is stored ``(in, out)``) with
+    integer codes. The codes are kept ``(out, in)``, one scale per output feature, and the forward
+    is the same affine map ``x @ W + b``."""
+
+    def __init__(self, nx: int, nf: int, bits: int = 8, bias: bool = True):
+        super().__init__()
+        self.nx, self.nf = nx, nf
+        self._init_quant((nf, nx), bits)
+        self.bias = nn.Parameter(torch.zeros(nf)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}, bits={_bits_repr(self)}"
+
+
+class QuantizedEmbedding(QuantizedMixin, nn.Module):
+    """An Embedding holding integer codes with one scale per row (token)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self._init_quant((num_embeddings, embedding_dim), bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, self.weight, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={_bits_repr(self)}"
+
+
+class QuantizedMultiheadAttention(QuantizedMixin, nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose packed ``in_proj_weight`` (q, k, v stacked, ``(3E, E)``) is held as
+    integer codes with one scale per row; its ``out_proj`` is a separate layer (quantized on its
+    own row). Built from a float module by :meth:`from_float`; the forward is torch's own."""
+
+    def __init__(self, *args, bits: int = 8, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._parameters.get("in_proj_weight") is None:
+            raise ValueError("QuantizedMultiheadAttention needs the packed in_proj_weight (kdim == vdim == embed_dim)")
+        shape = tuple(self._parameters.pop("in_proj_weight").shape)
+        self._init_quant(shape, bits)
+
+    @classmethod
+    def from_float(cls, module: nn.MultiheadAttention, bits: int) -> QuantizedMultiheadAttention:
+        """A quantized shell of ``module`` (not modified): same submodules and biases, codes zero."""
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)
+        for key, value in module.__dict__.items():  # own registries and hook tables, not shared
+            if isinstance(value, (dict, set)):
+                new.__dict__[key] = copy.copy(value)
+        shape = tuple(new._parameters.pop("in_proj_weight").shape)
+        new._init_quant(shape, bits)
+        return new
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        return self.weight
+
+
 def quantized_from_float(
     layer: nn.Module, bits, *, clip_search: bool = True, add_bias: bool = False
-) -> QuantizedLinear | QuantizedConv:
-    """The quantized counterpart of an nn.Linear or nn.ConvNd (which is not modified).
+) -> nn.Module:
+    """The quantized counterpart of a layer with a quantization handler (which is not modified).
 
     ``add_bias`` gives it a zero bias where ``layer`` has none (room for a bias correction).
+    See :mod:`cetopt.quant.handlers` for the layer types (and how to add one).
     """
-    qw = quantize_weight(layer.weight, bits, clip_search=clip_search)
+    from cetopt.quant.handlers import handler_for
+
+    handler = handler_for(layer)
+    if handler is None:
+        raise TypeError(f"cannot quantize a {type(layer).__name__}; it has no quantization handler")
+    qw = quantize_weight(handler.codes_layout(layer), bits, clip_search=clip_search)
+    return handler.quantized(layer, qw, add_bias=add_bias)
+
+
+def _linear_or_conv(layer: nn.Module, qw: QuantizedWeight, *, add_bias: bool = False) -> nn.Module:
+    """The QuantizedLinear / QuantizedConv of ``layer`` holding ``qw``."""
     has_bias = layer.bias is not None or add_bias
     if isinstance(layer, nn.Linear):
         new = QuantizedLinear(layer.in_features, layer.out_features, bits=qw.max_bits, bias=has_bias)

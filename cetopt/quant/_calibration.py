@@ -13,7 +13,7 @@ from cetopt._modes import to_eval
 from cetopt.errors import CetoptError, DataShapeError, NonFiniteError
 from cetopt.nn.quantized import QuantizedMixin
 
-__all__ = ["StopForward", "is_data_mismatch", "paired_layers", "run_with_hooks"]
+__all__ = ["StopForward", "is_data_mismatch", "module_calls", "paired_layers", "run_with_hooks"]
 
 # What torch and Python say when inputs do not fit a layer: shapes, sizes, dtypes, channels.
 _MISMATCH = re.compile(
@@ -22,6 +22,23 @@ _MISMATCH = re.compile(
     re.IGNORECASE,
 )
 _OUT_OF_MEMORY = re.compile(r"allocate|out of memory", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def module_calls():
+    """Within this block every layer runs through its own call: torch's fused transformer fast path
+    (which reads ``linear1.weight``, ``out_proj.weight``... without calling those modules, so their
+    hooks never fire) is turned off."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    previous = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(previous)
 
 
 class StopForward(Exception):
@@ -59,13 +76,21 @@ def paired_layers(original: nn.Module, quantized: nn.Module, *, need_bias: bool 
     absent = [n for n in layers if n not in floats]
     if absent:
         raise CetoptError(f"the original model has no layers named {absent}")
-    missing = [n for n, m in layers.items() if getattr(m, "bias", None) is None]
+    missing = [n for n, m in layers.items() if getattr(m, "bias", None) is None and _has_bias_slot(m)]
     if need_bias and missing:
         raise CetoptError(
             f"quantized layers without a bias cannot be corrected: {missing}; "
             "quantize with bias_correction=<data> (it adds the biases)"
         )
     return layers
+
+
+def _has_bias_slot(layer: nn.Module) -> bool:
+    """Whether a quantized layer type carries a bias at all (an Embedding, attention's packed
+    in-projection do not get one added)."""
+    from cetopt.nn.quantized import QuantizedEmbedding, QuantizedMultiheadAttention
+
+    return not isinstance(layer, (QuantizedEmbedding, QuantizedMultiheadAttention))
 
 
 def _inputs(batch, index: int = 0):
@@ -89,10 +114,32 @@ def _guarded(hook: Callable) -> Callable:
     return run
 
 
+def _guarded_kwargs(hook: Callable) -> Callable:
+    """:func:`_guarded` for a hook that takes the call's keyword arguments."""
+
+    def run(module, args, kwargs, output):
+        try:
+            return hook(module, args, kwargs, output)
+        except StopForward:
+            raise
+        except Exception as exc:
+            raise _HookFailure(exc) from exc
+
+    return run
+
+
 def run_with_hooks(
-    model: nn.Module, hooks: Mapping[str, Callable], data: Iterable, max_batches: int | None = None
+    model: nn.Module,
+    hooks: Mapping[str, Callable],
+    data: Iterable,
+    max_batches: int | None = None,
+    *,
+    call_hooks: Iterable[tuple[str, Callable]] = (),
 ) -> None:
     """Run ``model`` in eval mode over ``data`` with ``hooks[name]`` as the forward hook of layer ``name``.
+
+    ``call_hooks`` adds ``(name, hook)`` pairs whose hooks also get the call's keyword arguments,
+    ``hook(module, args, kwargs, output)`` (several may share a module).
 
     The model's train/eval mode is restored and the hooks removed afterwards. A hook may raise
     :class:`StopForward` to skip the rest of a batch's forward pass (the layers after it). An error
@@ -108,8 +155,13 @@ def run_with_hooks(
     """
     modules = dict(model.named_modules())
     handles = [modules[name].register_forward_hook(_guarded(hook)) for name, hook in hooks.items()]
+    handles += [
+        modules[name].register_forward_hook(_guarded_kwargs(hook), with_kwargs=True) for name, hook in call_hooks
+    ]
     saved = to_eval(model)
     batches = 0
+    calls = module_calls()
+    calls.__enter__()
     try:
         for batch in data:
             if max_batches is not None and batches >= max_batches:
@@ -126,6 +178,7 @@ def run_with_hooks(
             raise DataShapeError(f"the model cannot run on the calibration data: {exc}") from exc
         raise
     finally:
+        calls.__exit__(None, None, None)
         saved.restore()
         for handle in handles:
             handle.remove()

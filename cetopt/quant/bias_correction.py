@@ -73,23 +73,18 @@ def correct_bias(
     nn.Module
         The corrected copy, in eval mode.
     """
+    from cetopt.quant._sites import Accumulator, bias_of, pairs
+
     layers = paired_layers(original, quantized, need_bias=True)
-    sums = {n: torch.zeros_like(m.bias, dtype=torch.float64) for n, m in layers.items()}
-    counts = dict.fromkeys(layers, 0)
-
-    def hook(name):
-        def measure(module, args, output):
-            diff = (layers[name](args[0]) - output).double()
-            rows = _channel_rows(module, diff)
-            sums[name] += rows.sum(dim=0)
-            counts[name] += rows.shape[0]
-
-        return measure
-
-    run_with_hooks(original, {n: hook(n) for n in layers}, data, max_batches)
     corrected = copy.deepcopy(quantized).eval()
-    modules = dict(corrected.named_modules())
-    for name, total in sums.items():
-        shift = (total / max(counts[name], 1)).to(modules[name].bias.dtype)
-        modules[name].bias.sub_(shift)
+    accumulators = [Accumulator(p, False, True, 0) for p in pairs(original, corrected, layers)]
+    hooks = [hook for acc in accumulators for hook in acc.hooks()]
+    run_with_hooks(original, {}, data, max_batches, call_hooks=hooks)
+    for acc in accumulators:
+        for use in acc.pair.target.uses:
+            module = acc.pair.quantized.get(use.module)
+            bias = None if module is None else bias_of(use.handler, module)
+            shift = None if bias is None else acc.quantized_output_means(use.module)
+            if shift is not None:
+                bias.sub_((shift - acc.float_output_means(use.module)).to(bias.dtype))
     return corrected

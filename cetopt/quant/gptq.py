@@ -23,8 +23,11 @@ block-diagonal over groups of input channels (each group's columns rounded again
 a warning names the layer); when even one input channel per group does not fit, the layer keeps
 round-to-nearest, with a warning naming it.
 
-Linear layers and Conv1d/Conv2d with ``groups=1`` and numeric padding are rounded this way; other
-quantized layers keep their round-to-nearest codes.
+Every layer whose quantization handler gives the rows its weight multiplies is rounded this way
+(:mod:`cetopt.quant.handlers`: Linear, HF Conv1D, Conv1d/Conv2d with numeric padding — grouped and
+depthwise ones per group —, attention's in- and out-projections; a weight tied to several layers
+against the sum of their Grams); others (Embedding, Conv3d, string padding) keep their
+round-to-nearest codes.
 """
 
 from __future__ import annotations
@@ -233,19 +236,18 @@ def gptq_round(
     """
     if not damp > 0:
         raise ValueError(f"damp must be positive, got {damp}")
-    floats = dict(original.named_modules())
+    from cetopt.quant._sites import Accumulator, pairs
+
     layers = paired_layers(original, quantized)
-    names = [n for n in layers if is_matmul_layer(floats[n])]
     rounded = copy.deepcopy(quantized)
-    if not names:
+    accumulators = [Accumulator(p, True, False, max_gram_bytes) for p in pairs(original, rounded, layers)]
+    if not accumulators:
         return rounded
-    grams = input_gram(original, names, data, max_batches, max_gram_bytes=max_gram_bytes)
-    modules = dict(rounded.named_modules())
-    for name in names:
-        if name in grams:
-            reround(modules[name], floats[name].weight, grams.pop(name), damp, name=name)
-        else:
-            warn_round_to_nearest(name, floats[name], max_gram_bytes)
+    hooks = [hook for acc in accumulators for hook in acc.hooks()]
+    with torch.no_grad():
+        run_with_hooks(original, {}, data, max_batches, call_hooks=hooks)
+    for acc in accumulators:
+        acc.reround(damp)
     return rounded
 
 

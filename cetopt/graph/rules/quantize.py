@@ -1,14 +1,45 @@
-"""Quantize: swap a Linear/Conv for its integer-weight counterpart (a leaf swap; no graph needed)."""
+"""Quantize: swap a layer for its integer-weight counterpart (a leaf swap; no graph needed).
+
+The layer type's quantization handler (:mod:`cetopt.quant.handlers`) builds the counterpart. A
+weight shared by several modules (a tied LM head and token embedding) is quantized once: every
+module holding it gets a counterpart whose code, scale and bit-width buffers are the same tensors.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import contextlib
+import contextvars
+
+import torch
 
 from cetopt.graph.decisions import Quantize
 from cetopt.graph.rules.base import RewriteRule, RewriteState
-from cetopt.nn.quantized import quantized_from_float
+from cetopt.quant.handlers import handler_for, registered_quant_types
+from cetopt.quant.quantizer import QuantizedWeight, _check_bits, quantize_weight, storage_dtype
 
-__all__ = ["QuantizeRule"]
+__all__ = ["QuantizeRule", "skeleton_quantization"]
+
+_SKELETON = contextvars.ContextVar("cetopt_skeleton_quantization", default=False)
+
+
+@contextlib.contextmanager
+def skeleton_quantization():
+    """Within this block Quantize builds layers of the right shapes and bit widths with zero codes and
+    unit scales, without quantizing anything: for :func:`cetopt.load`, which fills them from the file."""
+    token = _SKELETON.set(True)
+    try:
+        yield
+    finally:
+        _SKELETON.reset(token)
+
+
+def _codes(weight: torch.Tensor, bits, clip_search: bool) -> QuantizedWeight:
+    if not _SKELETON.get():
+        return quantize_weight(weight, bits, clip_search=clip_search)
+    b = _check_bits(bits, weight.shape[0]).to(torch.int16)
+    max_bits = int(b.max()) if b.numel() else 2
+    q = torch.zeros(weight.shape, dtype=storage_dtype(max_bits))
+    return QuantizedWeight(q, torch.ones(weight.shape[0]), b)
 
 
 class QuantizeRule(RewriteRule):
@@ -19,19 +50,37 @@ class QuantizeRule(RewriteRule):
 
     def check(self, state: RewriteState, d: Quantize) -> str | None:
         module = state.module(d.layer)
-        ok = isinstance(module, nn.Linear) or (
-            isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
-        )
-        if not ok:
+        handler = handler_for(module)
+        if handler is None:
             return (
-                f"{d.layer!r} is a {type(module).__name__}; only nn.Linear and nn.Conv1d/2d/3d are quantized"
+                f"{d.layer!r} is a {type(module).__name__}, which has no quantization handler "
+                f"(handled: {', '.join(registered_quant_types())}; cetopt.quant.register_quant_handler adds one)"
             )
+        reason = handler.unsupported(module)
+        if reason is not None:
+            return f"{d.layer!r} ({type(module).__name__}) cannot be quantized: {reason}"
         return None
 
     def apply(self, state: RewriteState, d: Quantize) -> None:
-        state.set_module(
-            d.layer,
-            quantized_from_float(
-                state.module(d.layer), d.bits, clip_search=d.clip_search, add_bias=d.add_bias
-            ),
-        )
+        module = state.module(d.layer)
+        handler = handler_for(module)
+        weight = handler.weight(module)
+        tied = [
+            (name, m, h)
+            for name, m in state.model.named_modules()
+            if name != d.layer
+            and (h := handler_for(m)) is not None
+            and getattr(m, h.param, None) is weight
+        ]
+        with torch.no_grad():
+            qw = _codes(handler.codes_layout(module).detach(), d.bits, d.clip_search)
+        owner = handler.quantized(module, qw, add_bias=d.add_bias)
+        state.set_module(d.layer, owner)
+        for name, m, h in tied:
+            if tuple(h.codes_layout(m).shape) != tuple(qw.q.shape):
+                raise ValueError(
+                    f"{name!r} shares its weight with {d.layer!r} in another layout; cannot quantize it once"
+                )
+            new = h.quantized(m, qw, add_bias=d.add_bias)
+            new.weight_q, new.weight_scale, new.weight_bits = owner.weight_q, owner.weight_scale, owner.weight_bits
+            state.set_module(name, new)
