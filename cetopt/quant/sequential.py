@@ -80,6 +80,7 @@ def calibrate_sequentially(
     max_batches: int | None = None,
     max_gram_bytes: int = GRAM_BYTES,
     progress: bool = True,
+    act_order: bool = True,
 ) -> nn.Module:
     """A copy of ``quantized`` calibrated layer by layer, each on the quantized model's own inputs.
 
@@ -105,6 +106,8 @@ def calibrate_sequentially(
         GPTQ's memory bound per layer (see :func:`cetopt.quant.gptq_round`).
     progress : bool
         Show a progress bar over the layers.
+    act_order : bool
+        GPTQ's column order: decreasing input energy (act-order), else the columns' own order.
 
     Returns
     -------
@@ -128,7 +131,7 @@ def calibrate_sequentially(
             bar.set_postfix_str(name, refresh=False)
             inputs = _layer_inputs(calibrated, name, data, max_batches, stop=calls.get(name, 0) == 1)
             if gptq and is_matmul_layer(floats[name]):
-                _round(name, layers[name], floats[name], inputs, damp, max_gram_bytes)
+                _round(name, layers[name], floats[name], inputs, damp, max_gram_bytes, act_order)
             if bias_correction:
                 _correct(layers[name], floats[name], inputs, targets[name])
             del inputs
@@ -136,7 +139,15 @@ def calibrate_sequentially(
     return calibrated
 
 
-def _round(name: str, layer: nn.Module, float_layer: nn.Module, inputs: list, damp: float, max_bytes: int):
+def _round(
+    name: str,
+    layer: nn.Module,
+    float_layer: nn.Module,
+    inputs: list,
+    damp: float,
+    max_bytes: int,
+    act_order: bool = True,
+):
     """GPTQ-round ``layer`` (in place) against the Gram matrix of ``inputs``."""
     spans = gram_spans(float_layer, max_bytes)
     if spans is None:
@@ -145,7 +156,7 @@ def _round(name: str, layer: nn.Module, float_layer: nn.Module, inputs: list, da
     gram = GramBlocks(spans, [torch.zeros(b - a, b - a, dtype=torch.float64) for a, b in spans])
     for x in inputs:
         accumulate_rows(gram, float_layer, x)
-    reround(layer, float_layer.weight, gram, damp, name=name)
+    reround(layer, float_layer.weight, gram, damp, name=name, act_order=act_order)
 
 
 def _correct(layer: nn.Module, float_layer: nn.Module, inputs: list, target: torch.Tensor) -> None:
