@@ -258,3 +258,15 @@ def test_reround_skips_layers_that_saw_no_input():
     before = layer.weight_scale.clone()
     reround(layer, torch.randn(4, 16), cetopt.quant.gptq.GramBlocks([(0, 16)], [torch.zeros(16, 16)]), 0.01)
     assert torch.equal(layer.weight_scale, before)
+
+
+def test_deploy_modes_run_group_wise_layers_in_float_with_a_warning():
+    from cetopt.deploy.runtime import KernelFallbackWarning, runtime
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    q = cetopt.quantize(model, {"0": 4, "2": 4}, group_size=32)
+    x = torch.randn(3, 64)
+    assert torch.allclose(runtime(q, "dequant-cached")(x), q(x), atol=1e-6)
+    with pytest.warns(KernelFallbackWarning, match="group-wise"):
+        out = runtime(q, "weight-only")(x)
+    assert torch.allclose(out, q(x), atol=1e-6)
