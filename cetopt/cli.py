@@ -132,7 +132,8 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--group-sizes",
         default=None,
-        help='scale granularities the ILP may choose per layer, e.g. "channel,128,64,32" (default: channel only)',
+        help='scale granularities the ILP may choose per layer, e.g. "channel,128,64,32" '
+        "(default: per channel only)",
     )
     parser.add_argument("--solver", default="highs", help="any registered solver (`cetopt solvers`)")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds for the allocation MILP")
@@ -214,7 +215,9 @@ def run_compress(args: argparse.Namespace) -> int:
     bits = [int(b) for b in args.bits.split(",")]
     group_sizes = None
     if args.group_sizes:
-        group_sizes = [None if g.strip() in ("channel", "none", "0") else int(g) for g in args.group_sizes.split(",")]
+        group_sizes = [
+            None if g.strip() in ("channel", "none", "0") else int(g) for g in args.group_sizes.split(",")
+        ]
     result = compress(
         model,
         data.loader(args.calibration, batch_size=512),

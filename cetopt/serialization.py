@@ -298,9 +298,7 @@ def _check_codes(name: str, shape, bits, packed, scale, path, group: int | None 
     else:
         scale_shape, scale_dtype = (channels, num_groups(math.prod(shape[1:]), group)), torch.float16
     if scale.dtype != scale_dtype:
-        raise ModelFileError(
-            f"{path}: layer {name!r} stores {scale.dtype} scales, expected {scale_dtype}"
-        )
+        raise ModelFileError(f"{path}: layer {name!r} stores {scale.dtype} scales, expected {scale_dtype}")
     if not shape or bits.dtype != torch.uint8 or bits.shape != (channels,) or scale.shape != scale_shape:
         raise ModelFileError(
             f"{path}: layer {name!r}: {tuple(bits.shape)} bit widths and {tuple(scale.shape)} scales "

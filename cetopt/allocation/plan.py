@@ -183,7 +183,9 @@ class Plan:
     def decisions(self) -> list[Quantize]:
         """The rewrite decisions that carry out the plan."""
         groups = self.groups
-        return [Quantize(layer, bits, group_size=groups.get(layer) or None) for layer, bits in self.bits.items()]
+        return [
+            Quantize(layer, bits, group_size=groups.get(layer) or None) for layer, bits in self.bits.items()
+        ]
 
     def to_dict(self) -> dict:
         """Plain data, for JSON."""

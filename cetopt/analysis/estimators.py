@@ -311,7 +311,9 @@ def sensitivity(
         method, choice = choose_method(obj, len(options), int(probes), int(rounds))
         choice["stable_ranking"] = STABLE_RANK
     deltas = {
-        (b, g): {k: fake_quantize(w, b, clip_search=clip_search, group_size=g) - w for k, w in obj.weights.items()}
+        (b, g): {
+            k: fake_quantize(w, b, clip_search=clip_search, group_size=g) - w for k, w in obj.weights.items()
+        }
         for b, g in options
     }
     opts = {

@@ -32,14 +32,18 @@ class QuantizedMixin:
 
     weight_group: int | None = None
 
-    def _init_quant(self, weight_shape: tuple[int, ...], max_bits: int, group_size: int | None = None) -> None:
+    def _init_quant(
+        self, weight_shape: tuple[int, ...], max_bits: int, group_size: int | None = None
+    ) -> None:
         self.weight_group = check_group_size(group_size)
         self.register_buffer("weight_q", torch.zeros(weight_shape, dtype=storage_dtype(max_bits)))
         if self.weight_group is None:
             self.register_buffer("weight_scale", torch.ones(weight_shape[0]))
         else:
             columns = math.prod(weight_shape[1:])
-            self.register_buffer("weight_scale", torch.ones(weight_shape[0], num_groups(columns, self.weight_group)))
+            self.register_buffer(
+                "weight_scale", torch.ones(weight_shape[0], num_groups(columns, self.weight_group))
+            )
         self.register_buffer("weight_bits", torch.full((weight_shape[0],), max_bits, dtype=torch.int16))
 
     def set_quantized(self, qw: QuantizedWeight) -> None:
@@ -67,7 +71,12 @@ class QuantizedLinear(QuantizedMixin, nn.Module):
     """A Linear layer holding integer codes and per-output-channel scales."""
 
     def __init__(
-        self, in_features: int, out_features: int, bits: int = 8, bias: bool = True, group_size: int | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 8,
+        bias: bool = True,
+        group_size: int | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features

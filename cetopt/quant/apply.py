@@ -73,7 +73,8 @@ def quantize(
     add_bias = bias_correction is not None
     groups = getattr(plan, "groups", None) or {}
     decisions = [
-        Quantize(layer, b, clip_search, add_bias, groups.get(layer) or group_size) for layer, b in bits.items()
+        Quantize(layer, b, clip_search, add_bias, groups.get(layer) or group_size)
+        for layer, b in bits.items()
     ]
     quantized = rewrite(model, decisions)
     if sequential:

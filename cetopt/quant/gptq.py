@@ -345,8 +345,11 @@ def reround(
     groups = None
     if getattr(layer, "weight_group", None) is not None:
         groups = GroupScales(
-            scale.clone(), layer.weight_group, layer.weight_bits.to(torch.int64),
-            torch.zeros(scale.shape[1], dtype=torch.bool), clip_search,
+            scale.clone(),
+            layer.weight_group,
+            layer.weight_bits.to(torch.int64),
+            torch.zeros(scale.shape[1], dtype=torch.bool),
+            clip_search,
         )
     for (a, b), block in zip(gram.spans, gram.blocks):
         codes[:, a:b] = _round_columns(

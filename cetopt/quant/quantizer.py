@@ -52,7 +52,9 @@ _HALF_RANGE = (2.0**-24, 65504.0)  # magnitudes of a float16 step: smallest subn
 
 def check_group_size(group_size) -> int | None:
     """``group_size`` as a positive int, or ``None`` (per channel) for ``None`` or ``0``."""
-    if group_size is None or (isinstance(group_size, int) and not isinstance(group_size, bool) and group_size == 0):
+    if group_size is None or (
+        isinstance(group_size, int) and not isinstance(group_size, bool) and group_size == 0
+    ):
         return None
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive integer or None (per channel), got {group_size!r}")

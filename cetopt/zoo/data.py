@@ -215,7 +215,8 @@ _LOADED: dict[str, Dataset] = {}
 
 
 def load_dataset(name: str) -> Dataset:
-    """Load (or generate) a dataset by name: ``"digits"``, ``"mnist1d"``, ``"pydoc-text"`` or ``"stdlib-bytes"``."""
+    """Load (or generate) a dataset by name: ``"digits"``, ``"mnist1d"``, ``"pydoc-text"``,
+    ``"stdlib-bytes"``."""
     if name not in DATASETS:
         raise CetoptError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     if name not in _LOADED:

@@ -173,7 +173,6 @@ class CharTransformer(nn.Module):
         return self.head(self.ln(self.blocks(x)))
 
 
-
 class GPTAttention(CausalSelfAttention):
     """:class:`CausalSelfAttention` with the causal mask built from the scores themselves
     (``triu`` of a ``-inf`` matrix), so the sequence length may be symbolic and ``torch.fx``

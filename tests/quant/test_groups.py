@@ -107,7 +107,9 @@ def test_group_gptq_matches_column_by_column_reference(act_order):
     qmax = 2.0 ** (bits.double() - 1) - 1
     expected_codes, expected_scale = _reference_gptq(w, h, 3, g, act_order)
     for block in (128, 5):  # one lazy block, and blocks that cut groups: the same result
-        groups = GroupScales(torch.ones(out, n // g, dtype=torch.float64), g, bits, torch.zeros(n // g, dtype=torch.bool))
+        groups = GroupScales(
+            torch.ones(out, n // g, dtype=torch.float64), g, bits, torch.zeros(n // g, dtype=torch.bool)
+        )
         codes = _round_columns(w, h, None, qmax, 0.01, block, groups=groups, act_order=act_order)
         assert torch.equal(codes, expected_codes)
         assert torch.equal(groups.scale, expected_scale)
@@ -240,7 +242,13 @@ def test_sensitivity_scores_group_options_and_compress_uses_them():
         model, data, bits=(2, 3, 8), method="measured", group_sizes=(None, 32, 16), progress=False
     )
     assert list(zip(table.bits, table.groups)) == [
-        (2, None), (2, 32), (2, 16), (3, None), (3, 32), (3, 16), (8, None)
+        (2, None),
+        (2, 32),
+        (2, 16),
+        (3, None),
+        (3, 32),
+        (3, 16),
+        (8, None),
     ]
     result = cetopt.compress(
         model, data, "3bits", bits=(2, 3, 8), method="measured", group_sizes=(None, 32, 16), progress=False
