@@ -207,7 +207,8 @@ class SensitivityTable:
 
     def __repr__(self) -> str:
         groups = "" if self.groups is None else f", groups={list(self.groups)}"
-        return f"SensitivityTable(method={self.method!r}, layers={self.num_layers}, bits={list(self.bits)}{groups})"
+        head = f"SensitivityTable(method={self.method!r}, layers={self.num_layers}"
+        return f"{head}, bits={list(self.bits)}{groups})"
 
 
 def _group_sizes(value, bits: tuple[int, ...]) -> tuple[int | None, ...] | None:
