@@ -64,9 +64,11 @@ def _row(model, test, fp32_ppl: float, seconds: float, fp32_bytes: float) -> dic
     return out
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, checkpoint=None) -> dict:
+    """The measurements; ``checkpoint(partial_result)`` is called after each stage if given."""
     import cetopt
     from cetopt.zoo import load_dataset, load_model
+    from cetopt.zoo.training import task_loss
 
     sizes = QUICK if quick else FULL
     torch.set_num_threads(2)
@@ -93,18 +95,20 @@ def run(quick: bool = False) -> dict:
         "quantized_layers": layers,
         "float_kept": ["token (nn.Embedding)", "position (parameter)", "LayerNorms", "biases"],
         "fp32": {"perplexity": fp32_ppl, "weight_bytes": fp32_bytes},
-        "load_seconds_cpu": time.process_time() - t0,
+        "load_and_fp32_eval_cpu_seconds": time.process_time() - t0,
         "widths": {},
     }
     # one table for both widths: every (bits, group) option of every layer
     t = time.process_time()
-    table = cetopt.sensitivity(model, sens, bits=BITS, group_sizes=GROUPS, progress=False)
+    table = cetopt.sensitivity(model, sens, bits=BITS, group_sizes=GROUPS, loss_fn=task_loss, progress=False)
     result["sensitivity"] = {
         "method": table.method,
         "options": [[int(bb), g] for bb, g in zip(table.bits, table.groups)],
         "cpu_seconds": time.process_time() - t,
         "auto": table.meta.get("auto"),
     }
+    if checkpoint:
+        checkpoint(result)
     for width in WIDTHS:
         rows = {}
         uniform = {n: width for n in layers}
@@ -143,6 +147,8 @@ def run(quick: bool = False) -> dict:
             "ilp_bytes_at_most_gptq_g128": ilp["quantized_weight_bytes"] <= budget,
         }
         result["widths"][str(width)] = {**rows, "targets": targets}
+        if checkpoint:
+            checkpoint(result)
         print(
             f"  {width} bits: " + ", ".join(f"{k} {v['perplexity']:.3f}" for k, v in rows.items()), flush=True
         )
@@ -159,7 +165,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    out = run(quick=args.quick)
     path = RESULTS / ("quick/llm_quant.json" if args.quick else "llm_quant.json")
-    atomic_write_json(path, {"benchmark": "llm_quant", "quick": args.quick, "machine": machine_info(), **out})
+
+    def write(result: dict, partial: bool = True) -> None:
+        head = {"benchmark": "llm_quant", "quick": args.quick, "partial": partial, "machine": machine_info()}
+        atomic_write_json(path, {**head, **result})
+
+    out = run(quick=args.quick, checkpoint=write)
+    write(out, partial=False)
     print(f"wrote {path}")
