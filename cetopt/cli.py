@@ -129,6 +129,12 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
         "fisher, measured (per channel: auto, cet, measured)",
     )
     parser.add_argument("--bits", default="2,3,4,5,6,8", help="candidate bit widths, comma-separated")
+    parser.add_argument(
+        "--group-sizes",
+        default=None,
+        help='scale granularities the ILP may choose per layer, e.g. "channel,128,64,32" '
+        "(default: per channel only)",
+    )
     parser.add_argument("--solver", default="highs", help="any registered solver (`cetopt solvers`)")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds for the allocation MILP")
     parser.add_argument(
@@ -207,6 +213,11 @@ def run_compress(args: argparse.Namespace) -> int:
 
     model, data, source = _resolve_model(args)
     bits = [int(b) for b in args.bits.split(",")]
+    group_sizes = None
+    if args.group_sizes:
+        group_sizes = [
+            None if g.strip() in ("channel", "none", "0") else int(g) for g in args.group_sizes.split(",")
+        ]
     result = compress(
         model,
         data.loader(args.calibration, batch_size=512),
@@ -221,6 +232,7 @@ def run_compress(args: argparse.Namespace) -> int:
         gptq=not args.no_gptq,
         bias_correction=not args.no_bias_correction,
         sequential=args.sequential,
+        group_sizes=group_sizes,
     )
     choice = result.table.meta.get("auto")
     if choice is not None:
@@ -244,6 +256,7 @@ def run_compress(args: argparse.Namespace) -> int:
         "quantized_weight_bytes": saved.quantized_bytes,
         "other_bytes": saved.other_bytes,
         "bits": result.plan.bits,
+        "groups": dict(result.plan.groups.items()),
         "plan": result.plan.to_dict(),
         "solver_status": result.plan.status,
         "sensitivity_method": result.table.method,

@@ -12,6 +12,7 @@ from torch import nn
 from cetopt._modes import in_eval_mode
 from cetopt.allocation import Plan, allocate
 from cetopt.analysis import SensitivityTable, channel_bits, channel_sensitivity, sensitivity
+from cetopt.errors import CetoptError
 from cetopt.quant.apply import quantize
 
 __all__ = ["CompressionResult", "compress"]
@@ -52,6 +53,8 @@ def compress(
     gptq: bool = True,
     bias_correction: bool = True,
     sequential: bool = True,
+    group_sizes: Sequence[int | None] | None = None,
+    act_order: bool = True,
     **allocate_options,
 ) -> CompressionResult:
     """Quantize ``model``'s weights to mixed precision within ``budget``.
@@ -92,11 +95,22 @@ def compress(
         each layer also compensates the errors of the layers before it. ``False`` calibrates every
         layer at once on the float model's inputs. Ignored when both ``gptq`` and
         ``bias_correction`` are off.
+    group_sizes : sequence of int or None, optional
+        Scale granularities the allocation may choose per layer, e.g. ``(None, 128, 64, 32)``
+        (``None``: a scale per output channel; ``g``: a float16 scale per ``g`` input columns).
+        Each (bits, group) option up to 4 bits is scored and the ILP picks both, each option's
+        scale bytes counted in the budget; ``plan.groups`` holds the choice. Per layer only.
+    act_order : bool
+        GPTQ's act-order (columns in decreasing input energy).
     **allocate_options
         Any other keyword of :func:`cetopt.allocate` (``bops_budget``, ``ties``, ``min_bits`` ...).
     """
     estimate = channel_sensitivity if per_channel else sensitivity
     options = {} if probes is None else {"probes": probes}
+    if group_sizes is not None:
+        if per_channel:
+            raise CetoptError("group_sizes works with per-layer plans only; pass per_channel=False")
+        options["group_sizes"] = group_sizes
     clock = _StepClock()
     table = estimate(model, data, bits, method, loss_fn=loss_fn, seed=seed, progress=progress, **options)
     clock.lap("sensitivity")
@@ -109,6 +123,7 @@ def compress(
         bias_correction=data if bias_correction else None,
         sequential=sequential and (gptq or bias_correction),
         progress=progress,
+        act_order=act_order,
     )
     clock.lap("quantization")
     return CompressionResult(

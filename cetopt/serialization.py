@@ -3,8 +3,9 @@
 A file holds
 
 * for every quantized layer ``N``: ``N.weight_packed`` (uint8, codes packed at each channel's bit
-  width, :mod:`cetopt.quant.packing`), ``N.weight_scale`` (float32 per channel) and
-  ``N.weight_bits`` (uint8 per channel);
+  width, :mod:`cetopt.quant.packing`), ``N.weight_scale`` (float32 per channel, or float16 per
+  group of input columns, shape ``(channels, groups)``, when the layer's table entry has a
+  ``group_size``) and ``N.weight_bits`` (uint8 per channel);
 * every other tensor of the ``state_dict`` as it is (biases, BatchNorm, float layers);
 * metadata: the format version, the architecture ``source`` (``"zoo:<name>"`` or
   ``"module:attr"``), the decisions that turned that architecture into this model, and the shapes
@@ -39,6 +40,7 @@ from cetopt.graph.rewriter import _SOURCE, history, rewrite
 from cetopt.graph.rules.quantize import skeleton_quantization
 from cetopt.nn.quantized import QuantizedMixin
 from cetopt.quant.packing import pack_codes, packed_size, unpack_codes
+from cetopt.quant.quantizer import num_groups
 
 __all__ = ["SavedModel", "load", "mark_source", "save", "saved_size"]
 
@@ -137,15 +139,20 @@ def _serialize(model: nn.Module, source: str | None) -> tuple[bytes, dict]:
         bits = layer.weight_bits.to(torch.int64).numpy()
         packed = torch.from_numpy(pack_codes(layer.weight_q, bits))
         tensors[f"{name}.weight_packed"] = packed
-        tensors[f"{name}.weight_scale"] = layer.weight_scale.detach().to(torch.float32).contiguous()
+        group = layer.weight_group
+        # group steps are float16 values already (the quantizer rounds them): stored in 2 bytes, exactly
+        scale = layer.weight_scale.detach().to(torch.float32 if group is None else torch.float16)
+        tensors[f"{name}.weight_scale"] = scale.contiguous()
         tensors[f"{name}.weight_bits"] = layer.weight_bits.to(torch.uint8).contiguous()
         layers[name] = {
             "packed": packed.numel(),
-            "scale": 4 * bits.size,
+            "scale": scale.element_size() * scale.numel(),
             "bits": bits.size,
             "shape": list(layer.weight_q.shape),
             "dtype": str(layer.weight_q.dtype).removeprefix("torch."),
         }
+        if group is not None:  # absent for per-channel scales, as in files written before groups
+            layers[name]["group_size"] = int(group)
     skip = {f"{name}.{key}" for name in quantized for key in _QUANT_KEYS}
     seen: dict[tuple, str] = {}
     tied: dict[str, str] = {}  # a tensor stored under another key (shared storage) → that key
@@ -284,17 +291,32 @@ def _quantized_state(tensors: dict, layers, path, limit: int) -> dict[str, torch
         shape = _shape(info.get("shape"), f"layer {name!r} weight shape", path, limit)
         dtype = _dtype(info.get("dtype"), f"layer {name!r} code dtype", path)
         bits, packed, scale = (tensors.pop(k) for k in keys)
-        _check_codes(name, shape, bits, packed, scale, path)
+        group = _group_size(info.get("group_size"), name, path)
+        _check_codes(name, shape, bits, packed, scale, path, group)
         codes = unpack_codes(packed.numpy(), bits.to(torch.int64).numpy(), shape, dtype)
         state[f"{name}.weight_q"] = codes
-        state[f"{name}.weight_scale"] = scale
+        state[f"{name}.weight_scale"] = scale.to(torch.float32)
         state[f"{name}.weight_bits"] = bits.to(torch.int16)
     return state
 
 
-def _check_codes(name: str, shape, bits, packed, scale, path) -> None:
+def _group_size(value, name: str, path) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelFileError(f"{path}: layer {name!r} has group size {value!r}, not a positive integer")
+    return value
+
+
+def _check_codes(name: str, shape, bits, packed, scale, path, group: int | None = None) -> None:
     channels = shape[0] if shape else 0
-    if not shape or bits.dtype != torch.uint8 or bits.shape != (channels,) or scale.shape != (channels,):
+    if group is None:
+        scale_shape, scale_dtype = (channels,), torch.float32
+    else:
+        scale_shape, scale_dtype = (channels, num_groups(math.prod(shape[1:]), group)), torch.float16
+    if scale.dtype != scale_dtype:
+        raise ModelFileError(f"{path}: layer {name!r} stores {scale.dtype} scales, expected {scale_dtype}")
+    if not shape or bits.dtype != torch.uint8 or bits.shape != (channels,) or scale.shape != scale_shape:
         raise ModelFileError(
             f"{path}: layer {name!r}: {tuple(bits.shape)} bit widths and {tuple(scale.shape)} scales "
             f"for a weight of shape {shape}"

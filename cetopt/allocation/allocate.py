@@ -259,6 +259,9 @@ def _make_plan(setup: _Setup, answer, limits, seconds: float) -> Plan:
     totals = dict(zip(setup.problem.names, setup.problem.totals(answer.choice)))
     bits = np.asarray(table.bits, dtype=np.int16 if max(table.bits) < 2**15 else np.int64)[layer_choice]
     names, index = table.layers, setup.index
+    groups = {}
+    if table.groups is not None:
+        groups = LayerValues(names, np.asarray(table.group_sizes, dtype=np.int64)[layer_choice], index)
     return Plan(
         bits=LayerValues(names, bits, index),
         predicted_loss=loss,
@@ -277,6 +280,7 @@ def _make_plan(setup: _Setup, answer, limits, seconds: float) -> Plan:
         layer_loss=LayerValues(names, layer_loss, index),
         layer_params=LayerValues(names, table.params, index),
         kept_float=tuple(table.meta.get("kept_float", ())),
+        groups=groups,
     )
 
 

@@ -2,7 +2,9 @@
 
 The byte model is the one :func:`cetopt.save` writes: the codes of a layer packed back to back
 (``ceil(params · bits / 8)`` bytes), plus per output channel a float32 scale and a uint8 bit width
-(5 bytes). Biases and other float tensors are stored as they are and are not part of the budget.
+(5 bytes); a group-wise option (a scale per ``g`` input columns) stores instead a float16 scale per
+group, ``ceil(columns / g)`` per channel, and the uint8 bit width (``2·groups + 1`` bytes per
+channel). Biases and other float tensors are stored as they are and are not part of the budget.
 """
 
 from __future__ import annotations
@@ -15,21 +17,49 @@ import numpy as np
 from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import BudgetError
 
-__all__ = ["BYTES_PER_CHANNEL", "fp32_weight_bytes", "option_bytes", "parse_budget"]
+__all__ = [
+    "BYTES_PER_CHANNEL",
+    "BYTES_PER_GROUP",
+    "fp32_weight_bytes",
+    "group_scale_bytes",
+    "option_bytes",
+    "parse_budget",
+]
 
 #: A float32 scale and a uint8 bit width per output channel.
 BYTES_PER_CHANNEL = 5
+#: A float16 scale per group of input columns (group-wise options).
+BYTES_PER_GROUP = 2
+
+
+def group_scale_bytes(params, channels, group_size: int) -> np.ndarray:
+    """Scale and bit-width bytes of layers quantized with ``group_size`` columns per scale.
+
+    ``channels · (2 · ceil(columns / group_size) + 1)`` with ``columns = params / channels``.
+    """
+    params = np.asarray(params, dtype=np.float64)
+    channels = np.asarray(channels, dtype=np.float64)
+    columns = np.ceil(params / np.maximum(channels, 1))
+    groups = np.maximum(np.ceil(columns / group_size), 1)
+    return channels * (BYTES_PER_GROUP * groups + 1)
 
 
 def option_bytes(table: SensitivityTable) -> np.ndarray:
-    """Bytes of every (layer, bits) option, shape ``(layers, bits)``."""
+    """Bytes of every (layer, option) of the table, shape ``(layers, options)``."""
     bits = np.asarray(table.bits, dtype=np.float64)
     channels = np.ones(table.num_layers) if table.channels is None else table.channels.astype(np.float64)
     # float64, not int64: exact below 2**53 bits, and no silent overflow above
     codes = np.multiply(table.params.astype(np.float64)[:, None], bits[None, :])
     codes /= 8  # in place: one (layers, bits) array, no temporaries of its size
     np.ceil(codes, out=codes)
-    codes += (BYTES_PER_CHANNEL * channels)[:, None]
+    sizes = np.asarray(table.group_sizes)
+    per_channel = sizes == 0
+    if per_channel.all():
+        codes += (BYTES_PER_CHANNEL * channels)[:, None]
+        return codes
+    codes[:, per_channel] += (BYTES_PER_CHANNEL * channels)[:, None]
+    for g in np.unique(sizes[~per_channel]).tolist():
+        codes[:, sizes == g] += group_scale_bytes(table.params, channels, int(g))[:, None]
     return codes
 
 

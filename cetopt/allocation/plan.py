@@ -134,6 +134,9 @@ class Plan:
     kept_float : tuple of str
         Weights (parameter names) of the model that no quantization handler covers: they stay in
         float32, outside the plan's bytes (with the reason in parentheses where a handler declined).
+    groups : Mapping
+        Layer name → group size (a scale per that many input columns; 0: per output channel).
+        Empty when every layer is per channel (tables without group options).
 
     ``allocate`` fills ``bits`` and the last three with :class:`LayerValues` (read-only,
     array-backed mappings that compare equal to dicts); any mapping works when you build one.
@@ -156,6 +159,7 @@ class Plan:
     layer_loss: Mapping[str, float] = field(default_factory=dict)
     kept_float: tuple[str, ...] = ()
     layer_params: Mapping[str, int] = field(default_factory=dict)
+    groups: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def compression_ratio(self) -> float:
@@ -182,7 +186,10 @@ class Plan:
 
     def decisions(self) -> list[Quantize]:
         """The rewrite decisions that carry out the plan."""
-        return [Quantize(layer, bits) for layer, bits in self.bits.items()]
+        groups = self.groups
+        return [
+            Quantize(layer, bits, group_size=groups.get(layer) or None) for layer, bits in self.bits.items()
+        ]
 
     def to_dict(self) -> dict:
         """Plain data, for JSON."""
@@ -212,7 +219,11 @@ class Plan:
         layers, texts, sizes, losses, count = self._layer_rows(max_rows)
         rows = [("layer", "bits", "bytes", "predicted Δloss")]
         rows += [(n, b, f"{x:.0f}", f"{y:.3g}") for n, b, x, y in zip(layers, texts, sizes, losses)]
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        if self.groups:
+            head, *body = rows
+            rows = [(*head[:2], "group", *head[2:])]
+            rows += [(r[0], r[1], str(self.groups.get(r[0]) or "channel"), *r[2:]) for r in body]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         if len(layers) < count:

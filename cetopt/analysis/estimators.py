@@ -29,6 +29,7 @@ Probes and per-example gradients are taken in chunks sized to a working-memory b
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -45,7 +46,10 @@ from cetopt.analysis.probes import probe_design
 from cetopt.analysis.replay import measure_trials
 from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import CetoptError
-from cetopt.quant.quantizer import fake_quantize
+from cetopt.quant.quantizer import check_group_size, fake_quantize
+
+#: Widest bit width :func:`sensitivity` scores with group-wise options by default.
+GROUP_MAX_BITS = 4
 
 __all__ = ["METHODS", "sensitivity"]
 
@@ -255,8 +259,10 @@ def sensitivity(
     clip_search: bool = True,
     seed: int = 0,
     progress: bool = True,
+    group_sizes: Sequence[int | None] | None = None,
+    group_max_bits: int = GROUP_MAX_BITS,
 ) -> SensitivityTable:
-    """Predicted loss increase of quantizing each layer alone to each bit width.
+    """Predicted loss increase of quantizing each layer alone to each bit width (and group size).
 
     Parameters
     ----------
@@ -290,25 +296,37 @@ def sensitivity(
         Seed of the random probes.
     progress : bool
         Show progress bars.
+    group_sizes : sequence of int or None, optional
+        Scale granularities to score, e.g. ``(None, 128, 64, 32)`` (``None``: per output channel).
+        Each bit width up to ``group_max_bits`` gets one option per size; wider ones stay per
+        channel (groups buy little there and would multiply the cost). The table's columns are
+        then ``(bits, group)`` options, ordered by bits, coarsest group first.
+    group_max_bits : int
+        Widest bit width scored with group options.
 
     Returns
     -------
     SensitivityTable
         With ``stderr`` for the stochastic methods, and ``channels``, ``macs`` and
-        ``fixed_bytes`` filled in for the allocation's byte and BOPs rows.
+        ``fixed_bytes`` filled in for the allocation's byte and BOPs rows; ``groups`` when
+        ``group_sizes`` is given.
     """
     if method not in METHODS and method != "auto":
         raise CetoptError(f"unknown sensitivity method {method!r}; available: auto, {', '.join(METHODS)}")
     names = quantizable_layers(model, layers)
     bits = checked_bits(bits)
+    options = group_options(bits, group_sizes, group_max_bits)
     start = time.perf_counter()
     obj = LossObjective(model, data, names, loss_fn=loss_fn, max_batches=max_batches)
     choice = None
     if method == "auto":
-        method, choice = choose_method(obj, len(bits), int(probes), int(rounds))
+        method, choice = choose_method(obj, len(options), int(probes), int(rounds))
         choice["stable_ranking"] = STABLE_RANK
     deltas = {
-        b: {k: fake_quantize(w, b, clip_search=clip_search) - w for k, w in obj.weights.items()} for b in bits
+        (b, g): {
+            k: fake_quantize(w, b, clip_search=clip_search, group_size=g) - w for k, w in obj.weights.items()
+        }
+        for b, g in options
     }
     opts = {
         **cet_options(probes, rounds, seed, progress, probe_chunk(obj)),
@@ -322,7 +340,8 @@ def sensitivity(
     values, stderr, meta, method = _run(method, obj, deltas, opts, choice)
     return SensitivityTable(
         layers=names,
-        bits=bits,
+        bits=[b for b, _ in options],
+        groups=None if group_sizes is None else [g for _, g in options],
         values=values,
         params=[info.weight.numel() for info in obj.layers],
         method=method,
@@ -339,6 +358,29 @@ def sensitivity(
             "tied": {t.name: list(t.tied) for t in obj.targets if t.tied},
         },
     )
+
+
+def group_options(
+    bits: Sequence[int], group_sizes: Sequence[int | None] | None, max_bits: int = GROUP_MAX_BITS
+) -> list[tuple[int, int | None]]:
+    """The ``(bits, group size)`` options scored: every size for widths up to ``max_bits``, per
+    channel above; sorted by bits, then per channel (``None``) before decreasing group sizes."""
+    if group_sizes is None:
+        return [(int(b), None) for b in bits]
+    if isinstance(group_sizes, (int, str)) or not isinstance(group_sizes, Iterable):
+        raise CetoptError(f"group_sizes must be a sequence of group sizes or None, got {group_sizes!r}")
+    sizes = []
+    for g in group_sizes:
+        try:
+            sizes.append(check_group_size(g))
+        except ValueError as exc:
+            raise CetoptError(f"group_sizes: {exc}") from None
+    sizes = sorted(set(sizes), key=lambda g: -math.inf if g is None else -g)
+    out = []
+    for b in sorted(set(int(b) for b in bits)):
+        for g in sizes if b <= max_bits else [None]:
+            out.append((b, g))
+    return out
 
 
 def _run(method: str, obj: LossObjective, deltas: Deltas, opts: dict, choice: dict | None):

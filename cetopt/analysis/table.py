@@ -63,9 +63,10 @@ class SensitivityTable:
     layers : sequence of str
         Layer names, as in ``model.named_modules()``.
     bits : sequence of int
-        Candidate bit widths (columns of ``values``), strictly increasing.
+        Candidate bit widths (columns of ``values``), strictly increasing; with ``groups``,
+        non-decreasing, each column an option ``(bits[k], groups[k])``.
     values : ndarray, shape (len(layers), len(bits))
-        Predicted loss increase per (layer, bits). May be negative (a second-order estimate can
+        Predicted loss increase per (layer, option). May be negative (a second-order estimate can
         predict a gain); must be finite.
     params : ndarray of int, shape (len(layers),)
         Weight count per layer.
@@ -80,6 +81,10 @@ class SensitivityTable:
         Multiply-accumulates per layer for one input, for BOPs budgets.
     fixed_bytes : ndarray of int, optional
         Bytes per layer stored whatever the bit width (biases kept in float32). Default 0.
+    groups : sequence of int or None, optional
+        Group size of each column's option (a scale per that many input columns; ``None`` or 0:
+        per output channel). Default: every column per channel. The ``(bits, group)`` pairs must
+        be distinct.
     meta : dict
         Free-form provenance (probes used, loss at the start, ...).
     """
@@ -93,6 +98,7 @@ class SensitivityTable:
     channels: np.ndarray | None = None
     macs: np.ndarray | None = None
     fixed_bytes: np.ndarray | None = None
+    groups: Sequence[int | None] | None = None
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -100,8 +106,13 @@ class SensitivityTable:
         if len(set(layers)) != len(layers):
             raise DataShapeError("layer names must be unique")
         bits = _bit_widths(self.bits)
-        if not bits or any(b2 <= b1 for b1, b2 in itertools.pairwise(bits)) or bits[0] < 1:
-            raise DataShapeError(f"bits must be positive and strictly increasing, got {bits}")
+        groups = _group_sizes(self.groups, bits)
+        if groups is None:
+            if not bits or any(b2 <= b1 for b1, b2 in itertools.pairwise(bits)) or bits[0] < 1:
+                raise DataShapeError(f"bits must be positive and strictly increasing, got {bits}")
+        elif not bits or any(b2 < b1 for b1, b2 in itertools.pairwise(bits)) or bits[0] < 1:
+            raise DataShapeError(f"bits must be positive and non-decreasing, got {bits}")
+        object.__setattr__(self, "groups", groups)
         values = _float_array("values", self.values)
         if values.shape != (len(layers), len(bits)):
             raise DataShapeError(f"values has shape {values.shape}, expected ({len(layers)}, {len(bits)})")
@@ -109,7 +120,7 @@ class SensitivityTable:
         if bad.any():
             i, j = map(int, np.argwhere(bad)[0])
             raise NonFiniteError(
-                f"sensitivity of layer {layers[i]!r} at {bits[j]} bits is {values[i, j]!r}; "
+                f"sensitivity of layer {layers[i]!r} at {self.option_label(j)} is {values[i, j]!r}; "
                 "values must be finite"
             )
         n = len(layers)
@@ -141,6 +152,16 @@ class SensitivityTable:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """Group size of each column, 0 where the option is per channel."""
+        return tuple(0 if g is None else g for g in self.groups) if self.groups else (0,) * len(self.bits)
+
+    def option_label(self, j: int) -> str:
+        """``"3 bits"`` or ``"3 bits, group 128"`` for column ``j``."""
+        g = self.group_sizes[j] if j < len(self.group_sizes) else 0
+        return f"{self.bits[j]} bits" + (f", group {g}" if g else "")
+
     def subset(self, layers: Sequence[str]) -> SensitivityTable:
         """The rows of the named layers, in the given order."""
         index = {name: i for i, name in enumerate(self.layers)}
@@ -162,6 +183,7 @@ class SensitivityTable:
             channels=pick(self.channels),
             macs=pick(self.macs),
             fixed_bytes=pick(self.fixed_bytes),
+            groups=self.groups,
             meta=dict(self.meta),
         )
 
@@ -179,7 +201,35 @@ class SensitivityTable:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value.tolist()
+        if self.groups is not None:
+            out["groups"] = list(self.groups)
         return out
 
     def __repr__(self) -> str:
-        return f"SensitivityTable(method={self.method!r}, layers={self.num_layers}, bits={list(self.bits)})"
+        groups = "" if self.groups is None else f", groups={list(self.groups)}"
+        head = f"SensitivityTable(method={self.method!r}, layers={self.num_layers}"
+        return f"{head}, bits={list(self.bits)}{groups})"
+
+
+def _group_sizes(value, bits: tuple[int, ...]) -> tuple[int | None, ...] | None:
+    """The table's group sizes (``None`` per channel), checked against the bit widths."""
+    if value is None:
+        return None
+    try:
+        groups = tuple(value)
+    except TypeError:
+        raise DataShapeError(f"groups must be a sequence of group sizes, got {value!r}") from None
+    if len(groups) != len(bits):
+        raise DataShapeError(f"groups has {len(groups)} entries for {len(bits)} bit-width columns")
+    out = []
+    for g in groups:
+        if g is None or (isinstance(g, (int, np.integer)) and not isinstance(g, bool) and int(g) == 0):
+            out.append(None)
+        elif isinstance(g, (int, np.integer)) and not isinstance(g, bool) and int(g) > 0:
+            out.append(int(g))
+        else:
+            raise DataShapeError(f"a group size must be a positive integer or None, got {g!r}")
+    pairs = list(zip(bits, out))
+    if len(set(pairs)) != len(pairs):
+        raise DataShapeError(f"the (bits, group) options must be distinct, got {pairs}")
+    return tuple(out)

@@ -43,6 +43,7 @@ from cetopt.deploy.activations import (
     fake_quantize_dynamic,
 )
 from cetopt.nn.quantized import QuantizedConv, QuantizedLinear, QuantizedMixin
+from cetopt.quant.quantizer import expand_groups
 
 __all__ = [
     "MODES",
@@ -71,6 +72,7 @@ class _CodesMixin:
         self.register_buffer("codes", source.weight_q.clone())
         self.register_buffer("code_scale", source.weight_scale.detach().clone().float())
         self.register_buffer("code_bits", source.weight_bits.clone())
+        self.code_group = source.weight_group
 
     @property
     def max_bits(self) -> int:
@@ -80,6 +82,12 @@ class _CodesMixin:
         """Re-derive the per-channel scales from ``weight`` (after a BatchNorm was folded in)."""
         w = self.weight.detach().double().reshape(self.codes.shape[0], -1)
         q = self.codes.double().reshape(self.codes.shape[0], -1)
+        if self.code_scale.dim() > 1:  # group-wise: a fold scales each channel's groups alike
+            q = q * expand_groups(self.code_scale.double(), q.shape[1], self.code_group)
+            norm = (q * q).sum(dim=1)
+            ratio = torch.where(norm > 0, (w * q).sum(dim=1) / torch.where(norm > 0, norm, 1.0), 1.0)
+            self.code_scale = (self.code_scale.double() * ratio[:, None]).float()
+            return
         norm = (q * q).sum(dim=1)
         scale = (w * q).sum(dim=1) / torch.where(norm > 0, norm, torch.ones_like(norm))
         self.code_scale = torch.where(norm > 0, scale, self.code_scale.double()).float()
@@ -385,9 +393,19 @@ def _fallback(name: str, why: str, runs: str) -> None:
     warnings.warn(f"layer {name!r}: {why}; it runs {runs}", KernelFallbackWarning, stacklevel=4)
 
 
+def _grouped(name: str, m: nn.Module) -> bool:
+    """True (with a fallback warning) for a layer with group-wise scales: no kernel here takes them."""
+    if m.code_scale.dim() > 1:
+        _fallback(name, "its scales are group-wise (no int8 kernel here takes them)", "in float32")
+        return True
+    return False
+
+
 def _weight_only(name: str, m: nn.Module) -> nn.Module | None:
     if not isinstance(m, _CodesMixin):
         return None
+    if _grouped(name, m):
+        return m
     if not isinstance(m, DeployLinear):
         _fallback(name, "torch has no weight-only low-bit convolution kernel on CPU", "in float32")
         return m
@@ -416,6 +434,8 @@ def _int8_layers(ranges: ActivationRanges | None, fake: bool):
             if name not in ranges.inputs:
                 return m  # calibrated to stay float (activation bits 32)
             act_in, act_out = ranges.inputs[name], ranges.outputs[name]
+        if _grouped(name, m):
+            return m
         if m.max_bits > 8:
             _fallback(name, f"int8 kernels cannot hold {m.max_bits}-bit weights", "in float32")
             return m

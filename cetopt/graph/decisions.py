@@ -111,12 +111,15 @@ class Quantize(Decision):
     add_bias : bool
         Give the quantized layer a (zero) bias even where the float layer has none, so a bias
         correction has somewhere to go (:func:`cetopt.quant.correct_bias`).
+    group_size : int, optional
+        A scale per group of this many (flattened) input columns; ``None``: per output channel.
     """
 
     layer: str
     bits: int | Sequence[int]
     clip_search: bool = True
     add_bias: bool = False
+    group_size: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,13 +145,16 @@ def decision_to_dict(d: Decision) -> dict:
     """Plain JSON-able form of a decision: enough to redo its structural change on a fresh model."""
     if isinstance(d, Quantize):
         bits = d.bits if isinstance(d.bits, int) else [int(b) for b in d.bits]
-        return {
+        out = {
             "type": "Quantize",
             "layer": d.layer,
             "bits": bits,
             "clip_search": d.clip_search,
             "add_bias": d.add_bias,
         }
+        if d.group_size is not None:  # absent in files written before groups existed
+            out["group_size"] = int(d.group_size)
+        return out
     if isinstance(d, RemoveUnits):
         constants = None if d.constants is None else [float(c) for c in d.constants]
         return {
@@ -191,7 +197,11 @@ def decision_from_dict(data: dict) -> Decision:
     kind = data.get("type")
     if kind == "Quantize":
         return Quantize(
-            data["layer"], data["bits"], data.get("clip_search", True), data.get("add_bias", False)
+            data["layer"],
+            data["bits"],
+            data.get("clip_search", True),
+            data.get("add_bias", False),
+            data.get("group_size"),
         )
     if kind == "RemoveUnits":
         return RemoveUnits(data["layer"], data["units"], data.get("constants"))

@@ -2,18 +2,28 @@
 
 Activations stay in floating point: these layers save memory and disk, they do not run integer
 kernels. Weights are ``weight_scale[c] · weight_q[c, ...]``; ``weight_bits[c]`` says how many bits
-channel ``c``'s codes need (what :func:`cetopt.save` packs).
+channel ``c``'s codes need (what :func:`cetopt.save` packs). With a group size ``g``
+(``weight_group``), ``weight_scale`` has shape ``(out, groups)`` and flattened input column ``j``
+of channel ``c`` uses ``weight_scale[c, j // g]``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cetopt.quant.quantizer import QuantizedWeight, dequantize, quantize_weight, storage_dtype
+from cetopt.quant.quantizer import (
+    QuantizedWeight,
+    check_group_size,
+    dequantize,
+    num_groups,
+    quantize_weight,
+    storage_dtype,
+)
 
 __all__ = [
     "QuantizedConv",
@@ -29,15 +39,27 @@ __all__ = [
 class QuantizedMixin:
     """Buffers and helpers shared by the quantized layers."""
 
-    def _init_quant(self, weight_shape: tuple[int, ...], max_bits: int) -> None:
+    weight_group: int | None = None
+
+    def _init_quant(
+        self, weight_shape: tuple[int, ...], max_bits: int, group_size: int | None = None
+    ) -> None:
+        self.weight_group = check_group_size(group_size)
         self.register_buffer("weight_q", torch.zeros(weight_shape, dtype=storage_dtype(max_bits)))
-        self.register_buffer("weight_scale", torch.ones(weight_shape[0]))
+        if self.weight_group is None:
+            self.register_buffer("weight_scale", torch.ones(weight_shape[0]))
+        else:
+            columns = math.prod(weight_shape[1:])
+            self.register_buffer(
+                "weight_scale", torch.ones(weight_shape[0], num_groups(columns, self.weight_group))
+            )
         self.register_buffer("weight_bits", torch.full((weight_shape[0],), max_bits, dtype=torch.int16))
 
     def set_quantized(self, qw: QuantizedWeight) -> None:
         self.weight_q = qw.q.clone()
         self.weight_scale = qw.scale.clone()
         self.weight_bits = qw.bits.clone()
+        self.weight_group = qw.group_size
 
     @property
     def max_bits(self) -> int:
@@ -46,7 +68,7 @@ class QuantizedMixin:
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (float32)."""
-        return dequantize(self.weight_q, self.weight_scale, self.max_bits)
+        return dequantize(self.weight_q, self.weight_scale, self.max_bits, self.weight_group)
 
     def weight_storage_bits(self) -> int:
         """Bits the packed codes take: ``Σ_c bits[c] · (weights per channel)``."""
@@ -57,10 +79,17 @@ class QuantizedMixin:
 class QuantizedLinear(QuantizedMixin, nn.Module):
     """A Linear layer holding integer codes and per-output-channel scales."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int = 8, bias: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 8,
+        bias: bool = True,
+        group_size: int | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_quant((out_features, in_features), bits)
+        self._init_quant((out_features, in_features), bits, group_size)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +115,7 @@ class QuantizedConv(QuantizedMixin, nn.Module):
         bias: bool = True,
         padding_mode: str = "zeros",
         bits: int = 8,
+        group_size: int | None = None,
     ):
         super().__init__()
         if padding_mode != "zeros":
@@ -93,7 +123,7 @@ class QuantizedConv(QuantizedMixin, nn.Module):
         self.dims = dims
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
-        self._init_quant((out_channels, in_channels // groups, *kernel_size), bits)
+        self._init_quant((out_channels, in_channels // groups, *kernel_size), bits, group_size)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,9 +141,10 @@ class QuantizedConv(QuantizedMixin, nn.Module):
 
 def _bits_repr(layer: QuantizedMixin) -> str:
     bits = layer.weight_bits
+    group = "" if layer.weight_group is None else f", group_size={layer.weight_group}"
     if bits.numel() and bool((bits == bits[0]).all()):
-        return str(int(bits[0]))
-    return f"{int(bits.min())}..{int(bits.max())} per channel"
+        return str(int(bits[0])) + group
+    return f"{int(bits.min())}..{int(bits.max())} per channel" + group
 
 
 class QuantizedConv1D(QuantizedMixin, nn.Module):
@@ -179,19 +210,25 @@ class QuantizedMultiheadAttention(QuantizedMixin, nn.MultiheadAttention):
 
 
 def quantized_from_float(
-    layer: nn.Module, bits, *, clip_search: bool = True, add_bias: bool = False
+    layer: nn.Module,
+    bits,
+    *,
+    clip_search: bool = True,
+    add_bias: bool = False,
+    group_size: int | None = None,
 ) -> nn.Module:
     """The quantized counterpart of a layer with a quantization handler (which is not modified).
 
-    ``add_bias`` gives it a zero bias where ``layer`` has none (room for a bias correction).
-    See :mod:`cetopt.quant.handlers` for the layer types (and how to add one).
+    ``add_bias`` gives it a zero bias where ``layer`` has none (room for a bias correction);
+    ``group_size`` gives it a scale per group of that many (flattened) input columns of the
+    handler's codes layout. See :mod:`cetopt.quant.handlers` for the layer types (and how to add one).
     """
     from cetopt.quant.handlers import handler_for
 
     handler = handler_for(layer)
     if handler is None:
         raise TypeError(f"cannot quantize a {type(layer).__name__}; it has no quantization handler")
-    qw = quantize_weight(handler.codes_layout(layer), bits, clip_search=clip_search)
+    qw = quantize_weight(handler.codes_layout(layer), bits, clip_search=clip_search, group_size=group_size)
     return handler.quantized(layer, qw, add_bias=add_bias)
 
 
@@ -199,7 +236,9 @@ def _linear_or_conv(layer: nn.Module, qw: QuantizedWeight, *, add_bias: bool = F
     """The QuantizedLinear / QuantizedConv of ``layer`` holding ``qw``."""
     has_bias = layer.bias is not None or add_bias
     if isinstance(layer, nn.Linear):
-        new = QuantizedLinear(layer.in_features, layer.out_features, bits=qw.max_bits, bias=has_bias)
+        new = QuantizedLinear(
+            layer.in_features, layer.out_features, bits=qw.max_bits, bias=has_bias, group_size=qw.group_size
+        )
     elif isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed:
         new = QuantizedConv(
             len(layer.kernel_size),
@@ -213,6 +252,7 @@ def _linear_or_conv(layer: nn.Module, qw: QuantizedWeight, *, add_bias: bool = F
             has_bias,
             layer.padding_mode,
             bits=qw.max_bits,
+            group_size=qw.group_size,
         )
     else:
         raise TypeError(f"cannot quantize a {type(layer).__name__}; expected nn.Linear or nn.Conv1d/2d/3d")

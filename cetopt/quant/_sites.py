@@ -137,7 +137,7 @@ class Accumulator:
         for start in range(0, len(piece), step):
             gram.add(piece[start : start + step])
 
-    def reround(self, damp: float) -> bool:
+    def reround(self, damp: float, *, act_order: bool = True) -> bool:
         """GPTQ-round the owner's codes (in place) against the Gram blocks; ``False`` if there were none."""
         pair, owner = self.pair, self.pair.owner
         if self.too_big:
@@ -148,16 +148,22 @@ class Accumulator:
         codes = pair.float_codes()
         full = (0, codes.shape[0])
         if list(self.grams) == [full]:
-            reround(owner, codes, self.grams[full], damp, name=pair.name)
+            reround(owner, codes, self.grams[full], damp, name=pair.name, act_order=act_order)
         else:
             new = owner.weight_q.clone()
+            scales = owner.weight_scale.clone()
             for (a, b), gram in self.grams.items():
                 rows = SimpleNamespace(
-                    weight_q=owner.weight_q[a:b], weight_scale=owner.weight_scale[a:b], weight_bits=owner.weight_bits[a:b]
+                    weight_q=owner.weight_q[a:b],
+                    weight_scale=owner.weight_scale[a:b],
+                    weight_bits=owner.weight_bits[a:b],
+                    weight_group=getattr(owner, "weight_group", None),
                 )
-                reround(rows, codes[a:b], gram, damp, name=pair.name)
+                reround(rows, codes[a:b], gram, damp, name=pair.name, act_order=act_order)
                 new[a:b] = rows.weight_q
+                scales[a:b] = rows.weight_scale
             owner.weight_q = new
+            owner.weight_scale = scales
         share_codes(pair)
         return True
 

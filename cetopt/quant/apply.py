@@ -23,6 +23,8 @@ def quantize(
     bias_correction=None,
     sequential: bool = False,
     progress: bool = False,
+    group_size: int | None = None,
+    act_order: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` with the planned layers quantized (integer codes, per-channel scales).
 
@@ -36,6 +38,7 @@ def quantize(
         Not modified.
     plan : Plan or mapping
         A :class:`cetopt.Plan`, or a mapping of layer name → bits (an int, or one per channel).
+        A plan's ``groups`` (from a table with group options) give each layer its group size.
     clip_search : bool
         Search the MSE-optimal clipping ratio per channel.
     gptq : iterable, optional
@@ -54,6 +57,11 @@ def quantize(
         pass per layer, each stopping after that layer.
     progress : bool
         Show a progress bar over the layers being calibrated sequentially.
+    group_size : int, optional
+        A scale per group of this many input columns for every layer the plan gives no group
+        size (:mod:`cetopt.quant.quantizer`); ``None``: per output channel.
+    act_order : bool
+        GPTQ rounds columns in decreasing input energy (act-order); ``False``: in their order.
     """
     bits = plan.bits if hasattr(plan, "bits") else plan
     if not isinstance(bits, Mapping):
@@ -63,18 +71,29 @@ def quantize(
     if sequential:
         _check_sequential_data(gptq, bias_correction)
     add_bias = bias_correction is not None
-    quantized = rewrite(model, [Quantize(layer, b, clip_search, add_bias) for layer, b in bits.items()])
+    groups = getattr(plan, "groups", None) or {}
+    decisions = [
+        Quantize(layer, b, clip_search, add_bias, groups.get(layer) or group_size)
+        for layer, b in bits.items()
+    ]
+    quantized = rewrite(model, decisions)
     if sequential:
         from cetopt.quant.sequential import calibrate_sequentially
 
         data = gptq if gptq is not None else bias_correction
         return calibrate_sequentially(
-            model, quantized, data, gptq=gptq is not None, bias_correction=add_bias, progress=progress
+            model,
+            quantized,
+            data,
+            gptq=gptq is not None,
+            bias_correction=add_bias,
+            progress=progress,
+            act_order=act_order,
         )
     if gptq is not None:
         from cetopt.quant.gptq import gptq_round
 
-        quantized = gptq_round(model, quantized, gptq)
+        quantized = gptq_round(model, quantized, gptq, act_order=act_order)
     if bias_correction is None:
         return quantized
     from cetopt.quant.bias_correction import correct_bias

@@ -28,6 +28,16 @@ Every layer whose quantization handler gives the rows its weight multiplies is r
 depthwise ones per group —, attention's in- and out-projections; a weight tied to several layers
 against the sum of their Grams); others (Embedding, Conv3d, string padding) keep their
 round-to-nearest codes.
+
+**Group-wise layers** (a scale per ``g`` input columns, :mod:`cetopt.quant.quantizer`): a group's
+scale is recomputed when GPTQ reaches the group's first column, from the group's columns as they
+stand then (the earlier columns' errors already spread into them), by the same clip search and
+float16 rounding as round-to-nearest; as GPTQ's reference does with ``groupsize``. Groups stay
+contiguous runs of the original columns, so with act-order (columns in decreasing ``diag H``,
+``act_order=True``) a group's scale is fixed on first touch of any of its columns and its later
+columns use it; no permutation index is stored. Columns of a group not yet reached at that moment
+that lie beyond the current lazy block get the block's pending update first, so the scale sees
+exactly the weights the column-by-column algorithm would.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from torch import nn
 from cetopt._modes import in_eval_mode
 from cetopt.nn.unfold import input_rows, is_matmul_layer
 from cetopt.quant._calibration import paired_layers, run_with_hooks
-from cetopt.quant.quantizer import codes_for
+from cetopt.quant.quantizer import codes_for, half_step, row_scales
 
 __all__ = ["GRAM_BYTES", "GramBlocks", "gptq_round"]
 
@@ -164,6 +174,27 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
+@dataclass
+class GroupScales:
+    """The scales of a group-wise layer while GPTQ recomputes them: ``scale`` (out, groups), float64.
+
+    ``fixed[k]``: group ``k``'s scale has been set from the partly rounded weights; ``bits`` are the
+    output channels' widths. Shared by the Gram blocks of one layer.
+    """
+
+    scale: torch.Tensor
+    group_size: int
+    bits: torch.Tensor
+    fixed: torch.Tensor
+    clip_search: bool = True
+
+    def refit(self, k: int, values: torch.Tensor) -> None:
+        """Set group ``k``'s scale from its current (unrounded) columns ``values``, shape (out, m)."""
+        step = row_scales(values, self.bits, clip_search=self.clip_search)
+        self.scale[:, k] = half_step(step.to(torch.float32)).double()[:, 0]
+        self.fixed[k] = True
+
+
 def _round_columns(
     weight: torch.Tensor,
     gram: torch.Tensor,
@@ -171,14 +202,26 @@ def _round_columns(
     qmax: torch.Tensor,
     damp: float,
     block: int = _BLOCK,
+    *,
+    groups: GroupScales | None = None,
+    offset: int = 0,
+    act_order: bool = True,
 ) -> torch.Tensor:
-    """GPTQ codes for ``weight`` (out, n) given the input Gram matrix (n, n)."""
+    """GPTQ codes for ``weight`` (out, n) given the input Gram matrix (n, n).
+
+    ``scale`` (out,) holds per-channel steps; with ``groups`` the steps are per group of the
+    layer's columns instead (``offset``: this block's first column in the layer), each recomputed
+    on first touch. ``act_order``: columns in decreasing ``diag H``, else in their own order.
+    """
     w = weight.clone()
     h = gram.clone()
     dead = torch.diagonal(h) == 0  # inputs that were always zero: their weights never matter
     w[:, dead] = 0
     h[dead, dead] = 1
-    order = torch.argsort(torch.diagonal(h), descending=True)
+    if act_order:
+        order = torch.argsort(torch.diagonal(h), descending=True)
+    else:
+        order = torch.arange(h.shape[0])
     w, h = w[:, order], h[order][:, order]
     h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     upper = inverse_upper_cholesky(h)
@@ -186,18 +229,44 @@ def _round_columns(
     # Column j of W is row j of Wᵀ: contiguous, which the column-by-column loop needs to be fast.
     wt = w.T.contiguous()
     codes = torch.empty_like(wt)
+    if groups is not None:
+        group_of = ((order + offset) // groups.group_size).tolist()  # group of each position
+        members: dict[int, list[int]] = {}
+        for position, k in enumerate(group_of):
+            members.setdefault(k, []).append(position)
     for start in range(0, wt.shape[0], block):
         stop = min(start + block, wt.shape[0])
         part, errors = wt[start:stop], torch.empty(stop - start, wt.shape[1], dtype=w.dtype)
         with _one_thread():  # a few hundred values per op: extra threads only spin
             for j in range(stop - start):
                 col = start + j
-                codes[col] = codes_for(part[j], scale, qmax)
-                errors[j] = (part[j] - codes[col] * scale) / upper[col, col]
+                if groups is None:
+                    step = scale
+                else:
+                    k = group_of[col]
+                    if not bool(groups.fixed[k]):
+                        groups.refit(k, _current_columns(wt, part, errors, upper, start, stop, j, members[k]))
+                    step = groups.scale[:, k]
+                codes[col] = codes_for(part[j], step, qmax)
+                errors[j] = (part[j] - codes[col] * step) / upper[col, col]
                 part[j + 1 :] -= upper[col, col + 1 : stop, None] * errors[j][None, :]
         wt[stop:] -= upper[start:stop, stop:].T @ errors
     codes = codes.T
     return codes[:, torch.argsort(order)]
+
+
+def _current_columns(wt, part, errors, upper, start, stop, j, positions) -> torch.Tensor:
+    """The columns at ``positions`` (none rounded yet) as the column-by-column algorithm has them
+    when column ``start + j`` is reached, shape (out, len(positions)): those in the current block
+    from ``part``, later ones with the block's pending update ``Σ_{i<j} U[start+i, p]·errors[i]``."""
+    inside = [p for p in positions if p < stop]
+    beyond = [p for p in positions if p >= stop]
+    rows = [part[torch.tensor(inside) - start]] if inside else []
+    if beyond:
+        index = torch.tensor(beyond)
+        pending = upper[start : start + j][:, index].T @ errors[:j] if j else 0
+        rows.append(wt[index] - pending)
+    return torch.cat(rows).T.contiguous()
 
 
 @in_eval_mode("original", "quantized")
@@ -209,6 +278,7 @@ def gptq_round(
     damp: float = 0.01,
     max_batches: int | None = None,
     max_gram_bytes: int = GRAM_BYTES,
+    act_order: bool = True,
 ) -> nn.Module:
     """A copy of ``quantized`` whose codes are re-rounded by GPTQ on calibration data.
 
@@ -228,6 +298,9 @@ def gptq_round(
         Memory bound of one layer's float64 Gram matrix; above it the Gram is block-diagonal over
         input-channel groups, or (if even that does not fit) the layer keeps round-to-nearest.
         Either way a warning names the layer.
+    act_order : bool
+        Round the columns in decreasing order of their input energy ``diag H`` (GPTQ's act-order);
+        ``False``: in their own order. Group-wise layers keep contiguous groups either way.
 
     Returns
     -------
@@ -247,7 +320,7 @@ def gptq_round(
     with torch.no_grad():
         run_with_hooks(original, {}, data, max_batches, call_hooks=hooks)
     for acc in accumulators:
-        acc.reround(damp)
+        acc.reround(damp, act_order=act_order)
     return rounded
 
 
@@ -262,11 +335,21 @@ def warn_round_to_nearest(name: str, layer: nn.Module, max_bytes: int) -> None:
 
 
 @torch.no_grad()
-def reround(layer: nn.Module, weight: torch.Tensor, gram, damp: float, *, name: str = "") -> None:
+def reround(
+    layer: nn.Module,
+    weight: torch.Tensor,
+    gram,
+    damp: float,
+    *,
+    name: str = "",
+    act_order: bool = True,
+    clip_search: bool = True,
+) -> None:
     """Replace ``layer``'s codes (in place) by GPTQ's for the float ``weight`` and input ``gram``.
 
     ``gram`` is a tensor (the whole Gram matrix) or :class:`GramBlocks`; blocks that saw no input
-    (the layer never ran) leave the codes as they are.
+    (the layer never ran) leave the codes as they are. A group-wise layer's scales are recomputed
+    group by group as GPTQ reaches them (``clip_search`` as in the quantizer).
     """
     if isinstance(gram, torch.Tensor):
         gram = GramBlocks([(0, gram.shape[0])], [gram], rows=1)
@@ -284,6 +367,19 @@ def reround(layer: nn.Module, weight: torch.Tensor, gram, damp: float, *, name: 
     scale = layer.weight_scale.double()
     target = weight.detach().double().reshape(shape[0], -1)
     codes = torch.empty_like(target)
+    groups = None
+    if getattr(layer, "weight_group", None) is not None:
+        groups = GroupScales(
+            scale.clone(),
+            layer.weight_group,
+            layer.weight_bits.to(torch.int64),
+            torch.zeros(scale.shape[1], dtype=torch.bool),
+            clip_search,
+        )
     for (a, b), block in zip(gram.spans, gram.blocks):
-        codes[:, a:b] = _round_columns(target[:, a:b], block, scale, qmax, damp)
+        codes[:, a:b] = _round_columns(
+            target[:, a:b], block, scale, qmax, damp, groups=groups, offset=a, act_order=act_order
+        )
     layer.weight_q = codes.reshape(shape).to(layer.weight_q.dtype)
+    if groups is not None:
+        layer.weight_scale = groups.scale.to(torch.float32)

@@ -12,6 +12,15 @@ smallest ``‖Q_b(W_c) − W_c‖²`` wins (clipping outliers buys resolution fo
 restricted grid ``±(2^(b−1) − 1)`` is a subset of these levels for the same steps, so the error is
 never above it; at 2 and 3 bits the extra level cut the error by a fifth to a third on the zoo's
 trained weights. Above 8 bits there is no search: ``s_c = max|W_c| / (2^(b−1) − 1)``.
+
+**Group-wise.** With ``group_size=g`` the weight is seen as a matrix ``(out, n)`` (a convolution's
+kernel flattened, channel-major) and every run of ``g`` consecutive input columns of a row gets its
+own step, searched exactly as a channel's is (all groups of a layer in one vectorised search). The
+last group of a row may be shorter; it is searched as if padded with zeros, which changes neither
+its maximum nor any candidate's error. The grid is symmetric, so there is no zero point. Group
+steps are rounded to float16 before the codes are chosen (they are stored as float16: 2 bytes per
+group instead of 4 per channel), so a saved and reloaded layer is bit-identical; a step is kept
+within float16's range ``[2^-24, 65504]``. The bit width stays per output channel.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import torch
 from cetopt.errors import NonFiniteError
 
 __all__ = [
+    "GROUP_SIZES",
     "MAX_BITS",
     "MIN_BITS",
     "QuantizedWeight",
@@ -35,6 +45,38 @@ __all__ = [
 MIN_BITS = 2
 MAX_BITS = 32
 _DEFAULT_GRID = 64
+#: The group sizes the allocation offers besides per-channel (``None``); any positive size works.
+GROUP_SIZES = (128, 64, 32)
+_HALF_RANGE = (2.0**-24, 65504.0)  # magnitudes of a float16 step: smallest subnormal, largest finite
+
+
+def check_group_size(group_size) -> int | None:
+    """``group_size`` as a positive int, or ``None`` (per channel) for ``None`` or ``0``."""
+    if group_size is None or (
+        isinstance(group_size, int) and not isinstance(group_size, bool) and group_size == 0
+    ):
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer or None (per channel), got {group_size!r}")
+    return int(group_size)
+
+
+def num_groups(columns: int, group_size: int | None) -> int:
+    """Groups per output channel of a weight with ``columns`` inputs (1 per channel)."""
+    return 1 if group_size is None else max(1, -(-int(columns) // int(group_size)))
+
+
+def expand_groups(per_group: torch.Tensor, columns: int, group_size: int | None) -> torch.Tensor:
+    """``(out, groups)`` values spread to ``(out, columns)``: column ``j`` takes group ``j // g``'s."""
+    if group_size is None:
+        return per_group.reshape(-1, 1).expand(-1, columns)
+    return per_group.repeat_interleave(group_size, dim=1)[:, :columns]
+
+
+def half_step(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` rounded to the nearest float16 (magnitude kept in ``[2^-24, 65504]``), in its dtype."""
+    magnitude = scale.abs().clamp(*_HALF_RANGE)
+    return torch.where(scale < 0, -magnitude, magnitude).to(torch.float16).to(scale.dtype)
 
 
 def storage_dtype(bits: int) -> torch.dtype:
@@ -72,30 +114,41 @@ class QuantizedWeight:
     q : Tensor (integer)
         Codes, same shape as the weight; channel ``c``'s lie in ``[−2^(b−1), 2^(b−1) − 1]`` for
         ``b = bits[c]``, a signed ``b``-bit field.
-    scale : Tensor (float32), shape (out_channels,)
-        Step per output channel; negative where the mirrored grid fits the channel better.
+    scale : Tensor (float32), shape (out_channels,) or (out_channels, groups)
+        Step per output channel, or per group of ``group_size`` input columns of each channel
+        (float16 values); negative where the mirrored grid fits better.
     bits : Tensor (int16), shape (out_channels,)
         Bit width per output channel.
+    group_size : int or None
+        Input columns per scale; ``None``: one scale per output channel.
     """
 
     q: torch.Tensor
     scale: torch.Tensor
     bits: torch.Tensor
+    group_size: int | None = None
 
     @property
     def max_bits(self) -> int:
         return int(self.bits.max()) if self.bits.numel() else 0
 
     def dequantize(self) -> torch.Tensor:
-        """``scale[c] · q[c, ...]`` as float32 (computed in float64 above 16 bits)."""
-        return dequantize(self.q, self.scale, self.max_bits)
+        """``scale · q`` as float32 (computed in float64 above 16 bits)."""
+        return dequantize(self.q, self.scale, self.max_bits, self.group_size)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, max_bits: int) -> torch.Tensor:
-    """``scale[c] · q[c, ...]`` as float32; float64 arithmetic when codes exceed 16 bits."""
-    shape = (-1,) + (1,) * (q.dim() - 1)
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, max_bits: int, group_size: int | None = None
+) -> torch.Tensor:
+    """``scale[c] · q[c, ...]`` (per channel) or ``scale[c, j // g] · q[c, j]`` (groups of ``g``
+    flattened input columns) as float32; float64 arithmetic when codes exceed 16 bits."""
     work = torch.float64 if max_bits > 16 else torch.float32
-    return (q.to(work) * scale.to(work).view(shape)).to(torch.float32)
+    if group_size is None or scale.dim() == 1:
+        shape = (-1,) + (1,) * (q.dim() - 1)
+        return (q.to(work) * scale.to(work).view(shape)).to(torch.float32)
+    flat = q.reshape(q.shape[0], -1)
+    steps = expand_groups(scale.to(work), flat.shape[1], group_size)
+    return (flat.to(work) * steps).reshape(q.shape).to(torch.float32)
 
 
 def codes_for(w: torch.Tensor, scale: torch.Tensor, qmax: torch.Tensor) -> torch.Tensor:
@@ -111,8 +164,9 @@ def quantize_weight(
     clip_search: bool = True,
     grid: int = _DEFAULT_GRID,
     min_ratio: float = 0.3,
+    group_size: int | None = None,
 ) -> QuantizedWeight:
-    """Quantize ``weight`` per output channel (dim 0).
+    """Quantize ``weight`` per output channel (dim 0), or per group of input columns.
 
     Parameters
     ----------
@@ -125,6 +179,10 @@ def quantize_weight(
         Number of clip ratios tried, evenly spaced in ``[min_ratio, 1]``.
     min_ratio : float
         Smallest clip ratio tried.
+    group_size : int, optional
+        A step per run of ``group_size`` consecutive (flattened) input columns of each output
+        channel, float16-rounded; ``None`` (or 0): one step per channel. A group size at or above
+        the row length still stores its one step per channel as a group.
 
     Raises
     ------
@@ -134,12 +192,57 @@ def quantize_weight(
     if weight.dim() < 1 or weight.shape[0] == 0:
         raise ValueError(f"weight must have at least one output channel, got shape {tuple(weight.shape)}")
     bits = _check_bits(bits, weight.shape[0])
+    group_size = check_group_size(group_size)
     max_bits = int(bits.max())
     # Above 16 bits the codes exceed float32's 24-bit mantissa: work in float64 there.
     work = torch.float64 if max_bits > 16 else torch.float32
     w = weight.detach().to(work).reshape(weight.shape[0], -1)
     if not torch.isfinite(w).all():
         raise NonFiniteError("weight holds NaN or infinity; cannot quantize it")
+    if group_size is not None:
+        return _quantize_groups(weight, w, bits, group_size, clip_search, grid, min_ratio)
+    scale = row_scales(w, bits, clip_search=clip_search, grid=grid, min_ratio=min_ratio)
+    qmax = (2.0 ** (bits.to(torch.float64) - 1) - 1).to(work)[:, None]
+    q = codes_for(w, scale, qmax)
+    return QuantizedWeight(
+        q=q.to(storage_dtype(max_bits)).reshape(weight.shape),
+        scale=scale.reshape(-1).to(torch.float32),
+        bits=bits.to(torch.int16),
+    )
+
+
+def _quantize_groups(weight, w, bits, group_size, clip_search, grid, min_ratio) -> QuantizedWeight:
+    """:func:`quantize_weight` with a float16 step per group of ``group_size`` columns."""
+    out, n = w.shape
+    groups = num_groups(n, group_size)
+    padded = torch.nn.functional.pad(w, (0, groups * group_size - n)).reshape(out * groups, group_size)
+    row_bits = bits.repeat_interleave(groups)
+    scale = half_step(row_scales(padded, row_bits, clip_search=clip_search, grid=grid, min_ratio=min_ratio))
+    scale = scale.reshape(out, groups)
+    qmax = (2.0 ** (bits.to(torch.float64) - 1) - 1).to(w.dtype)[:, None]
+    q = codes_for(w, expand_groups(scale, n, group_size), qmax)
+    return QuantizedWeight(
+        q=q.to(storage_dtype(int(bits.max()))).reshape(weight.shape),
+        scale=scale.to(torch.float32),
+        bits=bits.to(torch.int16),
+        group_size=group_size,
+    )
+
+
+def row_scales(
+    w: torch.Tensor,
+    bits: torch.Tensor,
+    *,
+    clip_search: bool = True,
+    grid: int = _DEFAULT_GRID,
+    min_ratio: float = 0.3,
+) -> torch.Tensor:
+    """The step of each row of ``w`` (2-D) for its bit width ``bits[row]``, shape ``(rows, 1)``.
+
+    The MSE-optimal signed clipped step at 8 bits or fewer (``clip_search``), else
+    ``max|row| / (2^(b−1) − 1)``; 1 for an all-zero row.
+    """
+    work = w.dtype
     qmax = (2.0 ** (bits.to(torch.float64) - 1) - 1).to(work)[:, None]
     wmax = w.abs().amax(dim=1, keepdim=True)
     scale = wmax / qmax
@@ -150,13 +253,7 @@ def quantize_weight(
         for b in torch.unique(bits[searched]).tolist():
             rows = torch.nonzero(bits == b).flatten()
             scale[rows] = _searched_scales(w[rows], wmax[rows], qmax[rows], ratios)
-    scale = torch.where(wmax > 0, scale, torch.ones_like(scale))  # an all-zero channel: any scale, codes 0
-    q = codes_for(w, scale, qmax)
-    return QuantizedWeight(
-        q=q.to(storage_dtype(max_bits)).reshape(weight.shape),
-        scale=scale.reshape(-1).to(torch.float32),
-        bits=bits.to(torch.int16),
-    )
+    return torch.where(wmax > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale, codes 0
 
 
 def _candidate_steps(wmax: torch.Tensor, qmax: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
@@ -220,6 +317,9 @@ def _best_candidates(w: torch.Tensor, steps: torch.Tensor, qmax: int) -> torch.T
     return torch.argmin(torch.stack([plus, minus], dim=2).reshape(channels, -1), dim=1)
 
 
-def fake_quantize(weight: torch.Tensor, bits, *, clip_search: bool = True) -> torch.Tensor:
-    """``Q_b(W)`` in the weight's own dtype: quantize then dequantize."""
-    return quantize_weight(weight, bits, clip_search=clip_search).dequantize().to(weight.dtype)
+def fake_quantize(
+    weight: torch.Tensor, bits, *, clip_search: bool = True, group_size: int | None = None
+) -> torch.Tensor:
+    """``Q_b(W)`` in the weight's own dtype: quantize (per channel or per group) then dequantize."""
+    qw = quantize_weight(weight, bits, clip_search=clip_search, group_size=group_size)
+    return qw.dequantize().to(weight.dtype)

@@ -148,6 +148,7 @@ def calibrate_sequentially(
     max_batches: int | None = None,
     max_gram_bytes: int = GRAM_BYTES,
     progress: bool = True,
+    act_order: bool = True,
 ) -> nn.Module:
     """A copy of ``quantized`` calibrated layer by layer, each on the quantized model's own inputs.
 
@@ -175,6 +176,8 @@ def calibrate_sequentially(
         GPTQ's memory bound per layer (see :func:`cetopt.quant.gptq_round`).
     progress : bool
         Show a progress bar over the layers.
+    act_order : bool
+        GPTQ's column order: decreasing input energy (act-order), else the columns' own order.
 
     Returns
     -------
@@ -213,7 +216,7 @@ def calibrate_sequentially(
                 else:
                     _run_block(modules[block], modules, captured, acc, stop)
                 if gptq:
-                    acc.reround(damp)
+                    acc.reround(damp, act_order=act_order)
                 if bias_correction:
                     _correct(acc, floats[name])
                 del acc

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cetopt.errors import CetoptError
 
-__all__ = ["DATASETS", "Dataset", "cache_dir", "load_dataset"]
+__all__ = ["DATASETS", "Dataset", "cache_dir", "load_dataset", "stdlib_files"]
 
 
 def cache_dir() -> Path:
@@ -163,12 +163,60 @@ def _pydoc_text() -> Dataset:
     return Dataset("pydoc-text", xtr, ytr, xva, yva, xte, yte, len(TEXT_VOCAB))
 
 
-DATASETS = {"digits": _digits, "mnist1d": _mnist1d, "pydoc-text": _pydoc_text}
+#: Window length of the byte-level stdlib corpus, and the bytes of each split.
+STDLIB_CONTEXT = 128
+STDLIB_SPLIT_BYTES = {"train": 3 << 19, "val": 1 << 17, "test": 1 << 17}  # 1.5 MiB, 128 KiB, 128 KiB
+_STDLIB_BLOCK = 1 << 14  # the corpus is dealt out to the splits in blocks of 16 KiB
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's own top-level ``*.py`` files, sorted by name (found via ``sysconfig``)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.glob("*.py"), key=lambda f: f.name)
+    if not files:
+        raise CetoptError(f"no standard-library sources found under {root}")
+    return files
+
+
+def _stdlib_bytes() -> Dataset:
+    """Next-byte prediction on the Python standard library's own source files (vocabulary 256).
+
+    The top-level ``Lib/*.py`` files, sorted by name, are concatenated (a newline between files) and
+    cut into blocks of 16 KiB; the blocks are dealt out in turn, eight to training, one held out,
+    one to the test split, so every split spans the whole library and no window crosses splits.
+    Each split is cut to its size in :data:`STDLIB_SPLIT_BYTES` (a few CPU-minutes of training) and
+    into windows of :data:`STDLIB_CONTEXT` bytes; a target is its window shifted by one byte. The
+    text depends on the Python version whose library is found.
+    """
+    corpus = b"\n".join(f.read_bytes() for f in stdlib_files())
+    ids = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).to(torch.int64)
+    blocks = ids[: len(ids) // _STDLIB_BLOCK * _STDLIB_BLOCK].reshape(-1, _STDLIB_BLOCK)
+    turn = torch.arange(len(blocks)) % 10
+    parts = {"train": blocks[turn < 8], "val": blocks[turn == 8], "test": blocks[turn == 9]}
+    out = []
+    for split, size in STDLIB_SPLIT_BYTES.items():
+        stream = parts[split].reshape(-1)[: size + 1]
+        if len(stream) < size + 1:
+            raise CetoptError(f"the standard library holds too little source for the {split!r} split")
+        out.append(_windows(stream, STDLIB_CONTEXT))
+    (xtr, ytr), (xva, yva), (xte, yte) = out
+    return Dataset("stdlib-bytes", xtr, ytr, xva, yva, xte, yte, 256)
+
+
+DATASETS = {
+    "digits": _digits,
+    "mnist1d": _mnist1d,
+    "pydoc-text": _pydoc_text,
+    "stdlib-bytes": _stdlib_bytes,
+}
 _LOADED: dict[str, Dataset] = {}
 
 
 def load_dataset(name: str) -> Dataset:
-    """Load (or generate) a dataset by name: ``"digits"``, ``"mnist1d"`` or ``"pydoc-text"``."""
+    """Load (or generate) a dataset by name: ``"digits"``, ``"mnist1d"``, ``"pydoc-text"``,
+    ``"stdlib-bytes"``."""
     if name not in DATASETS:
         raise CetoptError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     if name not in _LOADED:

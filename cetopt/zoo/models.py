@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "BasicBlock", "CharTransformer", "DigitsCNN", "DigitsResNet", "Mnist1dCNN"]
+__all__ = ["MLP", "BasicBlock", "CharTransformer", "DigitsCNN", "DigitsResNet", "Mnist1dCNN", "StdlibGPT"]
 
 
 class MLP(nn.Module):
@@ -165,6 +165,54 @@ class CharTransformer(nn.Module):
         self.token = nn.Embedding(vocab, dim)
         self.position = nn.Parameter(torch.randn(context, dim) * 0.02)
         self.blocks = nn.Sequential(*(TransformerBlock(dim, heads, hidden, context) for _ in range(layers)))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.token(tokens) + self.position[: tokens.size(1)]
+        return self.head(self.ln(self.blocks(x)))
+
+
+class GPTAttention(CausalSelfAttention):
+    """:class:`CausalSelfAttention` with the causal mask built from the scores themselves
+    (``triu`` of a ``-inf`` matrix), so the sequence length may be symbolic and ``torch.fx``
+    traces it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        mask = torch.triu(torch.full_like(scores[0, 0], float("-inf")), diagonal=1)
+        out = torch.softmax(scores + mask, dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(x.size(0), x.size(1), -1))
+
+
+class StdlibGPT(nn.Module):
+    """A small byte-level GPT for the standard-library corpus (``stdlib-bytes``): logits ``(N, T, 256)``.
+
+    Plain modules only: a token embedding, learned positions, pre-norm blocks whose attention is
+    written out with separate query/key/value/output ``nn.Linear`` layers (matmul, mask, softmax; no
+    fused kernel, so ``torch.fx`` traces it and forward-mode AD runs through it), and an untied
+    ``nn.Linear`` LM head. Every weight matrix but the token embedding is an ``nn.Linear``.
+    """
+
+    def __init__(
+        self,
+        vocab: int = 256,
+        context: int = 128,
+        dim: int = 128,
+        layers: int = 4,
+        heads: int = 4,
+        hidden: int = 512,
+    ):
+        super().__init__()
+        self.token = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(torch.randn(context, dim) * 0.02)
+        blocks = []
+        for _ in range(layers):
+            block = TransformerBlock(dim, heads, hidden, context)
+            block.attn = GPTAttention(dim, heads, context)
+            blocks.append(block)
+        self.blocks = nn.Sequential(*blocks)
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab)
 

@@ -70,6 +70,16 @@ _register(
     )
 )
 
+_register(
+    ZooEntry(
+        "stdlib-gpt",
+        "stdlib-bytes",
+        models.StdlibGPT,
+        Recipe(epochs=1, batch_size=32, lr=3e-3),
+        "byte-level GPT (4 layers, d=128, context 128, untied head) on the stdlib's own sources",
+    )
+)
+
 _MLP = re.compile(r"^(digits|mnist1d)-mlp-(\d+)x(\d+)$")
 _INPUTS = {"digits": 64, "mnist1d": 40}
 

@@ -15,7 +15,14 @@ import torch
 from cetopt.graph.decisions import Quantize
 from cetopt.graph.rules.base import RewriteRule, RewriteState
 from cetopt.quant.handlers import handler_for, registered_quant_types
-from cetopt.quant.quantizer import QuantizedWeight, _check_bits, quantize_weight, storage_dtype
+from cetopt.quant.quantizer import (
+    QuantizedWeight,
+    _check_bits,
+    check_group_size,
+    num_groups,
+    quantize_weight,
+    storage_dtype,
+)
 
 __all__ = ["QuantizeRule", "skeleton_quantization"]
 
@@ -33,13 +40,18 @@ def skeleton_quantization():
         _SKELETON.reset(token)
 
 
-def _codes(weight: torch.Tensor, bits, clip_search: bool) -> QuantizedWeight:
+def _codes(weight: torch.Tensor, bits, clip_search: bool, group_size: int | None = None) -> QuantizedWeight:
     if not _SKELETON.get():
-        return quantize_weight(weight, bits, clip_search=clip_search)
+        return quantize_weight(weight, bits, clip_search=clip_search, group_size=group_size)
     b = _check_bits(bits, weight.shape[0]).to(torch.int16)
     max_bits = int(b.max()) if b.numel() else 2
     q = torch.zeros(weight.shape, dtype=storage_dtype(max_bits))
-    return QuantizedWeight(q, torch.ones(weight.shape[0]), b)
+    group = check_group_size(group_size)
+    if group is None:
+        scale = torch.ones(weight.shape[0])
+    else:
+        scale = torch.ones(weight.shape[0], num_groups(weight[0].numel(), group))
+    return QuantizedWeight(q, scale, b, group)
 
 
 class QuantizeRule(RewriteRule):
@@ -59,6 +71,10 @@ class QuantizeRule(RewriteRule):
         reason = handler.unsupported(module)
         if reason is not None:
             return f"{d.layer!r} ({type(module).__name__}) cannot be quantized: {reason}"
+        try:
+            check_group_size(d.group_size)
+        except ValueError as exc:
+            return f"{d.layer!r}: {exc}"
         return None
 
     def apply(self, state: RewriteState, d: Quantize) -> None:
@@ -73,7 +89,7 @@ class QuantizeRule(RewriteRule):
             and getattr(m, h.param, None) is weight
         ]
         with torch.no_grad():
-            qw = _codes(handler.codes_layout(module).detach(), d.bits, d.clip_search)
+            qw = _codes(handler.codes_layout(module).detach(), d.bits, d.clip_search, d.group_size)
         owner = handler.quantized(module, qw, add_bias=d.add_bias)
         state.set_module(d.layer, owner)
         for name, m, h in tied:

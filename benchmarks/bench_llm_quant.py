@@ -1,0 +1,176 @@
+"""Group-wise quantization of a real-text GPT: perplexity at 4 and 3 average bits, at equal bytes.
+
+The model is the zoo's ``stdlib-gpt`` (trained in-process on the Python standard library's own
+sources, byte-level: 4 pre-norm blocks, d=128, context 128, untied LM head; 25 ``nn.Linear``
+layers, all of them quantized; the token embedding and positions stay float32 and are outside the
+byte counts). Perplexity is ``exp`` of the mean next-byte cross-entropy on the held-out test split
+(1024 windows of 128 bytes, never used for training or calibration); calibration uses the
+validation split.
+
+At each average width ``B`` in (4, 3) it measures, each with the bytes of its quantized weights
+as :func:`cetopt.save` writes them (codes, scales, bit widths):
+
+* ``rtn``: every layer at ``B`` bits, round-to-nearest with MSE-clipped per-channel scales;
+* ``rtn_g128``: the same with a float16 scale per 128 input columns;
+* ``gptq_g128``: every layer at ``B`` bits, group 128, GPTQ (act-order, sequential: each layer on
+  the inputs the already-quantized layers give it, as GPTQ's reference does);
+* ``ilp``: one sensitivity table over every ``(bits, group)`` option (bits 2, 3, 4, 5, 6, 8;
+  groups ``(None, 128, 64, 32)`` scored for 2-4 bits; ``method="auto"``), then
+  :func:`cetopt.allocate` within the bytes of ``gptq_g128`` at the same ``B`` (equal bytes): the
+  ILP chooses bits and group size per layer; then the same sequential GPTQ as ``gptq_g128``, so
+  the two rows differ only in the allocation. Its per-layer choices are recorded;
+* ``ilp_bias_corrected``: the same plan calibrated as :func:`cetopt.compress` does by default
+  (sequential GPTQ and bias correction).
+
+Targets (issue 17): the ILP at 3 bits within 5% of the fp32 perplexity, and below uniform GPTQ
+(group 128) at equal bytes. ``--quick`` uses a smaller calibration set and writes to
+``results/quick/`` (run ``python -m benchmarks.bench_llm_quant --quick``).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+WIDTHS = (4, 3)
+GROUPS = (None, 128, 64, 32)
+BITS = (2, 3, 4, 5, 6, 8)
+FULL = {"calibration": 64, "sensitivity": 32, "batch": 32, "test": None, "bias_row": True}
+QUICK = {"calibration": 16, "sensitivity": 16, "batch": 16, "test": 128, "bias_row": False}
+
+
+def _perplexity(model, x, y, batch: int = 128) -> float:
+    from cetopt.zoo.training import mean_loss
+
+    return math.exp(mean_loss(model, x, y, batch_size=batch))
+
+
+def _saved(model) -> dict:
+    import cetopt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = cetopt.save(model, Path(tmp) / "m.safetensors")
+    return {"quantized_weight_bytes": saved.quantized_bytes, "bytes_on_disk": saved.bytes_on_disk}
+
+
+def _row(model, test, fp32_ppl: float, seconds: float, fp32_bytes: float) -> dict:
+    ppl = _perplexity(model, *test)
+    out = {"perplexity": ppl, "vs_fp32": ppl / fp32_ppl - 1, "cpu_seconds": seconds, **_saved(model)}
+    out["compression_vs_fp32"] = fp32_bytes / out["quantized_weight_bytes"]
+    return out
+
+
+def run(quick: bool = False, checkpoint=None) -> dict:
+    """The measurements; ``checkpoint(partial_result)`` is called after each stage if given."""
+    import cetopt
+    from cetopt.zoo import load_dataset, load_model
+    from cetopt.zoo.training import task_loss
+
+    sizes = QUICK if quick else FULL
+    torch.set_num_threads(2)
+    t0 = time.process_time()
+    model = load_model("stdlib-gpt", progress=False)
+    data = load_dataset("stdlib-bytes")
+    train_info = dict(model.zoo_info)
+    xv, yv = data.split("val")
+    b = sizes["batch"]
+    calib = [(xv[i : i + b], yv[i : i + b]) for i in range(0, sizes["calibration"], b)]
+    sens = calib[: max(1, sizes["sensitivity"] // b)]
+    test = data.split("test")
+    if sizes["test"]:
+        test = (test[0][: sizes["test"]], test[1][: sizes["test"]])
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    fp32_bytes = 4.0 * sum(dict(model.named_modules())[n].weight.numel() for n in layers)
+    fp32_ppl = _perplexity(model, *test)
+    result = {
+        "model": "zoo:stdlib-gpt",
+        "training": train_info,
+        "calibration_windows": sizes["calibration"],
+        "sensitivity_windows": len(sens) * b,
+        "test_windows": len(test[0]),
+        "quantized_layers": layers,
+        "float_kept": ["token (nn.Embedding)", "position (parameter)", "LayerNorms", "biases"],
+        "fp32": {"perplexity": fp32_ppl, "weight_bytes": fp32_bytes},
+        "load_and_fp32_eval_cpu_seconds": time.process_time() - t0,
+        "widths": {},
+    }
+    # one table for both widths: every (bits, group) option of every layer
+    t = time.process_time()
+    table = cetopt.sensitivity(model, sens, bits=BITS, group_sizes=GROUPS, loss_fn=task_loss, progress=False)
+    result["sensitivity"] = {
+        "method": table.method,
+        "options": [[int(bb), g] for bb, g in zip(table.bits, table.groups)],
+        "cpu_seconds": time.process_time() - t,
+        "auto": table.meta.get("auto"),
+    }
+    if checkpoint:
+        checkpoint(result)
+    for width in WIDTHS:
+        rows = {}
+        uniform = {n: width for n in layers}
+        t = time.process_time()
+        q = cetopt.quantize(model, uniform)
+        rows["rtn"] = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
+        t = time.process_time()
+        q = cetopt.quantize(model, uniform, group_size=128)
+        rows["rtn_g128"] = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
+        t = time.process_time()
+        q = cetopt.quantize(model, uniform, group_size=128, gptq=calib, sequential=True)
+        rows["gptq_g128"] = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
+        budget = rows["gptq_g128"]["quantized_weight_bytes"]
+        t = time.process_time()
+        plan = cetopt.allocate(table, budget)
+        q = cetopt.quantize(model, plan, gptq=calib, sequential=True)
+        ilp = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
+        ilp.update(
+            budget_bytes=budget,
+            planned_bytes=plan.bytes,
+            average_bits=plan.average_bits,
+            predicted_loss=plan.predicted_loss,
+            status=plan.status,
+            layers={
+                n: {"bits": int(plan.bits[n]), "group": int(plan.groups[n]) or "channel"} for n in layers
+            },
+        )
+        rows["ilp"] = ilp
+        if sizes["bias_row"]:
+            t = time.process_time()
+            q = cetopt.quantize(model, plan, gptq=calib, bias_correction=calib, sequential=True)
+            rows["ilp_bias_corrected"] = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
+        targets = {
+            "ilp_within_5pct_of_fp32": ilp["vs_fp32"] <= 0.05,
+            "ilp_beats_uniform_gptq_g128": ilp["perplexity"] < rows["gptq_g128"]["perplexity"],
+            "ilp_bytes_at_most_gptq_g128": ilp["quantized_weight_bytes"] <= budget,
+        }
+        result["widths"][str(width)] = {**rows, "targets": targets}
+        if checkpoint:
+            checkpoint(result)
+        print(
+            f"  {width} bits: " + ", ".join(f"{k} {v['perplexity']:.3f}" for k, v in rows.items()), flush=True
+        )
+    result["total_cpu_seconds"] = time.process_time() - t0
+    return result
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from benchmarks.harness import RESULTS, machine_info
+    from cetopt._io import atomic_write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    path = RESULTS / ("quick/llm_quant.json" if args.quick else "llm_quant.json")
+
+    def write(result: dict, partial: bool = True) -> None:
+        head = {"benchmark": "llm_quant", "quick": args.quick, "partial": partial, "machine": machine_info()}
+        atomic_write_json(path, {**head, **result})
+
+    out = run(quick=args.quick, checkpoint=write)
+    write(out, partial=False)
+    print(f"wrote {path}")
