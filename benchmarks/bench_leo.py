@@ -29,6 +29,7 @@ the existing ``results/leo.json``, leaving the other sections as they were measu
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import numpy as np
@@ -347,7 +348,7 @@ def _large_row(name: str, l1: float, executor=None) -> tuple[dict, object]:
     model = load_leo_model(name, l1=l1)
     domain = Domain.from_data(data.x_train)
     x_all = torch.cat([data.x_train, data.x_test])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     report = cetopt.find_stable_units(
         model,
         domain,
@@ -355,8 +356,10 @@ def _large_row(name: str, l1: float, executor=None) -> tuple[dict, object]:
         workers=LARGE_WORKERS,
         time_limit=LARGE_TIME_LIMIT,
         executor=executor,
+        progress=False,
     )
-    t_detect = time.perf_counter() - t0
+    t_detect, c_detect = time.perf_counter() - t0, time.process_time() - c0
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     compressed = cetopt.remove_stable_units(model, report)
     t_remove = time.perf_counter() - t0
@@ -382,6 +385,11 @@ def _large_row(name: str, l1: float, executor=None) -> tuple[dict, object]:
         "milps": report.milps,
         "milp_time": report.milp_time,
         "detect_seconds": t_detect,
+        "detect_cpu_seconds": c_detect,
+        "load_average_1min_after": load,
+        "layer_seconds": {r.name: r.time for r in report.layers},
+        "layer_lp_seconds": {r.name: r.lp_time for r in report.layers},
+        "layer_milp_seconds": {r.name: r.milp_time for r in report.layers},
         "remove_seconds": t_remove,
         "seconds": t_detect + t_remove,
         "failed_tasks": len(report.extra.get("failed_tasks", [])),
@@ -450,6 +458,7 @@ def run_large(quick: bool = False) -> dict:
         base, strong = mine.get(0.0), mine.get(1e-3)
         targets[name] = {
             "max_seconds": max(r["seconds"] for r in mine.values()),
+            "max_detect_cpu_seconds": max(r["detect_cpu_seconds"] for r in mine.values()),
             "within_60s": all(r["seconds"] <= 60 for r in mine.values()) if "conv" in name else None,
             "l1_1e-3_units_removed_pct": strong["units_removed_pct"] if strong else None,
             "l1_1e-3_accuracy_drop_pp": 100 * (base["test_accuracy"] - strong["test_accuracy"])
@@ -484,6 +493,9 @@ if __name__ == "__main__":
         old = json.loads(path.read_text()) if path.exists() else {}
         keep = {k: v for k, v in old.items() if k not in ("benchmark", "quick", "machine")}
         new = run_large(quick="--quick" in sys.argv)
-        old_machine = old.get("machine")
-        result = {**keep, **new, "machine_of_earlier_sections": old_machine}
+        old_machine = old.get("machine_of_earlier_sections") or old.get("machine")
+        sections = {k for k in keep if k not in ("remeasured", "machine_of_earlier_sections")}
+        remeasured = dict.fromkeys(sorted(sections - set(new)), False)
+        remeasured.update(dict.fromkeys(new, True))
+        result = {**keep, **new, "remeasured": remeasured, "machine_of_earlier_sections": old_machine}
         print(f"wrote {write_result('leo', result)}")

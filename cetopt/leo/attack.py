@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import sparse
+from scipy import sparse as sp
 
 from cetopt.leo.network import ReluNetwork
 
@@ -22,19 +22,19 @@ class _SparseRows(torch.autograd.Function):
     """``x @ mᵀ`` for a SciPy CSR matrix ``m`` (float64), differentiable in ``x``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, m, mt) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, x: torch.Tensor, m, mt) -> torch.Tensor:
         ctx.mt = mt
         return torch.from_numpy(np.ascontiguousarray((m @ x.detach().numpy().T).T))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+    def backward(ctx, grad: torch.Tensor):
         return torch.from_numpy(np.ascontiguousarray((ctx.mt @ grad.numpy().T).T)), None, None
 
 
 def _term(m: np.ndarray):
     """``m`` (outputs × inputs) as an operand: dense ``mᵀ``, or sparse CSR ``(m, mᵀ)`` where it pays."""
     if m.size and np.count_nonzero(m) < _SPARSE_DENSITY * m.size:
-        csr = sparse.csr_matrix(m)
+        csr = sp.csr_matrix(m)
         return True, (csr, csr.T.tocsr())
     return False, torch.from_numpy(np.ascontiguousarray(m.T))
 
@@ -56,8 +56,8 @@ class NetworkTorch:
         values = [x]
         for k in range(index):
             g = self.consts[k].expand(x.shape[0], -1)
-            for j, (sparse, m) in self.terms[k].items():
-                g = g + (_SparseRows.apply(values[j], *m) if sparse else values[j] @ m)
+            for j, (is_sparse, m) in self.terms[k].items():
+                g = g + (_SparseRows.apply(values[j], *m) if is_sparse else values[j] @ m)
             if k + 1 == index:
                 return g
             values.append(torch.relu(g))

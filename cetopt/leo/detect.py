@@ -225,7 +225,14 @@ class _Run:
         starts = self.data_starts(b, i, channels, signs)
         if starts is not None:  # from the data points nearest to crossing, in small steps
             points = search_sign_change(
-                self.torch_net, i, channels, signs, box.lo[0], box.hi[0], steps=_DATA_STEPS, init=starts,
+                self.torch_net,
+                i,
+                channels,
+                signs,
+                box.lo[0],
+                box.hi[0],
+                steps=_DATA_STEPS,
+                init=starts,
                 step=0.05,
             )
             self.witness(points, "attack")
@@ -455,12 +462,14 @@ class _Run:
     def milp_stage(self, b: int, i: int) -> None:
         if "lp" in self.cfg.stages:  # tighter bounds before big-M, then the LPs again on them
             self.tighten(b, i, np.union1d(*self.needs(b, i)))
+            big = any(n.size for n in self.needs(b, i)) and self.big_lps(b, i)
             if any(n.size for n in self.needs(b, i)):
                 self.slopes_done.discard((b, i))
                 self.optimised(b, i)  # the slopes again, on the tightened bounds
-            for sense in ("max", "min"):
-                self.lp_done.pop(("lp", b, i, sense), None)
-            self.rounds(b, i, relax=True)
+            if not (big and (b, i) in self.slopes_done):  # big LPs add little to those slopes
+                for sense in ("max", "min"):
+                    self.lp_done.pop(("lp", b, i, sense), None)
+                self.rounds(b, i, relax=True)
         if any(n.size for n in self.needs(b, i)):
             self.rounds(b, i, relax=False)
 
@@ -745,10 +754,10 @@ def _analyse_layer(run: _Run, i: int, bar) -> None:
         if any(n.size for n in run.needs(b, i)):
             run.optimised(b, i)
         milp_next = "milp" in run.cfg.stages and "lp" in run.cfg.stages
-        if "lp" in run.cfg.stages and any(n.size for n in run.needs(b, i)):
-            if not (milp_next and run.big_lps(b, i)):  # else the LPs run once, after OBBT
-                _stage(bar, run, b, i, "lp")
-                run.lp_stage(b, i)
+        open_ = any(n.size for n in run.needs(b, i))
+        if "lp" in run.cfg.stages and open_ and not (milp_next and run.big_lps(b, i)):
+            _stage(bar, run, b, i, "lp")  # (with big LPs and a MILP stage next: once, after OBBT)
+            run.lp_stage(b, i)
         if "milp" in run.cfg.stages and any(n.size for n in run.needs(b, i)):
             _stage(bar, run, b, i, "milp")
             run.milp_stage(b, i)

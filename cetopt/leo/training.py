@@ -127,6 +127,46 @@ def _penalised_weights(model: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in layers[:-1]]
 
 
+def finetune_head(model: nn.Module, head: nn.Module, loader, epochs: int, lr: float) -> None:
+    """Train only ``head``'s parameters (Adam, cosine decay, no penalty); every other parameter of
+    ``model`` is left exactly as it was, so no ReLU before ``head`` changes. In place (the trainer's
+    own model, never a user's).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network (train mode is the caller's choice).
+    head : nn.Module
+        A submodule of ``model`` (the classifier).
+    loader : iterable of (inputs, targets)
+        Training batches.
+    epochs : int
+        Passes over ``loader``.
+    lr : float
+        Peak learning rate.
+    """
+    from cetopt.zoo.training import task_loss
+
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    try:
+        opt = torch.optim.Adam(head.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(loader)))
+        for _ in range(epochs):
+            for xb, yb in loader:
+                loss = task_loss(model(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def _train_large(model: nn.Module, data: Dataset, recipe: Recipe, seed: int) -> dict:
     """:data:`LARGE_INPUT_RECIPE` on top of ``recipe`` (deterministic, one thread)."""
     from cetopt.zoo.training import _threads, accuracy, mean_loss, task_loss
@@ -151,23 +191,8 @@ def _train_large(model: nn.Module, data: Dataset, recipe: Recipe, seed: int) -> 
                 loss.backward()
                 opt.step()
                 sched.step()
-        epochs = LARGE_INPUT_RECIPE["finetune_epochs"]
-        frozen = [p for p in model.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        for p in head.parameters():
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(head.parameters(), lr=LARGE_INPUT_RECIPE["finetune_lr"])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader))
-        for _ in range(epochs):
-            for xb, yb in loader:
-                loss = task_loss(model(xb), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        for p in frozen:
-            p.requires_grad_(True)
+        tune = LARGE_INPUT_RECIPE
+        finetune_head(model, head, loader, tune["finetune_epochs"], tune["finetune_lr"])
         model.eval()
         return {
             "train_seconds": time.perf_counter() - start,
