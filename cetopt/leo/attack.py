@@ -15,6 +15,7 @@ from cetopt.leo.network import ReluNetwork
 __all__ = ["NetworkTorch", "search_sign_change"]
 
 
+_CROSSED = 1e-9  # a run whose target reached this far past zero stops (the caller re-checks its point)
 _SPARSE_DENSITY = 0.1  # a term with fewer nonzeros than this (a convolution's) is multiplied sparse
 
 
@@ -103,18 +104,27 @@ def search_sign_change(
     width = hi_t - lo_t
     cols = torch.from_numpy(channels[targets, None] * positions + np.arange(positions)[None])
     sign = torch.from_numpy(signs[targets].astype(np.float64))[:, None]
-    x = torch.from_numpy(x0).requires_grad_(True)
     best, best_value = x0.copy(), np.full(targets.size, -np.inf)
+    rows = np.arange(targets.size)  # the runs still going: their target has not crossed yet
+    x = torch.from_numpy(x0)
     for k in range(steps + 1):
-        value = (sign * model.preactivation(x, index).gather(1, cols)).max(dim=1).values
-        better = value.detach().numpy() > best_value
-        best[better] = x.detach().numpy()[better]
-        best_value = np.maximum(best_value, value.detach().numpy())
+        x.requires_grad_(True)
+        value = (sign[rows] * model.preactivation(x, index).gather(1, cols[rows])).max(dim=1).values
+        v = value.detach().numpy()
+        better = v > best_value[rows]
+        best[rows[better]] = x.detach().numpy()[better]
+        best_value[rows] = np.maximum(best_value[rows], v)
         if k == steps:
+            break
+        crossed = np.zeros(len(channels), dtype=bool)  # a run of each of these reached the other side
+        np.logical_or.at(crossed, targets, best_value > _CROSSED)
+        going = ~crossed[targets[rows]]
+        if not going.any():
             break
         (grad,) = torch.autograd.grad(value.sum(), x)
         with torch.no_grad():
             size = step * (1.0 - k / steps) + 0.04 * step
-            x = torch.minimum(torch.maximum(x + size * width * grad.sign(), lo_t), hi_t)
-        x.requires_grad_(True)
+            keep = torch.from_numpy(going)
+            x = torch.minimum(torch.maximum(x[keep] + size * width * grad[keep].sign(), lo_t), hi_t)
+        rows = rows[going]
     return best

@@ -222,7 +222,12 @@ class _Run:
         box = self.boxes[b]
         points = search_sign_change(self.torch_net, i, channels, signs, box.lo[0], box.hi[0], seed=b)
         self.witness(points, "attack")
-        starts = self.data_starts(b, i, channels, signs)
+        need_max, need_min = self.needs(b, i)  # what the random starts left open
+        channels = np.concatenate([np.unique(ch[need_max]), np.unique(ch[need_min])])
+        signs = np.concatenate(
+            [np.ones(np.unique(ch[need_max]).size), -np.ones(np.unique(ch[need_min]).size)]
+        )
+        starts = self.data_starts(b, i, channels, signs) if channels.size else None
         if starts is not None:  # from the data points nearest to crossing, in small steps
             points = search_sign_change(
                 self.torch_net,
