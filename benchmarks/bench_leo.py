@@ -533,6 +533,7 @@ if __name__ == "__main__":
         earlier.update(
             {k: old["machine"] for k, v in old.get("remeasured", {}).items() if v and k not in new}
         )
+        earlier = {k: m for k, m in earlier.items() if k not in new}
         remeasured = dict.fromkeys(sorted(sections - set(new)), False)
         remeasured.update(dict.fromkeys(new, True))
         remeasured.update(dict.fromkeys(earlier, True))

@@ -585,10 +585,13 @@ def find_stable_units(
     the data is unstable), ``samples`` (same with random points of the domain), ``interval``
     (interval arithmetic), ``linear`` (symbolic linear bounds by back-substitution, every position
     of a layer in one pass), ``attack`` (projected-gradient search for a sign change of each open
-    channel; its points are re-run through the network), ``lp`` (LP relaxation of the big-M
-    formulation per position and direction, after LP bound tightening of the earlier unstable
-    neurons it depends on), ``milp`` (per-position big-M MILP with ``M`` from the tightest bounds,
-    stopped as soon as the dual bound proves the sign or a feasible point shows a crossing).
+    channel from the box centre and random points, then from the data points nearest to crossing;
+    its points are re-run through the network), ``lp`` (LP relaxation of the big-M formulation per
+    position and direction; skipped where the LPs are large and the optimised slopes already ran on
+    the open neurons, which come close to them), ``milp`` (after LP bound tightening of the earlier
+    unstable neurons the open ones depend on, the 512 that weigh most, and the slopes again on
+    those bounds: a per-position big-M MILP with ``M`` from the tightest bounds, stopped as soon as
+    the dual bound proves the sign or a feasible point shows a crossing).
     Every LP/MILP is restricted to the neurons its target depends on (a conv position's receptive
     field), and a channel's positions are solved nearest-to-crossing first, in rounds, so one
     witness stops the channel. Layers are analysed in order; bounds of one layer tighten the
