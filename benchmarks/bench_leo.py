@@ -29,6 +29,7 @@ the existing ``results/leo.json``, leaving the other sections as they were measu
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import numpy as np
@@ -255,6 +256,35 @@ def _hard_cases(quick: bool) -> list[dict]:
     return rows
 
 
+def run_older(quick: bool = False) -> dict:
+    """Table 1 (with its summary) and the hard cases again, without the slow naive baseline."""
+    torch.set_num_threads(1)
+    seeds = [0] if quick else [0, 1, 2]
+    widths = (25, 50) if quick else WIDTHS
+    rows = []
+    for ds in DATASETS:
+        for w in widths:
+            for l1 in L1S:
+                for seed in seeds:
+                    row = _table_row(ds, w, l1, seed)[0]
+                    rows.append(row)
+                    print(
+                        f"   {ds} 2x{w} l1={l1:g} seed {seed}: removed {row['removed_per_layer']}, "
+                        f"{row['detect_seconds']:.2f} s, {row['decided_by']}",
+                        flush=True,
+                    )
+    hard = _hard_cases(quick)
+    return {
+        "table1": rows,
+        "table1_summary": _summary(rows),
+        "hard_cases": hard,
+        "all_exact": all(r["exact"] for r in rows + hard),
+        "all_exact_f32_abs_1e-5": all(r["exact_f32_abs_1e-5"] for r in rows + hard),
+        "worst_f32_diff": max(max(r["max_diff_data"], r["max_diff_domain"]) for r in rows + hard),
+        "worst_f64_diff": max(max(r["max_diff_data_f64"], r["max_diff_domain_f64"]) for r in rows + hard),
+    }
+
+
 def run(quick: bool = False) -> dict:
     torch.set_num_threads(1)
     seeds = [0] if quick else [0, 1, 2]
@@ -347,7 +377,7 @@ def _large_row(name: str, l1: float, executor=None) -> tuple[dict, object]:
     model = load_leo_model(name, l1=l1)
     domain = Domain.from_data(data.x_train)
     x_all = torch.cat([data.x_train, data.x_test])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     report = cetopt.find_stable_units(
         model,
         domain,
@@ -355,8 +385,10 @@ def _large_row(name: str, l1: float, executor=None) -> tuple[dict, object]:
         workers=LARGE_WORKERS,
         time_limit=LARGE_TIME_LIMIT,
         executor=executor,
+        progress=False,
     )
-    t_detect = time.perf_counter() - t0
+    t_detect, c_detect = time.perf_counter() - t0, time.process_time() - c0
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     compressed = cetopt.remove_stable_units(model, report)
     t_remove = time.perf_counter() - t0
@@ -382,6 +414,11 @@ def _large_row(name: str, l1: float, executor=None) -> tuple[dict, object]:
         "milps": report.milps,
         "milp_time": report.milp_time,
         "detect_seconds": t_detect,
+        "detect_cpu_seconds": c_detect,
+        "load_average_1min_after": load,
+        "layer_seconds": {r.name: r.time for r in report.layers},
+        "layer_lp_seconds": {r.name: r.lp_time for r in report.layers},
+        "layer_milp_seconds": {r.name: r.milp_time for r in report.layers},
         "remove_seconds": t_remove,
         "seconds": t_detect + t_remove,
         "failed_tasks": len(report.extra.get("failed_tasks", [])),
@@ -450,6 +487,7 @@ def run_large(quick: bool = False) -> dict:
         base, strong = mine.get(0.0), mine.get(1e-3)
         targets[name] = {
             "max_seconds": max(r["seconds"] for r in mine.values()),
+            "max_detect_cpu_seconds": max(r["detect_cpu_seconds"] for r in mine.values()),
             "within_60s": all(r["seconds"] <= 60 for r in mine.values()) if "conv" in name else None,
             "l1_1e-3_units_removed_pct": strong["units_removed_pct"] if strong else None,
             "l1_1e-3_accuracy_drop_pp": 100 * (base["test_accuracy"] - strong["test_accuracy"])
@@ -479,11 +517,34 @@ if __name__ == "__main__":
 
     from benchmarks.harness import RESULTS, write_result
 
-    if "--large" in sys.argv:
+    if "--large" in sys.argv or "--older" in sys.argv:
+        # re-measure some sections, keep the others as measured; `remeasured` says which are new
+        # (by the run that wrote this file, or, with `remeasured_earlier`, by an earlier partial run)
+        if "--quick" in sys.argv:
+            raise SystemExit("--quick runs the whole benchmark: python -m benchmarks.bench_leo --quick")
         path = RESULTS / "leo.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         keep = {k: v for k, v in old.items() if k not in ("benchmark", "quick", "machine")}
-        new = run_large(quick="--quick" in sys.argv)
-        old_machine = old.get("machine")
-        result = {**keep, **new, "machine_of_earlier_sections": old_machine}
+        new = run_large() if "--large" in sys.argv else run_older()
+        old_machine = old.get("machine_of_earlier_sections") or old.get("machine")
+        meta = ("remeasured", "remeasured_earlier", "machine_of_earlier_sections", "machine_of_remeasured")
+        sections = {k for k in keep if k not in meta}
+        earlier = dict(old.get("remeasured_earlier", {}))
+        earlier.update(
+            {k: old["machine"] for k, v in old.get("remeasured", {}).items() if v and k not in new}
+        )
+        earlier = {k: m for k, m in earlier.items() if k not in new}
+        remeasured = dict.fromkeys(sorted(sections - set(new)), False)
+        remeasured.update(dict.fromkeys(new, True))
+        remeasured.update(dict.fromkeys(earlier, True))
+        result = {
+            **keep,
+            **new,
+            "remeasured": remeasured,
+            "remeasured_earlier": {
+                k: {"date": m["date"], "git_commit": m["git_commit"]} if "date" in m else m
+                for k, m in earlier.items()
+            },
+            "machine_of_earlier_sections": old_machine,
+        }
         print(f"wrote {write_result('leo', result)}")

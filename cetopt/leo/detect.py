@@ -51,7 +51,9 @@ __all__ = ["find_stable_units"]
 _RANK = {s: i for i, s in enumerate(_ALL_STAGES)}
 _IPM_COLUMNS = 2000
 _SLOPE_ROWS = 128  # optimise slopes for at most this many open neurons of a layer
-_OBBT_UNITS = 1024  # OBBT on at most this many unstable neurons per earlier layer, most influential first
+_OBBT_UNITS = 512  # OBBT on at most this many unstable neurons per earlier layer, most influential first
+_DATA_STARTS = 8  # attack starts per open channel taken from the data
+_DATA_STEPS = 100
 
 
 @dataclass
@@ -119,6 +121,9 @@ class _Run:
     rejected: list[str] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)  # solve tasks that failed twice
     torch_net: NetworkTorch | None = None
+    data: np.ndarray | None = None  # the data points inside the domain (attack starts)
+    data_pres: dict = field(default_factory=dict)  # box -> (its data points, their pre-activations)
+    slopes_done: set = field(default_factory=set)  # (box, layer) where optimised slopes were run
 
     # -- witnesses -------------------------------------------------------------------------
     def witness(self, x: np.ndarray, stage: str) -> None:
@@ -194,6 +199,7 @@ class _Run:
         slopes = optimise_slopes(self.net, i, box, rows)
         if not slopes:
             return
+        self.slopes_done.add((b, i))
         lo, hi = linear_bounds(self.net, i, box, rows, slopes)
         full_lo, full_hi = box.lo[i].copy(), box.hi[i].copy()
         full_lo[rows], full_hi[rows] = np.maximum(full_lo[rows], lo), np.minimum(full_hi[rows], hi)
@@ -216,6 +222,47 @@ class _Run:
         box = self.boxes[b]
         points = search_sign_change(self.torch_net, i, channels, signs, box.lo[0], box.hi[0], seed=b)
         self.witness(points, "attack")
+        need_max, need_min = self.needs(b, i)  # what the random starts left open
+        channels = np.concatenate([np.unique(ch[need_max]), np.unique(ch[need_min])])
+        signs = np.concatenate(
+            [np.ones(np.unique(ch[need_max]).size), -np.ones(np.unique(ch[need_min]).size)]
+        )
+        starts = self.data_starts(b, i, channels, signs) if channels.size else None
+        if starts is not None:  # from the data points nearest to crossing, in small steps
+            points = search_sign_change(
+                self.torch_net,
+                i,
+                channels,
+                signs,
+                box.lo[0],
+                box.hi[0],
+                steps=_DATA_STEPS,
+                init=starts,
+                step=0.05,
+            )
+            self.witness(points, "attack")
+
+    def data_starts(self, b: int, i: int, channels: np.ndarray, signs: np.ndarray) -> np.ndarray | None:
+        """For each target channel, the ``_DATA_STARTS`` data points of box ``b`` whose most
+        positive (``signs`` +1) / most negative (−1) position of the channel is nearest to zero."""
+        if self.data is None or len(self.data) == 0:
+            return None
+        if b not in self.data_pres:
+            box = self.boxes[b]
+            inside = ((self.data >= box.lo[0]) & (self.data <= box.hi[0])).all(axis=1)
+            x = self.data[inside]
+            self.data_pres[b] = (x, self.net.preactivations(x) if len(x) else [])
+        x, pres = self.data_pres[b]
+        if len(x) == 0:
+            return None
+        positions = self.net.layers[i - 1].positions
+        g = pres[i - 1].reshape(len(x), -1, positions)
+        k = min(_DATA_STARTS, len(x))
+        out = np.empty((len(channels), k, x.shape[1]))
+        for t, (c, s) in enumerate(zip(channels, signs)):
+            value = (s * g[:, c]).max(axis=1)
+            out[t] = x[np.argsort(-value, kind="stable")[:k]]
+        return out
 
     def needs(self, b: int, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Neurons of layer ``i`` still to be maximised / minimised in box ``b``."""
@@ -409,12 +456,25 @@ class _Run:
                 self.solve(b, i, jobs, relax=relax)
                 quota *= 2
 
+    def big_lps(self, b: int, i: int) -> bool:
+        """Whether the LPs of layer ``i``'s open neurons are large (the optimised linear bounds,
+        already run on them, come close to these LPs at a small part of their cost)."""
+        if (b, i) not in self.slopes_done:
+            return False
+        open_ = np.union1d(*self.needs(b, i))
+        return open_.size > 0 and int(cone(self.net, i, open_[:1], self.boxes[b]).sum()) > _IPM_COLUMNS
+
     def milp_stage(self, b: int, i: int) -> None:
         if "lp" in self.cfg.stages:  # tighter bounds before big-M, then the LPs again on them
             self.tighten(b, i, np.union1d(*self.needs(b, i)))
-            for sense in ("max", "min"):
-                self.lp_done.pop(("lp", b, i, sense), None)
-            self.rounds(b, i, relax=True)
+            big = any(n.size for n in self.needs(b, i)) and self.big_lps(b, i)
+            if any(n.size for n in self.needs(b, i)):
+                self.slopes_done.discard((b, i))
+                self.optimised(b, i)  # the slopes again, on the tightened bounds
+            if not (big and (b, i) in self.slopes_done):  # big LPs add little to those slopes
+                for sense in ("max", "min"):
+                    self.lp_done.pop(("lp", b, i, sense), None)
+                self.rounds(b, i, relax=True)
         if any(n.size for n in self.needs(b, i)):
             self.rounds(b, i, relax=False)
 
@@ -525,10 +585,13 @@ def find_stable_units(
     the data is unstable), ``samples`` (same with random points of the domain), ``interval``
     (interval arithmetic), ``linear`` (symbolic linear bounds by back-substitution, every position
     of a layer in one pass), ``attack`` (projected-gradient search for a sign change of each open
-    channel; its points are re-run through the network), ``lp`` (LP relaxation of the big-M
-    formulation per position and direction, after LP bound tightening of the earlier unstable
-    neurons it depends on), ``milp`` (per-position big-M MILP with ``M`` from the tightest bounds,
-    stopped as soon as the dual bound proves the sign or a feasible point shows a crossing).
+    channel from the box centre and random points, then from the data points nearest to crossing;
+    its points are re-run through the network), ``lp`` (LP relaxation of the big-M formulation per
+    position and direction; skipped where the LPs are large and the optimised slopes already ran on
+    the open neurons, which come close to them), ``milp`` (after LP bound tightening of the earlier
+    unstable neurons the open ones depend on, the 512 that weigh most, and the slopes again on
+    those bounds: a per-position big-M MILP with ``M`` from the tightest bounds, stopped as soon as
+    the dual bound proves the sign or a feasible point shows a crossing).
     Every LP/MILP is restricted to the neurons its target depends on (a conv position's receptive
     field), and a channel's positions are solved nearest-to-crossing first, in rounds, so one
     witness stops the channel. Layers are analysed in order; bounds of one layer tighten the
@@ -609,8 +672,9 @@ def find_stable_units(
         net, domain, solver, stages, early_stop, propagate, margin, time_limit, workers, milp_units
     )
     run.cfg.executor = get_executor(executor, run.cfg.workers)
+    run.data = _data_points(data, domain, features)
     if "data" in stages:
-        run.witness(_data_points(data, domain, features), "data")
+        run.witness(run.data, "data")
     if "samples" in stages and samples > 0:
         run.witness(domain.sample(samples, seed), "samples")
     with progress_bar(len(net.layers), "leo: layers", progress) as bar:
@@ -697,8 +761,10 @@ def _analyse_layer(run: _Run, i: int, bar) -> None:
             run.attack(b, i)
         if any(n.size for n in run.needs(b, i)):
             run.optimised(b, i)
-        if "lp" in run.cfg.stages and any(n.size for n in run.needs(b, i)):
-            _stage(bar, run, b, i, "lp")
+        milp_next = "milp" in run.cfg.stages and "lp" in run.cfg.stages
+        open_ = any(n.size for n in run.needs(b, i))
+        if "lp" in run.cfg.stages and open_ and not (milp_next and run.big_lps(b, i)):
+            _stage(bar, run, b, i, "lp")  # (with big LPs and a MILP stage next: once, after OBBT)
             run.lp_stage(b, i)
         if "milp" in run.cfg.stages and any(n.size for n in run.needs(b, i)):
             _stage(bar, run, b, i, "milp")

@@ -130,10 +130,28 @@ class ReluNetwork:
         return _evaluate(self.output, values)
 
 
+_SPARSE_DENSITY = 0.1  # terms with fewer nonzeros than this (convolutions) are multiplied as CSR
+_CSR: dict[int, tuple[np.ndarray, object]] = {}  # id(term) -> (term, its CSR form or None)
+
+
+def _operand(m: np.ndarray):
+    """``m`` itself, or its CSR form where ``m`` is mostly zeros (cached per array)."""
+    hit = _CSR.get(id(m))
+    if hit is None or hit[0] is not m:
+        from scipy import sparse
+
+        csr = sparse.csr_matrix(m) if m.size and np.count_nonzero(m) < _SPARSE_DENSITY * m.size else None
+        if len(_CSR) > 256:
+            _CSR.clear()
+        hit = _CSR[id(m)] = (m, csr)
+    return m if hit[1] is None else hit[1]
+
+
 def _evaluate(expr: Expr, values: list[np.ndarray]) -> np.ndarray:
     out = np.broadcast_to(expr.const, (len(values[0]), expr.const.size)).copy()
     for k, m in expr.terms.items():
-        out += values[k] @ m.T
+        op = _operand(m)
+        out += values[k] @ m.T if op is m else (op @ values[k].T).T
     return out
 
 
