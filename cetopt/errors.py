@@ -138,3 +138,8 @@ class UnknownLayerError(AllocationArgumentError, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the message quoted
         return str(self.args[0]) if self.args else ""
+
+
+class CommandLineError(CetoptError, ValueError):
+    """A ``cetopt`` command-line argument cannot be used (``--model``, ``--data``, ``--checkpoint``,
+    ``--budget`` ...); the message names the flag, the value and what is wrong with it."""

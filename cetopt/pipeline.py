@@ -52,6 +52,7 @@ def compress(
     gptq: bool = True,
     bias_correction: bool = True,
     sequential: bool = True,
+    on_step: Callable[[str], None] | None = None,
     **allocate_options,
 ) -> CompressionResult:
     """Quantize ``model``'s weights to mixed precision within ``budget``.
@@ -92,16 +93,23 @@ def compress(
         each layer also compensates the errors of the layers before it. ``False`` calibrates every
         layer at once on the float model's inputs. Ignored when both ``gptq`` and
         ``bias_correction`` are off.
+    on_step : callable, optional
+        Called with ``"sensitivity"``, ``"allocation"`` and ``"quantization"`` as each step starts
+        (the command line prints a stage line from it).
     **allocate_options
         Any other keyword of :func:`cetopt.allocate` (``bops_budget``, ``ties``, ``min_bits`` ...).
     """
     estimate = channel_sensitivity if per_channel else sensitivity
     options = {} if probes is None else {"probes": probes}
+    step = on_step or (lambda name: None)
     clock = _StepClock()
+    step("sensitivity")
     table = estimate(model, data, bits, method, loss_fn=loss_fn, seed=seed, progress=progress, **options)
     clock.lap("sensitivity")
+    step("allocation")
     plan = allocate(table, budget, solver, time_limit, **allocate_options)
     clock.lap("allocation")
+    step("quantization")
     quantized = quantize(
         model,
         channel_bits(plan) if per_channel else plan,
