@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -53,10 +54,6 @@ class Stages:
         self.done += 1
         if not self.quiet:
             print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
-
-    def note(self, text: str) -> None:
-        if not self.quiet:
-            print(text, file=sys.stderr, flush=True)
 
 
 def _plain_numbers(text: str) -> str:
@@ -483,6 +480,8 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     from cetopt.deploy.runtime import MODES, runtime
     from cetopt.serialization import _build_architecture, load
 
+    if args.allow_import and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the file's module:attr, from the current folder
     model = load(args.model, allow_import=args.allow_import)
     fp32 = _build_architecture(getattr(model, "_cetopt_source", None), args.allow_import).eval()
     make_input = _latency_inputs(model)
