@@ -237,16 +237,97 @@ def generic(name: str, doc: Any, sections: Iterable[str] | None = None) -> list[
     return lines
 
 
+def _pct(stat: Any, spread: str = "sd") -> str:
+    """A statistic of a share (0.9944) as a percentage (``99.44 ± 0.45``)."""
+    if not is_stat(stat):
+        return fmt(stat)
+    text = f"{100 * stat['mean']:.2f}"
+    if isinstance(stat.get(spread), (int, float)):
+        text += f" ± {100 * stat[spread]:.2f}"
+    return text
+
+
+def _grid(corner: str, rows: dict[str, dict[str, str]]) -> list[str]:
+    """A table of ready-made cells: one row per key of ``rows``, columns in first-seen order."""
+    columns: list[str] = []
+    for cells in rows.values():
+        columns += [c for c in cells if c not in columns]
+    lines = ["| " + " | ".join(_escape(c) for c in [corner, *columns]) + " |"]
+    lines.append("|" + "---|" * (len(columns) + 1))
+    for name, cells in rows.items():
+        lines.append(
+            "| " + " | ".join(_escape(x) for x in [name, *(cells.get(c, "") for c in columns)]) + " |"
+        )
+    return [*lines, ""]
+
+
+def latency_headline(doc: dict) -> list[str]:
+    """Speed-up against fp32 PyTorch of every mode, per model and batch size."""
+    rows: dict[str, dict[str, str]] = {}
+    for model, entry in doc["latency"].items():
+        for batch in sorted(k for k in entry if k.startswith("batch")):
+            rows[f"{model}, {batch.removeprefix('batch')}"] = {
+                mode: fmt(r.get("speedup")) for mode, r in entry[batch].items() if isinstance(r, dict)
+            }
+    return [
+        "Speed-up against fp32 PyTorch (median of the timed runs; rows: model, batch size):",
+        "",
+        *_grid("model, batch", rows),
+    ]
+
+
+def selfcompress_headline(doc: dict) -> list[str]:
+    """Test accuracy % (the LM: loss) and file size as a share of fp32, mean ± sd over the seeds."""
+    rows: dict[str, dict[str, str]] = {}
+    for model, entry in doc["summary"].items():
+        lm = "lm" in model
+        rows[model] = {
+            variant: (fmt(v["loss"]) if lm else _pct(v["accuracy"]))
+            + (f" ({100 * v['size_ratio']['mean']:.1f}%)" if is_stat(v.get("size_ratio")) else "")
+            for variant, v in entry.items()
+            if isinstance(v, dict) and ("accuracy" in v or "loss" in v)
+        }
+    return [
+        "Test accuracy % (pydoc-char-lm: loss, nats/char), mean ± sd over the seeds, and in brackets the "
+        "file size as a share of fp32's:",
+        "",
+        *_grid("model", rows),
+    ]
+
+
+def sequential_headline(doc: dict) -> list[str]:
+    """Test accuracy % of each plan, one-pass and sequential calibration, mean ± standard error."""
+    rows = {
+        model: {
+            k: _pct(v, "se") for k, v in entry.items() if is_stat(v) and "minus" not in k and "ratio" not in k
+        }
+        for model, entry in doc["summary"].items()
+    }
+    return [
+        "Test accuracy % at 10× smaller weights, mean ± standard error over the seeds:",
+        "",
+        *_grid("model", rows),
+    ]
+
+
 @dataclass(frozen=True)
 class Known:
-    """How one known benchmark's file is shown: a title, what it measures, and its main sections."""
+    """How one known benchmark's file is shown: a title, what it measures, a headline table built
+    for it (optional) and its main sections."""
 
     title: str
     what: str
     sections: tuple[str, ...] | None = None
+    headline: Callable[[dict], list[str]] | None = None
 
     def __call__(self, name: str, doc: Any) -> list[str]:
-        return [self.what, "", *generic(name, doc, self.sections)]
+        lines = [self.what, ""]
+        if self.headline is not None and isinstance(doc, dict):
+            try:
+                lines += self.headline(doc)
+            except (KeyError, TypeError, AttributeError, ValueError):
+                lines += ["(the headline table does not fit this file's fields; the raw tables follow)", ""]
+        return [*lines, *generic(name, doc, self.sections)]
 
 
 #: One renderer per known benchmark; anything else gets :func:`generic`.
@@ -288,6 +369,7 @@ RENDERERS: dict[str, Callable[[str, Any], list[str]]] = {
         "Test accuracy of the 10× plans (ILP + cet per layer and per channel, uniform 3-bit) "
         "with one-pass and sequential GPTQ + bias correction, over 10 seeds, and the time ratio.",
         ("bits", "calibration_split", "summary"),
+        sequential_headline,
     ),
     "leo": Known(
         "LEO: stable ReLUs",
@@ -312,6 +394,7 @@ RENDERERS: dict[str, Callable[[str, Any], list[str]]] = {
         "Accuracy (LM: loss) against bytes on disk: fp32, self-compression with and without the "
         "preservation set, and the ILP at equal bytes, 3 seeds.",
         ("settings", "summary"),
+        selfcompress_headline,
     ),
     "depgraph_parity": Known(
         "Channel groups against Torch-Pruning's DepGraph",
@@ -324,6 +407,7 @@ RENDERERS: dict[str, Callable[[str, Any], list[str]]] = {
         "fp32 against every execution mode and onnxruntime fp32 / QDQ, batch 1 and 8, RSS; "
         "accuracy with activations quantized; weight × activation allocation.",
         None,
+        latency_headline,
     ),
     "transformers": Known(
         "Transformers",
