@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from cetopt.errors import _plain_numbers
+
 COMMANDS: dict[
     str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 ] = {}
@@ -54,11 +56,6 @@ class Stages:
         self.done += 1
         if not self.quiet:
             print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
-
-
-def _plain_numbers(text: str) -> str:
-    """``np.float64(0.5)`` → ``0.5`` in messages (NumPy 2 reprs of scalars)."""
-    return re.sub(r"np\.(?:float|int|uint|bool_?)\d*\(([^()]*)\)", r"\1", text)
 
 
 def _ratio_line(what: str, small: float, large: float) -> str:

@@ -220,3 +220,6 @@ def test_every_help_shows_defaults_and_numbers_print_plainly():
         if "--seed" in child._option_string_actions:
             assert child._option_string_actions["--seed"].help
     assert _plain_numbers("got np.float64(0.25) and np.int64(3)") == "got 0.25 and 3"
+    from cetopt.errors import BudgetError
+
+    assert str(BudgetError(f"budget {np.float64(0.5)!r}")) == "budget 0.5"
