@@ -61,19 +61,26 @@ class Stages:
 def _ratio_line(what: str, small: float, large: float) -> str:
     """``what: 15144 of 151360 bytes = 9.99x smaller (10.0% of fp32)``: the ratio both ways."""
     share = 100 * small / large
-    return f"{what}: {small:.0f} of {large:.0f} bytes = {large / small:.2f}x smaller ({share:.1f}% of fp32)"
+    factor = f"{large / small:.2f}x smaller" if small <= large else f"{small / large:.2f}x larger"
+    return f"{what}: {small:.0f} of {large:.0f} bytes = {factor} ({share:.1f}% of fp32)"
+
+
+OTHER_TENSORS = "biases, BatchNorm, layers kept in float32"
 
 
 def _size_lines(
-    saved, fp32_weight_bytes: float | None, fp32_file_bytes: int, budget_note: str = ""
+    saved,
+    fp32_weight_bytes: float | None,
+    fp32_file_bytes: int,
+    budget_note: str = "",
+    other: str = OTHER_TENSORS,
 ) -> list[str]:
     """What the file's bytes are, and the compression ratio both ways."""
     lines = [
         f"size on disk: {saved.bytes_on_disk} bytes = {saved.quantized_bytes} quantized weights "
         "(packed codes + a float32 scale and a uint8 bit width per output channel) + "
-        f"{saved.other_bytes} other tensors "
-        f"(biases, BatchNorm, layers kept in float32) + {saved.header_bytes} header (safetensors header "
-        "and metadata)"
+        f"{saved.other_bytes} other tensors ({other}) + {saved.header_bytes} header (safetensors "
+        "header and metadata)"
     ]
     if fp32_weight_bytes:
         lines.append(
@@ -643,7 +650,8 @@ def run_decompose(args: argparse.Namespace) -> int:
         out = Path(args.out)
         saved = save(new, out / "model.safetensors", source=source)
         fp32_file = saved_size(model, source=source)
-        for line in _size_lines(saved, None, fp32_file):
+        other = "factors, sparse values and their int64 positions, float layers, biases, BatchNorm"
+        for line in _size_lines(saved, None, fp32_file, other=other):
             print(line)
         report = {"model": source, "accuracy_fp32": before, "accuracy_compressed": after, **plan.to_dict()}
         report.update(
