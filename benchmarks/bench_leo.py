@@ -486,4 +486,4 @@ if __name__ == "__main__":
         new = run_large(quick="--quick" in sys.argv)
         old_machine = old.get("machine")
         result = {**keep, **new, "machine_of_earlier_sections": old_machine}
-        print(f"wrote {write_result('leo', result)}")
+        print(f"wrote {write_result('leo', result, quick='--quick' in sys.argv)}")  # quick: untracked
