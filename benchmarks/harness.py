@@ -105,8 +105,9 @@ def with_deadline(fn: Callable[[], Any], deadline: float) -> tuple[Any, float, b
 
 
 def write_result(name: str, data: dict[str, Any], *, quick: bool = False) -> Path:
-    """Write ``results/<name>.json`` (``<name>.quick.json`` for quick runs) with machine information."""
-    path = RESULTS / (f"{name}.quick.json" if quick else f"{name}.json")
+    """Write ``results/<name>.json`` with machine information; quick runs go to the untracked
+    ``results/quick/<name>.json``, so a smoke run never rewrites a committed result."""
+    path = RESULTS / "quick" / f"{name}.json" if quick else RESULTS / f"{name}.json"
     return atomic_write_json(path, {"benchmark": name, "quick": quick, "machine": machine_info(), **data})
 
 

@@ -6,9 +6,24 @@ All of them derive from :class:`CetoptError` and from the matching builtin (``Va
 
 from __future__ import annotations
 
+import re
+
+_NUMPY_SCALAR = re.compile(r"np\.(?:float|int|uint|bool_?|complex)\d*\(([^()]*)\)")
+
+
+def _plain_numbers(text: str) -> str:
+    """``np.float64(0.5)`` → ``0.5``: NumPy 2 scalar reprs read as numbers in messages."""
+    return _NUMPY_SCALAR.sub(r"\1", text)
+
 
 class CetoptError(Exception):
-    """Base class of every error cetopt raises on purpose."""
+    """Base class of every error cetopt raises on purpose.
+
+    Its message shows NumPy scalars as plain numbers (``0.5``, not ``np.float64(0.5)``).
+    """
+
+    def __str__(self) -> str:
+        return _plain_numbers(super().__str__())
 
 
 class ProblemError(CetoptError, ValueError):
@@ -138,3 +153,8 @@ class UnknownLayerError(AllocationArgumentError, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the message quoted
         return str(self.args[0]) if self.args else ""
+
+
+class CommandLineError(CetoptError, ValueError):
+    """A ``cetopt`` command-line argument cannot be used (``--model``, ``--data``, ``--checkpoint``,
+    ``--budget`` ...); the message names the flag, the value and what is wrong with it."""

@@ -55,6 +55,7 @@ def compress(
     sequential: bool = True,
     group_sizes: Sequence[int | None] | None = None,
     act_order: bool = True,
+    on_step: Callable[[str], None] | None = None,
     **allocate_options,
 ) -> CompressionResult:
     """Quantize ``model``'s weights to mixed precision within ``budget``.
@@ -102,6 +103,9 @@ def compress(
         scale bytes counted in the budget; ``plan.groups`` holds the choice. Per layer only.
     act_order : bool
         GPTQ's act-order (columns in decreasing input energy).
+    on_step : callable, optional
+        Called with ``"sensitivity"``, ``"allocation"`` and ``"quantization"`` as each step starts
+        (the command line prints a stage line from it).
     **allocate_options
         Any other keyword of :func:`cetopt.allocate` (``bops_budget``, ``ties``, ``min_bits`` ...).
     """
@@ -111,11 +115,15 @@ def compress(
         if per_channel:
             raise CetoptError("group_sizes works with per-layer plans only; pass per_channel=False")
         options["group_sizes"] = group_sizes
+    step = on_step or (lambda name: None)
     clock = _StepClock()
+    step("sensitivity")
     table = estimate(model, data, bits, method, loss_fn=loss_fn, seed=seed, progress=progress, **options)
     clock.lap("sensitivity")
+    step("allocation")
     plan = allocate(table, budget, solver, time_limit, **allocate_options)
     clock.lap("allocation")
+    step("quantization")
     quantized = quantize(
         model,
         channel_bits(plan) if per_channel else plan,

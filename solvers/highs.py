@@ -146,8 +146,7 @@ class HighsSolver(Solver):
         elapsed = time.perf_counter() - t0
         solution = self._read_result(h, problem, elapsed)
         stats = dict(solution.stats)
-        if dropped:
-            stats["dropped_small_entries"] = dropped
+        stats["dropped_small_entries"] = int(dropped)  # present when 0 too
         log = "".join(log_lines)
         if want_report:
             stats.update(parse_solving_report(log))

@@ -285,7 +285,18 @@ def _make_plan(setup: _Setup, answer, limits, seconds: float) -> Plan:
 
 
 class ParetoFront:
-    """Plans over a sweep of budgets: predicted loss increase against bytes."""
+    """Plans over a sweep of budgets: predicted loss increase against bytes.
+
+    Attributes
+    ----------
+    plans : list of Plan
+        One plan per budget, sorted by budget (several budgets can give the same plan once the
+        budget no longer binds, e.g. when every layer already sits at its widest bits).
+    bytes : ndarray
+        Each plan's quantized-weight bytes (codes + per-channel scale and bit width).
+    predicted_loss : ndarray
+        Each plan's predicted loss increase (the summed sensitivities).
+    """
 
     def __init__(self, plans: list[Plan]):
         self.plans = sorted(plans, key=lambda p: p.budget_bytes)
@@ -316,7 +327,11 @@ class ParetoFront:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         ratio = np.array([p.compression_ratio for p in self.plans])
         ax.plot(self.bytes / 1024, self.predicted_loss, "o-", color="tab:blue")
+        shown: set[tuple[float, float]] = set()
         for x, y, r, p in zip(self.bytes / 1024, self.predicted_loss, ratio, self.plans):
+            if (round(x, 6), round(y, 12)) in shown:  # saturated budgets repeat a plan: label it once
+                continue
+            shown.add((round(x, 6), round(y, 12)))
             ax.annotate(
                 f"{r:.1f}x, {p.average_bits:.2f} b",
                 (x, y),

@@ -20,6 +20,7 @@ from cetopt.errors import BudgetError
 __all__ = [
     "BYTES_PER_CHANNEL",
     "BYTES_PER_GROUP",
+    "check_budget",
     "fp32_weight_bytes",
     "group_scale_bytes",
     "option_bytes",
@@ -119,3 +120,50 @@ def parse_budget(budget: float | str, table: SensitivityTable, name: str = "budg
     if not np.isfinite(value) or value <= 0:
         raise BudgetError(f"{name} must be a positive finite amount, got {budget!r}")
     return value
+
+
+def check_budget(budget: float | str, name: str = "budget") -> str:
+    """Check a budget's form before any work, without a table; return its kind.
+
+    Parameters
+    ----------
+    budget : float or str
+        As :func:`parse_budget` takes it.
+    name : str
+        The argument's name, for error messages.
+
+    Returns
+    -------
+    str
+        ``"bytes"``, ``"ratio"`` or ``"bits"``.
+
+    Raises
+    ------
+    BudgetError
+        The same errors :func:`parse_budget` raises for the budget's form (unreadable, a ratio
+        below 1, not positive), so ``"0.5x"`` fails before the sensitivities are measured.
+    """
+    if isinstance(budget, str):
+        with contextlib.suppress(ValueError):
+            budget = float(budget)
+    if isinstance(budget, (int, float, np.integer, np.floating)) and not isinstance(budget, (bool, np.bool_)):
+        kind, value = "bytes", float(budget)
+    elif isinstance(budget, str) and (m := _RATIO.match(budget)):
+        kind, value = "ratio", float(m.group(1))
+        if not value >= 1:
+            raise BudgetError(
+                f"{name} {budget!r}: a compression ratio must be at least 1 (float32 size); "
+                f"below 1 it would allow more bytes than the float32 weights"
+            )
+    elif isinstance(budget, str) and (m := _BITS.match(budget)) and m.group(2).lower() != "b":
+        kind, value = "bits", float(m.group(1))
+    elif isinstance(budget, str) and (m := _BYTES.match(budget)):
+        kind, value = "bytes", float(m.group(1))
+    else:
+        raise BudgetError(
+            f"cannot read {name} {budget!r}: give bytes (120000, '120kb'), a ratio ('10x') or "
+            "average bits ('3.2bits')"
+        )
+    if not np.isfinite(value) or value <= 0:
+        raise BudgetError(f"{name} must be a positive finite amount, got {budget!r}")
+    return kind

@@ -215,6 +215,12 @@ class Plan:
         channels at each width, e.g. ``2×10 3×54`` (10 channels at 2 bits, 54 at 3). Past
         ``max_rows`` layers only the first ``max_rows`` are listed, followed by how many more there
         are and how many rows sit at each width (``max_rows=None`` lists every layer).
+
+        ``bytes`` are quantized-weight bytes as :func:`cetopt.save` writes them: packed codes plus
+        a float32 scale and a uint8 bit width per output channel. That is what every budget counts
+        (``"10x"`` is the float32 size of these weights over 10; ``"3.2bits"`` is 3.2 bits of codes
+        per weight plus the per-channel scales and widths); biases, BatchNorm and the file header
+        come on top. ``predicted Δloss`` is the sum of the chosen options' sensitivities.
         """
         layers, texts, sizes, losses, count = self._layer_rows(max_rows)
         rows = [("layer", "bits", "bytes", "predicted Δloss")]

@@ -210,13 +210,20 @@ def _dataset_of(name: str) -> str:
     return name.split("-")[0]
 
 
+def _leo_name(name: str) -> str:
+    """The zoo's MLP spelling ``digits-mlp-2x100`` as LEO's ``digits-2x100`` (same cache file)."""
+    return re.sub(r"^(digits|digits28|digits32|mnist1d)-mlp-(\d+x\d+)$", r"\1-\2", name)
+
+
 def build_leo_model(name: str) -> nn.Module:
     """The untrained architecture ``name``.
 
     ``<digits|digits28|digits32|mnist1d>-<depth>x<width>`` (MLPs), ``digits-conv`` (8 and 16
     channels) / ``digits-conv<c1>x<c2>`` (:class:`DigitsConvNet`), ``digits28-conv`` /
-    ``digits32-conv[<c1>x<c2>]`` (:class:`StridedConvNet` on the upsampled digits).
+    ``digits32-conv[<c1>x<c2>]`` (:class:`StridedConvNet` on the upsampled digits). The MLPs
+    also answer to the zoo's spelling, ``digits-mlp-2x100``.
     """
+    name = _leo_name(name)
     strided = _STRIDED.match(name)
     if strided is not None:
         channels = [int(c) for c in strided.groups()[1:] if c is not None]
@@ -227,8 +234,8 @@ def build_leo_model(name: str) -> nn.Module:
     match = _NAME.match(name)
     if match is None:
         raise CetoptError(
-            f"unknown LEO model {name!r}; use <digits|digits28|digits32|mnist1d>-<depth>x<width>, "
-            "digits-conv or digits28-conv / digits32-conv"
+            f"unknown LEO model {name!r}; use <digits|digits28|digits32|mnist1d>-mlp-<depth>x<width> "
+            "(e.g. digits-mlp-2x100), digits-conv or digits28-conv / digits32-conv"
         )
     dataset, depth, width = match.group(1), int(match.group(2)), int(match.group(3))
     return MLP(_INPUTS[dataset], width, depth)
@@ -237,8 +244,10 @@ def build_leo_model(name: str) -> nn.Module:
 def load_leo_model(name: str, l1: float, seed: int = 0, epochs: int | None = None) -> nn.Module:
     """A trained LEO benchmark network in eval mode, from the cache or trained now (deterministic).
 
-    ``model.zoo_info`` holds the validation/test accuracy and training time.
+    ``model.zoo_info`` holds the validation/test accuracy and training time. MLPs take either
+    spelling, ``digits-mlp-2x100`` (the zoo's) or ``digits-2x100``.
     """
+    name = _leo_name(name)
     dataset = _dataset_of(name)
     recipe = leo_recipe(l1, dataset, epochs)
     with torch.random.fork_rng():

@@ -68,3 +68,12 @@ def test_unbounded_or_infeasible_is_resolved():
 def test_empty_model():
     sol = cetopt.solve(cetopt.MILP(c=np.zeros(0), offset=3.0), "highs")
     assert sol.status == "optimal" and sol.objective == 3.0
+
+
+def test_dropped_small_entries_is_reported_when_zero():
+    import scipy.sparse as sp
+
+    import cetopt
+
+    problem = cetopt.MILP(c=[1.0], A=sp.csr_matrix([[1.0]]), row_lower=[1.0], integrality=[True])
+    assert cetopt.solve(problem, "highs").stats["dropped_small_entries"] == 0
