@@ -138,3 +138,7 @@ class UnknownLayerError(AllocationArgumentError, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the message quoted
         return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(CetoptError, ImportError):
+    """A feature needs an optional package that is not installed; the message names it and its extra."""
