@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from cetopt._io import atomic_write_bytes
-from cetopt.errors import MissingDependencyError
 from cetopt.deploy.activations import ActivationRanges, calibrate_activations
 from cetopt.deploy.runtime import (
     DeployLinear,
@@ -35,6 +34,7 @@ from cetopt.deploy.runtime import (
     int8_codes,
     runtime,
 )
+from cetopt.errors import MissingDependencyError
 from cetopt.graph.trace import as_input_tuple
 
 __all__ = ["ExportedOnnx", "export_onnx"]
@@ -262,7 +262,11 @@ def _cast_bool_cumsum(graph):
         if types.get(node.input[0]) != TensorProto.BOOL:
             continue
         cast = helper.make_node(
-            "Cast", [node.input[0]], [f"{node.input[0]}_int64"], to=TensorProto.INT64, name=f"{node.name}_cast"
+            "Cast",
+            [node.input[0]],
+            [f"{node.input[0]}_int64"],
+            to=TensorProto.INT64,
+            name=f"{node.name}_cast",
         )
         g.node.insert(list(g.node).index(node), cast)
         node.input[0] = cast.output[0]

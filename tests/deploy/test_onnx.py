@@ -85,6 +85,6 @@ def test_missing_onnx_is_a_named_error(tiny, tmp_path, monkeypatch):
 
     _, q, x = tiny
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
-    with pytest.raises(MissingDependencyError, match="'onnx'.*cetopt\\[onnx\\]"):
+    with pytest.raises(MissingDependencyError, match=r"'onnx'.*cetopt\[onnx\]"):
         export_onnx(q, tmp_path / "m.onnx", x[:2], calibration=[x])
     assert not (tmp_path / "m.onnx").exists()
