@@ -30,7 +30,9 @@ def test_zoo_models_export_and_match_in_onnxruntime(any_zoo_case, tmp_path):
 def test_export_is_atomic_and_leaves_no_temporary_files(tiny, tmp_path):
     _, q, x = tiny
     path = tmp_path / "m.onnx"
+    before = {k: v.clone() for k, v in q.state_dict().items()}
     result = export_onnx(q, path, x[:2], calibration=[x])
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())  # model untouched
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
     assert result.max_abs_diff <= result.tolerance
     dq = [n for n in onnx.load(path).graph.node if n.op_type == "DequantizeLinear"]

@@ -135,3 +135,19 @@ def test_dequant_cached_exports_with_torch_export(tiny):
     fast = runtime(q, "dequant-cached")
     program = torch.export.export(fast, (x,))
     assert torch.allclose(program.module()(x), q(x), atol=1e-6)
+
+
+def test_dequant_cached_is_a_plain_float_model(tiny):
+    """No hooks, no wrappers, contiguous float32 weights: the float kernels, nothing around them."""
+    from torch import nn
+
+    _, q, _ = tiny
+    fast = runtime(q, "dequant-cached")
+    layers = [m for m in fast.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert len(layers) == 3
+    for m in fast.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    for m in layers:
+        base = nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d
+        assert type(m).forward is base.forward
+        assert m.weight.dtype == torch.float32 and m.weight.is_contiguous() and not m.weight.requires_grad
