@@ -1,15 +1,20 @@
 """Latency of the execution modes against fp32 (PyTorch and onnxruntime), and accuracy with activations
 quantized.
 
-* Latency: ResNet-18 and MobileNetV2 at 224×224 (random init), a Llama-style LM from a
-  ``transformers`` config (random init, 64 tokens) and the zoo models, every weight at 8 bits. fp32
-  vs each mode (``reference``, ``dequant-cached``, ``int8``, ``weight-only`` for LMs) vs onnxruntime
-  fp32 / QDQ, batch 1 and 8, median of ≥ 20 runs timed round-robin in one process, with quartiles,
-  and the process's RSS. Output agreement of every mode with the reference.
+* Latency: ResNet-18 and MobileNetV2 at 224×224 (random init, BatchNorm statistics perturbed), a
+  Llama-style 58M LM from a ``transformers`` config (random init, 64 tokens) and every zoo model,
+  every weight at 8 bits. fp32 vs each mode (``reference``, ``dequant-cached``, ``int8``,
+  ``fake-int8``, ``weight-only`` for LMs) vs onnxruntime fp32 / QDQ, batch 1 and 8, 20 rounds timed
+  interleaved in one process (each round calls every candidate once, the order rotated), one
+  intra-op thread per engine. Per candidate: wall-clock and CPU-time medians and quartiles,
+  speed-ups as medians (and quartiles) of per-round ratios against fp32, the peak RSS during one
+  call, the weights' MB; output agreement of every mode with the reference.
 * Accuracy: digits-resnet and mnist1d-cnn compressed at 10× weight bytes; the same plan with
   activations at 8 bits (fake-int8 with min-max / percentile / MSE ranges, the int8 kernels,
   onnxruntime QDQ), per channel and at 4 bits (simulated).
 * W×A allocation: activation bits chosen per layer inside the knapsack under BOPs budgets.
+
+``--quick``: 64×64 images, a 2-layer Llama, two zoo models, 5 rounds, no accuracy part.
 """
 
 from __future__ import annotations
