@@ -57,7 +57,10 @@ def test_weight_only_matches_reference_and_names_fallbacks(tiny):
     assert "'conv'" in messages  # no weight-only conv kernel: float
     assert "'fc'" not in messages  # 128 → 48: the int4 kernel fits
     assert "'out'" in messages and "int8 weight kernel" in messages  # K = 48: int4 rejects it
-    assert torch.allclose(fast(x), q(x), atol=1e-4)
+    # bfloat16 inputs into the kernels: about 2⁻⁹ relative per rounding, two layers deep
+    ref = q(x)
+    assert (fast(x) - ref).abs().max() <= 1e-2 * ref.abs().max()
+    assert not torch.equal(fast(x), ref)  # the kernels ran (float would reproduce it exactly)
 
 
 def test_wide_codes_fall_back_with_the_layer_named(tiny):
