@@ -196,13 +196,11 @@ def _latency_case(name, model, make_input, calibration, lm, runs, tmp) -> dict:
         for key in ("ort-fp32", "ort-qdq"):
             if key in ort:
                 cands[key] = lambda s=ort[key], f=feed: s.run(None, {"input0": f})
-        # weight-only runs many times slower than fp32 here; at batch 8 the two simulation modes
-        # (reference: dequantize per call, fake-int8: fake-quant in float) run half the rounds
+        # at batch 8 the two simulation modes (reference: dequantize per call; fake-int8:
+        # fake-quant in float) run half the rounds
         half = max(10, runs // 2)
-        slow = {"weight-only": 3} if batch == 1 else {"reference": half, "fake-int8": half}
-        if batch == 8:
-            cands.pop("weight-only", None)
-        stats = measure_latency(cands, runs=runs, baseline="fp32", runs_for=slow, warmup=1)
+        slow = {} if batch == 1 else {"reference": half, "fake-int8": half}
+        stats = measure_latency(cands, runs=runs, baseline="fp32", runs_for=slow, warmup=2, min_sample_s=0.01)
         for key, fn in cands.items():
             stats[key]["rss_during_call"] = peak_rss_of_call(fn)
         if "ort-fp32" in stats and "ort-qdq" in stats:  # ratios of medians (both timed every round)

@@ -10,6 +10,7 @@ candidate call, so a load spike that lasts a round cancels.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import resource
@@ -91,6 +92,7 @@ def measure_latency(
     warmup: int = 2,
     baseline: str | None = None,
     runs_for: Mapping[str, int] | None = None,
+    min_sample_s: float = 0.0,
 ) -> dict:
     """Time each candidate ``runs`` times, interleaved (one call of each per round, rotated).
 
@@ -106,6 +108,10 @@ def measure_latency(
         ``speedup_of_medians`` the ratio of the two wall-clock medians.
     runs_for : dict of str to int, optional
         Fewer runs for candidates too slow for ``runs`` (they drop out of later rounds).
+    min_sample_s : float
+        A candidate whose call takes less (timed in the warm-up) is called ``k`` times in a row
+        per sample, ``k`` chosen so a sample lasts about this long; the figures are per call.
+        Sub-millisecond calls timed one by one are dominated by timer and cache noise.
 
     Returns
     -------
@@ -116,10 +122,15 @@ def measure_latency(
     runs_for = dict(runs_for or {})
     wall: dict[str, list[float]] = {k: [] for k in candidates}
     cpu: dict[str, list[float]] = {k: [] for k in candidates}
+    repeat: dict[str, int] = {}
     with torch.inference_mode():
-        for fn in candidates.values():
-            for _ in range(warmup):
+        for name, fn in candidates.items():
+            calls = max(warmup, 1 if min_sample_s > 0 else 0)
+            t0 = time.perf_counter()
+            for _ in range(calls):
                 fn()
+            once = (time.perf_counter() - t0) / max(calls, 1)
+            repeat[name] = max(1, min(1000, math.ceil(min_sample_s / max(once, 1e-7))))
         names = list(candidates)
         for i in range(runs):
             # round i starts at candidate i (mod n): every candidate runs after every other one
@@ -127,13 +138,14 @@ def measure_latency(
             for name in names[i % len(names) :] + names[: i % len(names)]:
                 if i >= runs_for.get(name, runs):
                     continue
-                fn = candidates[name]
+                fn, k = candidates[name], repeat[name]
                 c0, t0 = time.process_time(), time.perf_counter()
-                fn()
+                for _ in range(k):
+                    fn()
                 t1, c1 = time.perf_counter(), time.process_time()
-                wall[name].append(t1 - t0)
-                cpu[name].append(c1 - c0)
-    out = {k: _summary(wall[k], cpu[k]) for k in candidates}
+                wall[name].append((t1 - t0) / k)
+                cpu[name].append((c1 - c0) / k)
+    out = {k: {**_summary(wall[k], cpu[k]), "calls_per_sample": repeat[k]} for k in candidates}
     if baseline is not None:
         for k, v in out.items():
             n = min(len(wall[k]), len(wall[baseline]))

@@ -28,3 +28,10 @@ def test_peak_rss_of_a_call_sees_its_own_allocation():
     seen = peak_rss_of_call(allocate)
     assert seen["over_rss_mb"] >= 48 and seen["peak_mb"] >= seen["over_rss_mb"]
     assert peak_rss_of_call(lambda: None)["over_rss_mb"] < 16
+
+
+def test_fast_calls_are_repeated_per_sample():
+    calls = []
+    out = measure_latency({"x": lambda: calls.append(1)}, runs=3, warmup=1, min_sample_s=1e-3)
+    k = out["x"]["calls_per_sample"]
+    assert k > 1 and len(calls) == 1 + 3 * k
