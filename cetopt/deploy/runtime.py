@@ -60,6 +60,7 @@ __all__ = [
 
 MODES = ("reference", "dequant-cached", "int8", "fake-int8", "weight-only")
 _INT4_GROUP = 32  # group size passed to the int4 kernel (every group of a row shares its scale)
+_INT8_K_MULTIPLE = 16  # aten._weight_int8pack_mm's bfloat16 path needs in_features % 16 == 0
 
 
 class KernelFallbackWarning(UserWarning):
@@ -415,6 +416,7 @@ def _weight_only(name: str, m: nn.Module) -> nn.Module | None:
     if bits > 8:
         _fallback(name, f"no CPU kernel takes {bits}-bit weights", "in float32")
         return m
+    int8_fits = m.in_features % _INT8_K_MULTIPLE == 0
     if bits <= 4:
         if m.in_features % _INT4_GROUP == 0 and m.out_features % 16 == 0:
             return Int4WeightLinear(m, name)
@@ -422,8 +424,19 @@ def _weight_only(name: str, m: nn.Module) -> nn.Module | None:
             name,
             f"the int4 kernel needs in_features divisible by {_INT4_GROUP} and out_features by 16 "
             f"(got {m.in_features}, {m.out_features})",
-            "on the int8 weight kernel",
+            "on the int8 weight kernel" if int8_fits else "in float32",
         )
+        if not int8_fits:
+            return m
+    if not int8_fits:
+        # the kernel's bfloat16 path crashes on other widths (torch 2.13) and its float32 path
+        # is 30-50x slower than a float32 matmul: the float layer is the faster fallback
+        _fallback(
+            name,
+            f"the int8 weight kernel needs in_features divisible by {_INT8_K_MULTIPLE} (got {m.in_features})",
+            "in float32",
+        )
+        return m
     return Int8WeightLinear(m, name)
 
 

@@ -154,3 +154,20 @@ def test_dequant_cached_is_a_plain_float_model(tiny):
         base = nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d
         assert type(m).forward is base.forward
         assert m.weight.dtype == torch.float32 and m.weight.is_contiguous() and not m.weight.requires_grad
+
+
+def test_weight_only_widths_the_int8_kernel_cannot_take_run_in_float(tiny):
+    """in_features 24: the int8 weight kernel's bfloat16 path needs a multiple of 16 (it crashed)."""
+    from torch import nn
+
+    from tests.deploy.conftest import quantize_all
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 16)).eval()
+    q = quantize_all(model, 8)
+    with pytest.warns(KernelFallbackWarning, match=r"'2'.*divisible by 16 \(got 24\).*float32"):
+        fast = runtime(q, "weight-only")
+    assert isinstance(fast[2], nn.Linear) and not isinstance(fast[0], nn.Linear)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        assert (fast(x) - q(x)).abs().max() <= 1e-2 * q(x).abs().max()
