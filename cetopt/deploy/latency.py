@@ -109,9 +109,10 @@ def measure_latency(
     runs_for : dict of str to int, optional
         Fewer runs for candidates too slow for ``runs`` (they drop out of later rounds).
     min_sample_s : float
-        A candidate whose call takes less (timed in the warm-up) is called ``k`` times in a row
-        per sample, ``k`` chosen so a sample lasts about this long; the figures are per call.
-        Sub-millisecond calls timed one by one are dominated by timer and cache noise.
+        When the baseline's call (its fastest warm-up call) takes less, every candidate is called
+        ``k`` times in a row per sample, the same ``k`` for all, chosen so a baseline sample lasts
+        about this long; the figures are per call. Sub-millisecond calls timed one by one are
+        dominated by timer and cache noise.
 
     Returns
     -------
@@ -122,15 +123,20 @@ def measure_latency(
     runs_for = dict(runs_for or {})
     wall: dict[str, list[float]] = {k: [] for k in candidates}
     cpu: dict[str, list[float]] = {k: [] for k in candidates}
-    repeat: dict[str, int] = {}
+    fastest: dict[str, float] = {}
     with torch.inference_mode():
         for name, fn in candidates.items():
-            calls = max(warmup, 1 if min_sample_s > 0 else 0)
-            t0 = time.perf_counter()
-            for _ in range(calls):
+            fastest[name] = math.inf
+            for _ in range(max(warmup, 1 if min_sample_s > 0 else 0)):
+                t0 = time.perf_counter()
                 fn()
-            once = (time.perf_counter() - t0) / max(calls, 1)
-            repeat[name] = max(1, min(1000, math.ceil(min_sample_s / max(once, 1e-7))))
+                fastest[name] = min(fastest[name], time.perf_counter() - t0)
+        # one count for every candidate (from the baseline's, else the slowest's, fastest warm-up
+        # call): a sample's first call finds the caches cold after the other candidates ran, and
+        # a candidate repeated fewer times would pay that more per call
+        ref = fastest[baseline] if baseline is not None else max(fastest.values(), default=0.0)
+        k = 1 if min_sample_s <= 0 else max(1, min(1000, math.ceil(min_sample_s / max(ref, 1e-7))))
+        repeat = dict.fromkeys(candidates, k)
         names = list(candidates)
         for i in range(runs):
             # round i starts at candidate i (mod n): every candidate runs after every other one

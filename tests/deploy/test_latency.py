@@ -1,4 +1,5 @@
 import sys
+import time
 
 import pytest
 
@@ -30,8 +31,10 @@ def test_peak_rss_of_a_call_sees_its_own_allocation():
     assert peak_rss_of_call(lambda: None)["over_rss_mb"] < 16
 
 
-def test_fast_calls_are_repeated_per_sample():
+def test_fast_calls_are_repeated_per_sample_the_same_number_of_times():
     calls = []
-    out = measure_latency({"x": lambda: calls.append(1)}, runs=3, warmup=1, min_sample_s=1e-3)
-    k = out["x"]["calls_per_sample"]
-    assert k > 1 and len(calls) == 1 + 3 * k
+    cands = {"fp32": lambda: calls.append(1), "slow": lambda: time.sleep(1e-4)}
+    out = measure_latency(cands, runs=3, warmup=1, min_sample_s=1e-3, baseline="fp32")
+    k = out["fp32"]["calls_per_sample"]
+    assert k > 1 and out["slow"]["calls_per_sample"] == k and len(calls) == 1 + 3 * k
+    assert out["slow"]["median_s"] >= 1e-4  # per call, not per sample
