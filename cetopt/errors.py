@@ -158,3 +158,7 @@ class UnknownLayerError(AllocationArgumentError, KeyError):
 class CommandLineError(CetoptError, ValueError):
     """A ``cetopt`` command-line argument cannot be used (``--model``, ``--data``, ``--checkpoint``,
     ``--budget`` ...); the message names the flag, the value and what is wrong with it."""
+
+
+class MissingDependencyError(CetoptError, ImportError):
+    """A feature needs an optional package that is not installed; the message names it and its extra."""

@@ -10,7 +10,9 @@ group into one int8 operator (QLinearConv, QLinearMatMul, ...). onnx and onnxrun
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 import io
 import os
 import warnings
@@ -32,6 +34,7 @@ from cetopt.deploy.runtime import (
     int8_codes,
     runtime,
 )
+from cetopt.errors import MissingDependencyError
 from cetopt.graph.trace import as_input_tuple
 
 __all__ = ["ExportedOnnx", "export_onnx"]
@@ -132,7 +135,7 @@ def export_onnx(
     -------
     ExportedOnnx
     """
-    import onnx
+    onnx = _require("onnx")
 
     inputs = as_input_tuple(example_inputs)
     deploy = deployment_model(model).eval()
@@ -169,13 +172,64 @@ def _per_tensor(ranges: ActivationRanges, name: str):
     )
 
 
+def _require(package: str):
+    """Import an optional package, or raise :class:`MissingDependencyError` naming the extra."""
+    try:
+        return importlib.import_module(package)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"ONNX export needs the optional package {package!r}, which is not installed: "
+            "pip install 'cetopt[onnx]'"
+        ) from exc
+
+
+def _diff_symbolic(g, x, n, dim, prepend, append):
+    """``aten::diff`` for the TorchScript exporter (HF masks call it): Concat, then n × (Slice − Slice)."""
+    from torch.onnx import symbolic_helper as sh
+
+    n = sh._get_const(n, "i", "n")
+    dim = sh._get_const(dim, "i", "dim")
+    parts = [t for t in (prepend, x, append) if not sh._is_none(t)]
+    if len(parts) > 1:
+        x = g.op("Concat", *parts, axis_i=dim)
+    for _ in range(n):
+        later = sh._slice_helper(g, x, axes=[dim], starts=[1], ends=[2**62])
+        earlier = sh._slice_helper(g, x, axes=[dim], starts=[0], ends=[-1])
+        x = g.op("Sub", later, earlier)
+    return x
+
+
+# operators the TorchScript exporter lacks, added for the duration of one export
+_EXTRA_SYMBOLICS = {"aten::diff": _diff_symbolic}
+
+
+@contextlib.contextmanager
+def _extra_symbolics(opset: int):
+    added = []
+    try:
+        from torch.onnx._internal.torchscript_exporter.registration import registry
+
+        known = lambda name: registry.is_registered_op(name, opset)  # noqa: E731
+    except ImportError:  # another torch layout: register regardless
+        known = lambda name: False  # noqa: E731
+    try:
+        for name, fn in _EXTRA_SYMBOLICS.items():
+            if not known(name):
+                torch.onnx.register_custom_op_symbolic(name, fn, opset)
+                added.append(name)
+        yield
+    finally:
+        for name in added:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
+
+
 def _to_onnx(model: nn.Module, inputs: tuple, opset: int):
-    import onnx
+    onnx = _require("onnx")
 
     names = [f"input{i}" for i in range(len(inputs))]
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+    with warnings.catch_warnings(), _extra_symbolics(opset):
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
         torch.onnx.export(
             model,
             inputs,
@@ -187,7 +241,36 @@ def _to_onnx(model: nn.Module, inputs: tuple, opset: int):
             dynamic_axes={n: {0: "batch"} for n in [*names, "output"]},
             do_constant_folding=True,
         )
-    return onnx.load_from_string(buffer.getvalue())
+    return _cast_bool_cumsum(onnx.load_from_string(buffer.getvalue()))
+
+
+def _cast_bool_cumsum(graph):
+    """torch's ``cumsum`` of a bool tensor is int64; ONNX CumSum takes no bool: insert the Cast."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [n for n in graph.graph.node if n.op_type == "CumSum"]
+    if not nodes:
+        return graph
+    inferred = onnx.shape_inference.infer_shapes(graph)
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    }
+    g = graph.graph
+    for node in nodes:
+        if types.get(node.input[0]) != TensorProto.BOOL:
+            continue
+        cast = helper.make_node(
+            "Cast",
+            [node.input[0]],
+            [f"{node.input[0]}_int64"],
+            to=TensorProto.INT64,
+            name=f"{node.name}_cast",
+        )
+        g.node.insert(list(g.node).index(node), cast)
+        node.input[0] = cast.output[0]
+    return graph
 
 
 def _int8_initializers(graph):
@@ -300,7 +383,7 @@ def _compare(model, path, inputs, activations, quantized) -> tuple[float | None,
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
     """An onnxruntime CPU session on ``path`` (all graph optimisations on)."""
-    import onnxruntime as ort
+    ort = _require("onnxruntime")
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

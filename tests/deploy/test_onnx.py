@@ -30,9 +30,63 @@ def test_zoo_models_export_and_match_in_onnxruntime(any_zoo_case, tmp_path):
 def test_export_is_atomic_and_leaves_no_temporary_files(tiny, tmp_path):
     _, q, x = tiny
     path = tmp_path / "m.onnx"
+    before = {k: v.clone() for k, v in q.state_dict().items()}
     result = export_onnx(q, path, x[:2], calibration=[x])
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())  # model untouched
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
     assert result.max_abs_diff <= result.tolerance
     dq = [n for n in onnx.load(path).graph.node if n.op_type == "DequantizeLinear"]
     assert any(a.name == "axis" for n in dq for a in n.attribute)  # per-channel weight scales
     assert np.isfinite(result.max_abs_diff)
+
+
+def test_llama_style_model_exports_and_matches(tmp_path):
+    """An HF Llama (its mask calls aten::diff and a bool cumsum) exports, fp32 and QDQ, batch dynamic."""
+    transformers = pytest.importorskip("transformers")
+    from cetopt.deploy.onnx_export import export_float_onnx, onnx_session
+    from tests.deploy.conftest import quantize_all
+
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(config).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, ids):
+            return self.lm(input_ids=ids, use_cache=False).logits
+
+    q = quantize_all(Logits().eval(), 8)
+    ids = torch.randint(0, 128, (2, 12))
+    result = export_onnx(q, tmp_path / "qdq.onnx", ids)
+    assert result.float_layers == [] and result.max_abs_diff <= result.tolerance
+    fp32 = onnx_session(export_float_onnx(q, tmp_path / "fp32.onnx", ids))
+    other = torch.randint(0, 128, (5, 12))  # another batch size
+    with torch.no_grad():
+        expected = q(other).numpy()
+    got = fp32.run(None, {"input0": other.numpy()})[0]
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    qdq = onnx_session(result.path).run(None, {"input0": other.numpy()})[0]
+    assert np.abs(qdq - expected).max() <= 0.2 * np.abs(expected).max()
+
+
+def test_missing_onnx_is_a_named_error(tiny, tmp_path, monkeypatch):
+    import sys
+
+    from cetopt.errors import MissingDependencyError
+
+    _, q, x = tiny
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"'onnx'.*cetopt\[onnx\]"):
+        export_onnx(q, tmp_path / "m.onnx", x[:2], calibration=[x])
+    assert not (tmp_path / "m.onnx").exists()
