@@ -138,3 +138,7 @@ class UnknownLayerError(AllocationArgumentError, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the message quoted
         return str(self.args[0]) if self.args else ""
+
+
+class JointMenuError(CetoptError, ValueError):
+    """The joint menu (``compress(..., joint=True)``) got arguments it cannot use together."""

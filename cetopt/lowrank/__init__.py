@@ -16,6 +16,15 @@ from cetopt.lowrank.fit import (
     project_sparse,
     truncate,
 )
+from cetopt.lowrank.joint import (
+    SINGLE_KINDS,
+    JointCandidate,
+    JointResult,
+    apply_options,
+    joint_compress,
+    rescore_sequential,
+    score_menu,
+)
 from cetopt.lowrank.layers import LayerData, collect, collect_each, supported_layers
 from cetopt.lowrank.menu import (
     KINDS,
@@ -23,6 +32,7 @@ from cetopt.lowrank.menu import (
     MenuOption,
     MenuPlan,
     build_menu,
+    option_matrix,
     sparse_bytes,
     stored_bytes,
     stored_params,
@@ -30,6 +40,14 @@ from cetopt.lowrank.menu import (
 from cetopt.lowrank.suffix import output_errors
 
 __all__ = [
+    "SINGLE_KINDS",
+    "JointCandidate",
+    "JointResult",
+    "apply_options",
+    "joint_compress",
+    "rescore_sequential",
+    "score_menu",
+    "option_matrix",
     "KINDS",
     "METHODS",
     "Decomposition",
