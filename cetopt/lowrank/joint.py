@@ -7,10 +7,13 @@ again with quantized factors) and gives every option one score in the units the 
 minimises, the **increase of the task loss** on the calibration data with only that layer
 changed:
 
-* ``quant`` options take their value from the sensitivity table :func:`cetopt.compress` allocates
-  bits with (same estimator, same numbers), so the menu's bits-only plan *is* ``compress``'s plan;
-* every other option is scored by the measured loss increase along its actual weight change
-  (:func:`score_menu`; the network suffix from the layer on, :mod:`cetopt.analysis.replay`).
+* every option is scored by the measured loss increase along its actual weight change
+  (:func:`score_menu`; the network suffix from the layer on, :mod:`cetopt.analysis.replay`), the
+  ``quant`` options on their GPTQ-rounded codes (:func:`gptq_quant_options`: the codes the
+  write-back will round, not round-to-nearest ones), since the other kinds' fits are
+  activation-aware too;
+* the bits-only plan is solved on the sensitivity table :func:`cetopt.compress` allocates bits
+  with (same estimator, same numbers, same knapsack), so it *is* ``compress``'s plan.
 
 Plans are applied as :func:`cetopt.compress` applies a bit plan (:func:`apply_options`): the
 factorised layers are written back in float32 first, then every quantized weight — plain layers
@@ -64,6 +67,7 @@ __all__ = [
     "JointResult",
     "apply_options",
     "joint_compress",
+    "gptq_quant_options",
     "rescore_sequential",
     "score_menu",
 ]
@@ -114,6 +118,7 @@ class JointCandidate:
     status: str
     solver: str
     bound: float | None = None
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {
@@ -284,6 +289,36 @@ def score_menu(
 
 
 @in_eval_mode("model")
+def gptq_quant_options(model: nn.Module, menu: Menu, data, *, progress: bool = False) -> Menu:
+    """A copy of ``menu`` whose ``quant`` options carry (``approx``) their GPTQ-rounded weights.
+
+    One :func:`cetopt.quantize` call with ``gptq=data`` per bit width, every menu layer at that
+    width, each rounded on the float model's inputs; the options' ``loss`` is reset (NaN) so that
+    :func:`score_menu` measures them on those weights.
+    """
+    from cetopt.quant.apply import quantize
+
+    widths = sorted({o.bits for n in menu.layers for o in menu.options[n] if o.kind == "quant"})
+    rounded: dict[tuple[str, int], torch.Tensor] = {}
+    with progress_bar(len(widths), "joint menu: GPTQ per bit width", progress) as bar:
+        for b in widths:
+            layers = [n for n in menu.layers if any(o.kind == "quant" and o.bits == b for o in menu.options[n])]
+            modules = dict(quantize(model, {n: b for n in layers}, gptq=data).named_modules())
+            for n in layers:
+                w = modules[n].weight.detach()
+                rounded[(n, b)] = w.reshape(w.shape[0], -1).to(torch.float64)
+            bar.update(1)
+    options = {
+        n: [
+            replace(o, approx=rounded[(n, o.bits)], loss=float("nan")) if o.kind == "quant" else o
+            for o in menu.options[n]
+        ]
+        for n in menu.layers
+    }
+    return Menu(list(menu.layers), options)
+
+
+@in_eval_mode("model")
 def rescore_sequential(
     model: nn.Module,
     menu: Menu,
@@ -443,6 +478,7 @@ def joint_compress(
     progress: bool = True,
     menu: Menu | None = None,
     menu_options: Mapping | None = None,
+    keep_models: bool = False,
 ) -> tuple[nn.Module, Plan, JointResult]:
     """Choose, per layer, among quantization, low rank, sparsity and their mixes within ``budget``.
 
@@ -481,6 +517,8 @@ def joint_compress(
         ``table.bits``; then ``kinds``, ``factor_bits`` and ``menu_options`` are not used.
     menu_options : mapping, optional
         Other keywords of :func:`cetopt.lowrank.build_menu` (grids, ``max_columns`` ...).
+    keep_models : bool
+        Keep every candidate's compressed model (``JointCandidate.model``), e.g. to test them all.
 
     Returns
     -------
@@ -516,9 +554,17 @@ def joint_compress(
         )
     _check_menu(menu, table)
     if any(np.isnan(o.loss) for n in menu.layers for o in menu.options[n]):
-        menu = score_menu(model, menu, data, table, loss_fn=loss_fn, progress=progress)
+        if gptq:
+            menu = gptq_quant_options(model, menu, data, progress=progress)
+        menu = score_menu(model, menu, data, None if gptq else table, loss_fn=loss_fn, progress=progress)
     base_loss = _dataset_loss(model, batches, loss_fn)
     scores = {n: np.array([o.loss for o in menu.options[n]]) for n in menu.layers}
+    # the bits-only plan is compress's: the table's values on the quant options
+    rows, cols = {n: i for i, n in enumerate(table.layers)}, {b: j for j, b in enumerate(table.bits)}
+    table_scores = {
+        n: np.array([table.values[rows[n], cols[o.bits]] if o.kind == "quant" else o.loss for o in menu.options[n]])
+        for n in menu.layers
+    }
 
     def apply(options):
         return apply_options(
@@ -549,6 +595,7 @@ def joint_compress(
                     status=out.status,
                     solver=out.solver,
                     bound=out.bound,
+                    model=new if keep_models else None,
                 )
             )
             solve_info[name] = out
@@ -558,7 +605,8 @@ def joint_compress(
 
         for name, keep in planned:
             try:
-                options, solved, out = _solve(menu, scores, budget_bytes, keep, solver, time_limit)
+                objective = table_scores if name == "bits" else scores
+                options, solved, out = _solve(menu, objective, budget_bytes, keep, solver, time_limit)
             except InfeasibleBudgetError as exc:
                 if name == "joint":
                     raise  # the joint menu holds every other plan: nothing fits
@@ -603,7 +651,11 @@ def _plan(table: SensitivityTable, chosen: JointCandidate, out, budget_bytes: fl
     options = [chosen.options[n] for n in names]
     bits = np.array([o.bits or 32 for o in options], dtype=np.int16)
     size = np.array([o.bytes for o in options], dtype=np.float64)
-    loss = np.array([o.loss for o in options], dtype=np.float64)
+    if chosen.name == "bits":  # compress's plan: the table's values
+        index = {b: j for j, b in enumerate(table.bits)}
+        loss = np.array([table.values[i, index[o.bits]] for i, o in enumerate(options)], dtype=np.float64)
+    else:
+        loss = np.array([o.loss for o in options], dtype=np.float64)
     predicted = float(loss.sum())
     return Plan(
         bits=LayerValues(names, bits),

@@ -383,10 +383,12 @@ def _quantized_factor_option(data: LayerData, kind: str, fit: LowRankSparse, bit
 def option_matrix(option: MenuOption, weight: torch.Tensor) -> torch.Tensor:
     """The weight matrix (float64, ``m × n``) that ``option`` stores for a layer whose matrix is ``weight``.
 
-    What the menu measured: float32 factors and sparse values as written back, factors and
-    ``quant`` weights rounded to nearest by :class:`~cetopt.graph.Quantize`'s quantizer (GPTQ,
-    when it runs at write-back, only lowers the error further).
+    The option's ``approx`` when it carries one; otherwise what the menu measured: float32 factors
+    and sparse values as written back, factors and ``quant`` weights rounded to nearest by
+    :class:`~cetopt.graph.Quantize`'s quantizer.
     """
+    if option.approx is not None:  # a weight measured as applied (e.g. GPTQ-rounded codes)
+        return option.approx.to(torch.float64)
     if option.kind == "dense":
         return weight.to(torch.float64)
     if option.kind == "quant":
