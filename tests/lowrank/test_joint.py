@@ -40,7 +40,7 @@ def _loss(model, data):
 @pytest.fixture(scope="module")
 def cases():
     out = []
-    for seed, make in [(0, tiny_cnn), (1, tiny_cnn), (2, tiny_1d)]:
+    for seed, make in [(0, tiny_cnn), (2, tiny_1d)]:
         model, x = make(seed)
         if x.shape[0] < 64:
             x = torch.cat([x, x + 0.1 * torch.randn_like(x)])[:64]
