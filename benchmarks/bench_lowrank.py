@@ -235,7 +235,7 @@ def _joint_calibrated(model, data, calibration, reference, seed: int, quick: boo
     for ratio in JOINT_RATIOS:
         budget = fp32_weight_bytes(table) / ratio
         cpu = time.process_time()
-        new, plan, res = joint_compress(
+        new, _, res = joint_compress(
             model,
             calibration,
             table,
@@ -258,18 +258,24 @@ def _joint_calibrated(model, data, calibration, reference, seed: int, quick: boo
         rows = {"bits": "bits", "lowrank": "lowrank", "sparse": "sparse", "joint_first": "joint"}
         for key, name in rows.items():
             c = res.candidate(name)
-            cell[key] = {"infeasible": res.infeasible.get(name, "")} if c is None else _candidate_row(
-                c, data, reference, layers
+            cell[key] = (
+                {"infeasible": res.infeasible.get(name, "")}
+                if c is None
+                else _candidate_row(c, data, reference, layers)
             )
         cell["joint"] = _candidate_row(res.best, data, reference, layers)
         cell["refined"] = [
-            _candidate_row(c, data, reference, layers) for c in res.candidates if c.name.startswith("joint_refined")
+            _candidate_row(c, data, reference, layers)
+            for c in res.candidates
+            if c.name.startswith("joint_refined")
         ]
         cell["rank_correlation"] = res.rank_correlation
         # bits only is compress's plan: same bits, same model
         try:
             cpu = time.process_time()
-            compressed = cetopt.compress(model, calibration, budget, bits=JOINT_BITS, seed=seed, progress=False)
+            compressed = cetopt.compress(
+                model, calibration, budget, bits=JOINT_BITS, seed=seed, progress=False
+            )
             cell["compress_cpu_seconds"] = time.process_time() - cpu
         except InfeasibleBudgetError:
             compressed = None
@@ -443,7 +449,9 @@ def _joint_summary(rows: list[dict]) -> dict:
                         "accuracy": _stat([o["accuracy"] for o in ok]),
                         "output_error": _stat([o["output_error"] for o in ok]),
                         "calibration_loss_increase": _stat([o["calibration_loss_increase"] for o in ok]),
-                        "ratio": _stat([m[ratio]["budget_bytes"] * float(ratio) / o["bytes"] for m, o in zip(mine, ok)]),
+                        "ratio": _stat(
+                            [m[ratio]["budget_bytes"] * float(ratio) / o["bytes"] for m, o in zip(mine, ok)]
+                        ),
                     }
                     if len(ok) == len(mine)
                     else {"infeasible": True, "feasible_seeds": len(ok)}
@@ -509,7 +517,6 @@ def run(quick: bool = False) -> dict:
             partial = {"partial": True, "joint_calibrated": joint, "rows": rows}
             write_result("lowrank.partial", partial, quick=quick)
     summary = _summary(rows)
-    joint = _joint_summary(rows)
     return {
         "config": {
             "models": list(models),
@@ -531,17 +538,96 @@ def run(quick: bool = False) -> dict:
         "summary": summary,
         "fine_tune_selection": selections,
         "targets": _targets(summary),
-        "joint_calibrated": {
-            "config": {
-                "byte_ratios": list(JOINT_RATIOS),
-                "bits": list(JOINT_BITS),
-                "sensitivity_method": "auto (as cetopt.compress)",
-                "calibration": "the same 512 training examples, with labels; GPTQ + bias correction, sequential",
-                "fine_tune": None,
-            },
-            "summary": joint,
-            "targets": _joint_targets(joint, rows),
-        },
+        "joint_calibrated": _joint_section(rows, quick),
         "rows": rows,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _one_joint(name: str, seed: int, quick: bool) -> dict:
+    """Only the ``joint_calibrated`` section for one model and seed (same calibration set as ``_one``)."""
+    torch.manual_seed(seed)
+    model = load_model(name, seed=seed, progress=False)
+    data = load_dataset(zoo_entry(name).dataset)
+    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
+    pick = order[:CALIBRATION_EXAMPLES]
+    with torch.no_grad():
+        reference = model(data.x_test).double()
+    labelled = [(data.x_train[pick], data.y_train[pick])]
+    cpu = time.process_time()
+    section = _joint_calibrated(model, data, labelled, reference, seed, quick)
+    print(f"  {name} seed {seed}: joint section {time.process_time() - cpu:.1f} s CPU", flush=True)
+    return {
+        "model": name,
+        "seed": seed,
+        "fp32_accuracy": accuracy(model, data.x_test, data.y_test),
+        "joint_calibrated": section,
+    }
+
+
+def _joint_section(rows: list[dict], quick: bool) -> dict:
+    from benchmarks.harness import machine_info
+
+    joint = _joint_summary(rows)
+    return {
+        "config": {
+            "byte_ratios": list(JOINT_RATIOS),
+            "bits": list(JOINT_BITS),
+            "sensitivity_method": "auto (as cetopt.compress)",
+            "calibration": "the same 512 training examples as the other sections, with labels; "
+            "GPTQ + bias correction, sequential calibration",
+            "fine_tune": None,
+            "quick": quick,
+        },
+        "machine": machine_info(),
+        "summary": joint,
+        "targets": _joint_targets(joint, rows),
+        "rows": [{"model": r["model"], "seed": r["seed"], **r["joint_calibrated"]} for r in rows],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.bench_lowrank --joint MODEL --out FILE`` measures only the joint
+    section (one process per model, so the models run side by side); ``--merge FILE ...`` puts the
+    pieces into ``results/lowrank.json`` as its ``joint_calibrated`` section, keeping the others."""
+    import argparse
+    import json
+
+    from benchmarks.harness import RESULTS
+    from cetopt._io import atomic_write_json
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_lowrank")
+    parser.add_argument("--joint", action="append", default=[], help="model name (repeatable)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", help="where --joint writes its rows")
+    parser.add_argument("--merge", nargs="*", default=None, help="row files to merge into lowrank.json")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.joint:
+        rows = []
+        for seed in map(int, args.seeds.split(",")):
+            for name in args.joint:
+                rows.append(_one_joint(name, seed, args.quick))
+                atomic_write_json(args.out, {"rows": rows, "partial": True})
+        atomic_write_json(args.out, {"rows": rows, "partial": False})
+    if args.merge is not None:
+        rows, partial = [], False
+        for path in args.merge:
+            with open(path) as f:
+                piece = json.load(f)
+            rows += piece["rows"]
+            partial |= piece["partial"]
+        rows.sort(key=lambda r: (r["seed"], MODELS.index(r["model"])))
+        target = RESULTS / ("lowrank.quick.json" if args.quick else "lowrank.json")
+        results = json.loads(target.read_text())
+        section = _joint_section(rows, args.quick)
+        section["partial"] = partial
+        results["joint_calibrated"] = section
+        atomic_write_json(target, results)
+        print(f"merged {len(rows)} rows into {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

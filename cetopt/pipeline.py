@@ -115,7 +115,9 @@ def compress(
     """
     if joint and (per_channel or allocate_options):
         why = "per_channel=True" if per_channel else f"allocate options {sorted(allocate_options)}"
-        raise JointMenuError(f"joint=True chooses per layer under a byte budget alone; it does not take {why}")
+        raise JointMenuError(
+            f"joint=True chooses per layer under a byte budget alone; it does not take {why}"
+        )
     estimate = channel_sensitivity if per_channel else sensitivity
     options = {} if probes is None else {"probes": probes}
     clock = _StepClock()

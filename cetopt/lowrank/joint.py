@@ -66,8 +66,8 @@ __all__ = [
     "JointCandidate",
     "JointResult",
     "apply_options",
-    "joint_compress",
     "gptq_quant_options",
+    "joint_compress",
     "rescore_sequential",
     "score_menu",
 ]
@@ -219,8 +219,10 @@ def _dataset_loss(model: nn.Module, batches, loss_fn) -> float:
 
 def _trial_weight(option: MenuOption, weight: torch.Tensor) -> torch.Tensor:
     """The layer weight (its own shape and dtype) that ``option`` stands for."""
-    return option_matrix(option, weight.detach().reshape(weight.shape[0], -1)).reshape(weight.shape).to(
-        weight.dtype
+    return (
+        option_matrix(option, weight.detach().reshape(weight.shape[0], -1))
+        .reshape(weight.shape)
+        .to(weight.dtype)
     )
 
 
@@ -229,7 +231,8 @@ def _measure_layer(model: nn.Module, name: str, options, batches, loss_fn, bar=N
     weight = dict(model.named_modules())[name].weight
     if not options:
         return np.zeros(0)
-    trials = [(name, lambda w=_trial_weight(o, weight): w) for o in options]
+    weights = [_trial_weight(o, weight) for o in options]
+    trials = [(name, lambda w=w: w) for w in weights]
     losses, base, _ = measure_trials(model, batches, loss_fn, trials, bar)
     return np.asarray(losses) - base
 
@@ -302,7 +305,9 @@ def gptq_quant_options(model: nn.Module, menu: Menu, data, *, progress: bool = F
     rounded: dict[tuple[str, int], torch.Tensor] = {}
     with progress_bar(len(widths), "joint menu: GPTQ per bit width", progress) as bar:
         for b in widths:
-            layers = [n for n in menu.layers if any(o.kind == "quant" and o.bits == b for o in menu.options[n])]
+            layers = [
+                n for n in menu.layers if any(o.kind == "quant" and o.bits == b for o in menu.options[n])
+            ]
             modules = dict(quantize(model, {n: b for n in layers}, gptq=data).named_modules())
             for n in layers:
                 w = modules[n].weight.detach()
@@ -453,7 +458,8 @@ def _check_menu(menu: Menu, table: SensitivityTable) -> None:
         have = {o.bits for o in menu.options[name] if o.kind == "quant"}
         if have != set(table.bits):
             raise JointMenuError(
-                f"layer {name!r}: the menu's quant bits {sorted(have)} differ from the table's {list(table.bits)}"
+                f"layer {name!r}: the menu's quant bits {sorted(have)} differ from "
+                f"the table's {list(table.bits)}"
             )
 
 
@@ -562,7 +568,9 @@ def joint_compress(
     # the bits-only plan is compress's: the table's values on the quant options
     rows, cols = {n: i for i, n in enumerate(table.layers)}, {b: j for j, b in enumerate(table.bits)}
     table_scores = {
-        n: np.array([table.values[rows[n], cols[o.bits]] if o.kind == "quant" else o.loss for o in menu.options[n]])
+        n: np.array(
+            [table.values[rows[n], cols[o.bits]] if o.kind == "quant" else o.loss for o in menu.options[n]]
+        )
         for n in menu.layers
     }
 

@@ -396,7 +396,10 @@ def option_matrix(option: MenuOption, weight: torch.Tensor) -> torch.Tensor:
     fit = option.fit
     if option.bits is None:
         return (fit.left.float() @ fit.right.float() + fit.sparse.float()).double()
-    return _dequantized(fit.left, option.bits) @ _dequantized(fit.right, option.bits) + fit.sparse.float().double()
+    return (
+        _dequantized(fit.left, option.bits) @ _dequantized(fit.right, option.bits)
+        + fit.sparse.float().double()
+    )
 
 
 def _quant_option(data: LayerData, bits: int) -> MenuOption:

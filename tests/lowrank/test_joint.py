@@ -72,11 +72,16 @@ def test_fallback_to_bits_when_the_scores_mislead(cases):
     """Options scored far too well (pruning at ~no cost) lure the knapsack; the check must catch it."""
     model, data, table = cases[0]
     budget = 4 * float(table.params.sum()) / 8
-    _, _, honest = joint_compress(model, data, table, budget, progress=False, menu_options=SMALL_MENU, refine=0)
+    _, _, honest = joint_compress(
+        model, data, table, budget, progress=False, menu_options=SMALL_MENU, refine=0
+    )
     menu = honest.menu
     lured = Menu(
         list(menu.layers),
-        {n: [replace(o, loss=-1.0) if o.kind == "prune" else o for o in menu.options[n]] for n in menu.layers},
+        {
+            n: [replace(o, loss=-1.0) if o.kind == "prune" else o for o in menu.options[n]]
+            for n in menu.layers
+        },
     )
     new, plan, res = joint_compress(
         model, data, table, budget, progress=False, menu=lured, singles=("bits",), refine=0
@@ -90,7 +95,7 @@ def test_fallback_to_bits_when_the_scores_mislead(cases):
 
 
 def test_bits_only_plan_is_compress_plan(cases):
-    for model, data, table in cases[:2]:
+    for model, data, _ in cases[:2]:
         for ratio in ("7x",):
             plain = cetopt.compress(model, data, ratio, method="measured", bits=BITS, progress=False)
             joint = cetopt.compress(
@@ -110,7 +115,9 @@ def test_bits_only_plan_is_compress_plan(cases):
             x = data[0][0]
             with torch.no_grad():
                 assert torch.equal(applied(x), plain.model(x))
-            assert bits.measured_loss == pytest.approx(_loss(plain.model, data) - joint.joint.base_loss, abs=1e-7)
+            assert bits.measured_loss == pytest.approx(
+                _loss(plain.model, data) - joint.joint.base_loss, abs=1e-7
+            )
             assert joint.plan.bytes <= joint.plan.budget_bytes
 
 
