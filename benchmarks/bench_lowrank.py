@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 import cetopt
 from cetopt.allocation import fp32_weight_bytes
-from cetopt.errors import InfeasibleBudgetError
+from cetopt.errors import InfeasibleBudgetError, SolverFailedError
 from cetopt.lowrank import build_menu, joint_compress, stored_bytes, stored_params
 from cetopt.zoo import accuracy, load_dataset, load_model, zoo_entry
 
@@ -279,8 +279,13 @@ def _joint_calibrated(model, data, calibration, reference, seed: int, quick: boo
             cell["compress_cpu_seconds"] = time.process_time() - cpu
         except InfeasibleBudgetError:
             compressed = None
+        except SolverFailedError as exc:  # compress's own allocation; recorded, not hidden
+            compressed = None
+            cell["compress_failed"] = str(exc)
         bits_candidate = res.candidate("bits")
-        if compressed is None or bits_candidate is None:
+        if "compress_failed" in cell:
+            cell["bits_equals_compress"] = None
+        elif compressed is None or bits_candidate is None:
             cell["bits_equals_compress"] = compressed is None and bits_candidate is None
         else:
             same_bits = {n: o.bits for n, o in bits_candidate.options.items()} == dict(compressed.plan.bits)
@@ -458,7 +463,9 @@ def _joint_summary(rows: list[dict]) -> dict:
                 )
             cell["chosen"] = [m[ratio]["chosen"] for m in mine]
             cell["fell_back_to_bits"] = sum(m[ratio]["fell_back_to_bits"] for m in mine)
-            cell["bits_equals_compress"] = all(m[ratio]["bits_equals_compress"] for m in mine)
+            checked = [m[ratio]["bits_equals_compress"] for m in mine]
+            cell["bits_equals_compress"] = all(c for c in checked if c is not None)
+            cell["compress_failed_seeds"] = sum(c is None for c in checked)
             rhos = [m[ratio]["rank_correlation"] for m in mine if m[ratio]["rank_correlation"] is not None]
             cell["rank_correlation"] = _stat(rhos) if rhos else None
             cell["joint_cpu_seconds"] = _stat([m[ratio]["joint_cpu_seconds"] for m in mine])

@@ -56,7 +56,7 @@ from cetopt.analysis._common import progress_bar
 from cetopt.analysis.objective import _batches
 from cetopt.analysis.replay import measure_trials
 from cetopt.analysis.table import SensitivityTable
-from cetopt.errors import InfeasibleBudgetError, JointMenuError
+from cetopt.errors import InfeasibleBudgetError, JointMenuError, SolverFailedError
 from cetopt.graph import rewrite
 from cetopt.lowrank.decompose import factorize_decision
 from cetopt.lowrank.menu import KINDS, Menu, MenuOption, build_menu, option_matrix
@@ -147,7 +147,7 @@ class JointResult:
     candidates : list of JointCandidate
         Every plan applied and measured, in the order they were tried.
     infeasible : dict
-        Single-kind plans the budget cannot reach: name → message.
+        Single-kind plans the budget cannot reach (or no solver answered verifiably): name → message.
     base_loss : float
         Calibration loss of the uncompressed model.
     budget_bytes : float
@@ -437,8 +437,19 @@ def _solve(menu: Menu, scores: Mapping[str, np.ndarray], budget: float, keep: Ke
         allowed[i, : len(opts)] = [keep(o) for o in opts]
     if not allowed.any(axis=1).all():
         raise InfeasibleBudgetError("some layer has no option of this kind", minimum=float("inf"))
-    with np.errstate(invalid="ignore"):  # the hull's padding (inf − inf), masked out inside
-        out = choose_options(cost, size, budget, allowed=allowed, solver=solver, time_limit=time_limit)
+    # a MILP answer that verification rejects (losses spanning many decades can trip a solver's
+    # tolerances) is asked of the other MILP backends before giving up
+    others = [name for name in ("highs", "cbc") if name != solver] if isinstance(solver, str) else []
+    for attempt in [solver, *others]:
+        try:
+            with np.errstate(invalid="ignore"):  # the hull's padding (inf − inf), masked out inside
+                out = choose_options(
+                    cost, size, budget, allowed=allowed, solver=attempt, time_limit=time_limit
+                )
+            break
+        except SolverFailedError:
+            if attempt == ([solver, *others])[-1]:
+                raise
     chosen = {n: menu.options[n][int(k)] for n, k in zip(menu.layers, out.choice)}
     solved = float(cost[np.arange(len(menu.layers)), out.choice].sum())
     return chosen, solved, out
@@ -615,7 +626,7 @@ def joint_compress(
             try:
                 objective = table_scores if name == "bits" else scores
                 options, solved, out = _solve(menu, objective, budget_bytes, keep, solver, time_limit)
-            except InfeasibleBudgetError as exc:
+            except (InfeasibleBudgetError, SolverFailedError) as exc:
                 if name == "joint":
                     raise  # the joint menu holds every other plan: nothing fits
                 infeasible[name] = str(exc)
@@ -627,7 +638,10 @@ def joint_compress(
             if current is None:
                 break
             rescored = rescore_sequential(model, menu, current.options, data, loss_fn=loss_fn)
-            options, solved, out = _solve(menu, rescored, budget_bytes, _all, solver, time_limit)
+            try:
+                options, solved, out = _solve(menu, rescored, budget_bytes, _all, solver, time_limit)
+            except SolverFailedError:
+                break  # no verified answer on the re-scored losses: keep what was measured
             if any(_same(options, c.options) for c in candidates):
                 break  # the measured interaction leads back to a plan already measured
             evaluate(f"joint_refined_{k}", options, solved, out)
