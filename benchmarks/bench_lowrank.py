@@ -27,6 +27,19 @@ The row ``admm_sequential`` takes the activation-aware plan and refits its layer
 order, on the inputs they see once the layers before them are compressed, against their original
 outputs (sequential calibration, :meth:`cetopt.lowrank.Menu.refit_sequential`; same ranks and masks).
 
+**Joint menu in loss units, calibrated** (``joint_calibrated``; issue 20): at 8×, 12× and 16× fewer
+weight bytes, no fine-tune, on the same 512 calibration examples with their labels: the sensitivity
+table ``cetopt.compress`` uses (``method="auto"``, bits {2, 3, 4, 5, 6, 8}), then
+:func:`cetopt.lowrank.joint_compress` (what ``compress(..., joint=True)`` runs): every option scored
+by its measured loss increase (quantized options on their GPTQ-rounded codes), each plan applied
+as ``compress`` applies one (GPTQ + bias correction, sequential calibration). Rows: bits only
+(solved on compress's table; checked identical to ``cetopt.compress``'s plan and model), low rank
+only (SVD, float factors), sparse only (pruning), the joint knapsack's first plan, and the returned
+plan (lowest measured calibration loss among all of them and the refined joint plans). Bits only
+cannot reach 16× (2-bit codes plus a float32 scale and a bit width per channel exceed it).
+``rank_correlation`` is Spearman's between each plan's predicted loss increase (summed per-layer
+scores) and its measured calibration loss increase as applied, over every plan of a row.
+
 Per layer, the activation-aware and weight-space fits at the same (rank, nnz) are also compared on
 the layer's post-activation calibration error (the geometric mean of their ratio).
 
@@ -47,8 +60,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cetopt.errors import InfeasibleBudgetError
-from cetopt.lowrank import build_menu, stored_bytes, stored_params
+import cetopt
+from cetopt.allocation import fp32_weight_bytes
+from cetopt.errors import InfeasibleBudgetError, SolverFailedError
+from cetopt.lowrank import build_menu, joint_compress, stored_bytes, stored_params
 from cetopt.zoo import accuracy, load_dataset, load_model, zoo_entry
 
 MODELS = ("digits-cnn", "digits-resnet", "mnist1d-cnn")
@@ -63,6 +78,9 @@ FINETUNE = {"batch_size": 64, "distillation_temperature": 4.0}
 SELECTION_EPOCHS = (10, 20)
 SELECTION_LRS = (1e-3, 3e-3)
 SELECTION_METHOD = "weight_space"
+JOINT_RATIOS = (8.0, 12.0, 16.0)
+JOINT_BITS = (2, 3, 4, 5, 6, 8)  # compress's default candidate bit widths
+JOINT_ROWS = ("bits", "lowrank", "sparse", "joint_first", "joint")
 
 
 def _output_error(model, reference, x) -> float:
@@ -195,6 +213,94 @@ def _fit_comparison(menu) -> dict:
     }
 
 
+def _candidate_row(c, data, reference, layers) -> dict:
+    exact = stored_bytes(c.model, layers)
+    assert exact == c.bytes, (exact, c.bytes)
+    return {
+        "candidate": c.name,
+        "bytes": exact,
+        "calibration_loss_increase": c.measured_loss,
+        "predicted_loss_increase": c.predicted_loss,
+        "choice": {n: o.label for n, o in c.options.items()},
+        **_evaluate(c.model, data, reference),
+    }
+
+
+def _joint_calibrated(model, data, calibration, reference, seed: int, quick: bool) -> dict:
+    """The joint menu at 8×, 12×, 16× fewer weight bytes against bits only and each single kind."""
+    cpu = time.process_time()
+    table = cetopt.sensitivity(model, calibration, JOINT_BITS, "auto", seed=seed, progress=False)
+    out = {"sensitivity_method": table.method, "sensitivity_cpu_seconds": time.process_time() - cpu}
+    menu, predicted, measured = None, [], []
+    for ratio in JOINT_RATIOS:
+        budget = fp32_weight_bytes(table) / ratio
+        cpu = time.process_time()
+        new, _, res = joint_compress(
+            model,
+            calibration,
+            table,
+            budget,
+            seed=seed,
+            progress=False,
+            menu=menu,
+            menu_options={"iterations": 10 if quick else ITERATIONS},
+            keep_models=True,
+        )
+        seconds = time.process_time() - cpu
+        menu = res.menu
+        layers = menu.layers
+        cell = {"budget_bytes": budget, "joint_cpu_seconds": seconds, "chosen": res.chosen}
+        cell["fell_back_to_bits"] = res.fell_back
+        cell["infeasible"] = res.infeasible
+        for c in res.candidates:
+            predicted.append(c.predicted_loss)
+            measured.append(c.measured_loss)
+        rows = {"bits": "bits", "lowrank": "lowrank", "sparse": "sparse", "joint_first": "joint"}
+        for key, name in rows.items():
+            c = res.candidate(name)
+            cell[key] = (
+                {"infeasible": res.infeasible.get(name, "")}
+                if c is None
+                else _candidate_row(c, data, reference, layers)
+            )
+        cell["joint"] = _candidate_row(res.best, data, reference, layers)
+        cell["refined"] = [
+            _candidate_row(c, data, reference, layers)
+            for c in res.candidates
+            if c.name.startswith("joint_refined")
+        ]
+        cell["rank_correlation"] = res.rank_correlation
+        # bits only is compress's plan: same bits, same model
+        try:
+            cpu = time.process_time()
+            compressed = cetopt.compress(
+                model, calibration, budget, bits=JOINT_BITS, seed=seed, progress=False
+            )
+            cell["compress_cpu_seconds"] = time.process_time() - cpu
+        except InfeasibleBudgetError:
+            compressed = None
+        except SolverFailedError as exc:  # compress's own allocation; recorded, not hidden
+            compressed = None
+            cell["compress_failed"] = str(exc)
+        bits_candidate = res.candidate("bits")
+        if "compress_failed" in cell:
+            cell["bits_equals_compress"] = None
+        elif compressed is None or bits_candidate is None:
+            cell["bits_equals_compress"] = compressed is None and bits_candidate is None
+        else:
+            same_bits = {n: o.bits for n, o in bits_candidate.options.items()} == dict(compressed.plan.bits)
+            with torch.no_grad():
+                same_out = torch.equal(compressed.model(data.x_test), bits_candidate.model(data.x_test))
+            cell["bits_equals_compress"] = bool(same_bits and same_out)
+        assert stored_bytes(new, layers) <= budget
+        out[str(ratio)] = cell
+    from scipy import stats
+
+    out["rank_correlation_all_plans"] = float(stats.spearmanr(predicted, measured).statistic)
+    out["plans_measured"] = len(predicted)
+    return out
+
+
 def _one(name: str, seed: int, quick: bool, selection: dict | None) -> dict:
     """One model and seed; ``selection`` is the model's schedule selection, or None to run it here."""
     torch.manual_seed(seed)
@@ -202,6 +308,7 @@ def _one(name: str, seed: int, quick: bool, selection: dict | None) -> dict:
     data = load_dataset(zoo_entry(name).dataset)
     order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
     calibration = data.x_train[order[:CALIBRATION_EXAMPLES]]
+    labelled = [(calibration, data.y_train[order[:CALIBRATION_EXAMPLES]])]
     with torch.no_grad():
         reference = model(data.x_test).double()
     t0 = time.perf_counter()
@@ -238,6 +345,7 @@ def _one(name: str, seed: int, quick: bool, selection: dict | None) -> dict:
             for ratio in BYTE_RATIOS
         },
     }
+    row["joint_calibrated"] = _joint_calibrated(model, data, labelled, reference, seed, quick)
     row["fine_tune_selection"] = selection
     print(f"  {name} seed {seed}: menu {menu_seconds:.1f} s, fine-tune {schedule}", flush=True)
     return row
@@ -330,16 +438,91 @@ def _targets(summary: dict) -> dict:
     return {"params_4.9x_within_1pp_after_fine_tune": first, "joint_beats_single_at_equal_bytes": second}
 
 
+def _joint_summary(rows: list[dict]) -> dict:
+    out = {}
+    for name in MODELS:
+        mine = [r["joint_calibrated"] for r in rows if r["model"] == name]
+        if not mine:
+            continue
+        cells = {}
+        for ratio in map(str, JOINT_RATIOS):
+            cell = {}
+            for key in JOINT_ROWS:
+                ok = [m[ratio][key] for m in mine if "accuracy" in m[ratio][key]]
+                cell[key] = (
+                    {
+                        "accuracy": _stat([o["accuracy"] for o in ok]),
+                        "output_error": _stat([o["output_error"] for o in ok]),
+                        "calibration_loss_increase": _stat([o["calibration_loss_increase"] for o in ok]),
+                        "ratio": _stat(
+                            [m[ratio]["budget_bytes"] * float(ratio) / o["bytes"] for m, o in zip(mine, ok)]
+                        ),
+                    }
+                    if len(ok) == len(mine)
+                    else {"infeasible": True, "feasible_seeds": len(ok)}
+                )
+            cell["chosen"] = [m[ratio]["chosen"] for m in mine]
+            cell["fell_back_to_bits"] = sum(m[ratio]["fell_back_to_bits"] for m in mine)
+            checked = [m[ratio]["bits_equals_compress"] for m in mine]
+            cell["bits_equals_compress"] = all(c for c in checked if c is not None)
+            cell["compress_failed_seeds"] = sum(c is None for c in checked)
+            rhos = [m[ratio]["rank_correlation"] for m in mine if m[ratio]["rank_correlation"] is not None]
+            cell["rank_correlation"] = _stat(rhos) if rhos else None
+            cell["joint_cpu_seconds"] = _stat([m[ratio]["joint_cpu_seconds"] for m in mine])
+            cells[ratio] = cell
+        out[name] = {
+            "sensitivity_method": [m["sensitivity_method"] for m in mine],
+            "rank_correlation_all_plans": _stat([m["rank_correlation_all_plans"] for m in mine]),
+            "cells": cells,
+        }
+    return out
+
+
+def _joint_targets(summary: dict, rows: list[dict]) -> dict:
+    """Joint ≥ bits only in every (model, ratio) cell (mean over seeds, and each seed);
+    strictly ahead at 12× and 16× on the mean (per model, and over the three models)."""
+    cells, ahead = {}, {}
+    for name, s in summary.items():
+        mine = [r["joint_calibrated"] for r in rows if r["model"] == name]
+        cells[name] = {}
+        for ratio, cell in s["cells"].items():
+            joint, bits = cell["joint"], cell["bits"]
+            if "infeasible" in bits:
+                cells[name][ratio] = {"bits_infeasible": True, "joint_accuracy": joint["accuracy"]["mean"]}
+                continue
+            per_seed = [m[ratio]["joint"]["accuracy"] - m[ratio]["bits"]["accuracy"] for m in mine]
+            diff = joint["accuracy"]["mean"] - bits["accuracy"]["mean"]
+            cells[name][ratio] = {
+                "joint_minus_bits_pp": 100 * diff,
+                "at_least_bits_on_mean": diff >= -1e-12,
+                "at_least_bits_every_seed": all(d >= -1e-12 for d in per_seed),
+                "strictly_ahead_on_mean": diff > 1e-12,
+            }
+    for ratio in map(str, JOINT_RATIOS):
+        feasible = [n for n in cells if "joint_minus_bits_pp" in cells[n].get(ratio, {})]
+        if feasible:
+            mean = float(np.mean([cells[n][ratio]["joint_minus_bits_pp"] for n in feasible]))
+            ahead[ratio] = {"mean_joint_minus_bits_pp_over_models": mean, "strictly_ahead": mean > 1e-9}
+        else:
+            ahead[ratio] = {"bits_infeasible_everywhere": True}
+    return {"per_cell": cells, "over_models": ahead}
+
+
 def run(quick: bool = False) -> dict:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     seeds = [0] if quick else [0, 1, 2]
     models = MODELS[:1] if quick else MODELS
     rows, selections = [], {}
+    from benchmarks.harness import write_result
+
     for seed in seeds:
         for name in models:
             rows.append(_one(name, seed, quick, selections.get(name)))
             selections.setdefault(name, rows[-1]["fine_tune_selection"])
+            joint = _joint_summary(rows)
+            partial = {"partial": True, "joint_calibrated": joint, "rows": rows}
+            write_result("lowrank.partial", partial, quick=quick)
     summary = _summary(rows)
     return {
         "config": {
@@ -362,6 +545,96 @@ def run(quick: bool = False) -> dict:
         "summary": summary,
         "fine_tune_selection": selections,
         "targets": _targets(summary),
+        "joint_calibrated": _joint_section(rows, quick),
         "rows": rows,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _one_joint(name: str, seed: int, quick: bool) -> dict:
+    """Only the ``joint_calibrated`` section for one model and seed (same calibration set as ``_one``)."""
+    torch.manual_seed(seed)
+    model = load_model(name, seed=seed, progress=False)
+    data = load_dataset(zoo_entry(name).dataset)
+    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
+    pick = order[:CALIBRATION_EXAMPLES]
+    with torch.no_grad():
+        reference = model(data.x_test).double()
+    labelled = [(data.x_train[pick], data.y_train[pick])]
+    cpu = time.process_time()
+    section = _joint_calibrated(model, data, labelled, reference, seed, quick)
+    print(f"  {name} seed {seed}: joint section {time.process_time() - cpu:.1f} s CPU", flush=True)
+    return {
+        "model": name,
+        "seed": seed,
+        "fp32_accuracy": accuracy(model, data.x_test, data.y_test),
+        "joint_calibrated": section,
+    }
+
+
+def _joint_section(rows: list[dict], quick: bool) -> dict:
+    from benchmarks.harness import machine_info
+
+    joint = _joint_summary(rows)
+    return {
+        "config": {
+            "byte_ratios": list(JOINT_RATIOS),
+            "bits": list(JOINT_BITS),
+            "sensitivity_method": "auto (as cetopt.compress)",
+            "calibration": "the same 512 training examples as the other sections, with labels; "
+            "GPTQ + bias correction, sequential calibration",
+            "fine_tune": None,
+            "quick": quick,
+        },
+        "machine": machine_info(),
+        "summary": joint,
+        "targets": _joint_targets(joint, rows),
+        "rows": [{"model": r["model"], "seed": r["seed"], **r["joint_calibrated"]} for r in rows],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.bench_lowrank --joint MODEL --out FILE`` measures only the joint
+    section (one process per model, so the models run side by side); ``--merge FILE ...`` puts the
+    pieces into ``results/lowrank.json`` as its ``joint_calibrated`` section, keeping the others."""
+    import argparse
+    import json
+
+    from benchmarks.harness import RESULTS
+    from cetopt._io import atomic_write_json
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_lowrank")
+    parser.add_argument("--joint", action="append", default=[], help="model name (repeatable)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", help="where --joint writes its rows")
+    parser.add_argument("--merge", nargs="*", default=None, help="row files to merge into lowrank.json")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.joint:
+        rows = []
+        for seed in map(int, args.seeds.split(",")):
+            for name in args.joint:
+                rows.append(_one_joint(name, seed, args.quick))
+                atomic_write_json(args.out, {"rows": rows, "partial": True})
+        atomic_write_json(args.out, {"rows": rows, "partial": False})
+    if args.merge is not None:
+        rows, partial = [], False
+        for path in args.merge:
+            with open(path) as f:
+                piece = json.load(f)
+            rows += piece["rows"]
+            partial |= piece["partial"]
+        rows.sort(key=lambda r: (r["seed"], MODELS.index(r["model"])))
+        target = RESULTS / ("lowrank.quick.json" if args.quick else "lowrank.json")
+        results = json.loads(target.read_text())
+        section = _joint_section(rows, args.quick)
+        section["partial"] = partial
+        results["joint_calibrated"] = section
+        atomic_write_json(target, results)
+        print(f"merged {len(rows)} rows into {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -162,3 +162,7 @@ class CommandLineError(CetoptError, ValueError):
 
 class MissingDependencyError(CetoptError, ImportError):
     """A feature needs an optional package that is not installed; the message names it and its extra."""
+
+
+class JointMenuError(CetoptError, ValueError):
+    """The joint menu (``compress(..., joint=True)``) got arguments it cannot use together."""

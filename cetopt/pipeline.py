@@ -12,7 +12,7 @@ from torch import nn
 from cetopt._modes import in_eval_mode
 from cetopt.allocation import Plan, allocate
 from cetopt.analysis import SensitivityTable, channel_bits, channel_sensitivity, sensitivity
-from cetopt.errors import CetoptError
+from cetopt.errors import CetoptError, JointMenuError
 from cetopt.quant.apply import quantize
 
 __all__ = ["CompressionResult", "compress"]
@@ -25,7 +25,10 @@ class CompressionResult:
     ``seconds`` holds the wall-clock time of each step (``sensitivity``, ``allocation``,
     ``quantization`` — which includes the calibration — and ``total``), ``cpu_seconds`` the CPU
     time this process spent on each (all threads; steadier than wall time on a shared machine).
-    Under ``method="auto"``, ``table.meta["auto"]`` says which estimator ran and why.
+    Under ``method="auto"``, ``table.meta["auto"]`` says which estimator ran and why. With
+    ``joint=True``, ``joint`` holds the joint menu's search (:class:`cetopt.lowrank.JointResult`:
+    every plan it applied and measured, which one it returned and whether it fell back to
+    bits only), and ``plan`` puts float layers (dense or float factors) at 32 bits.
     """
 
     model: nn.Module
@@ -33,6 +36,7 @@ class CompressionResult:
     table: SensitivityTable
     seconds: dict = field(default_factory=dict)
     cpu_seconds: dict = field(default_factory=dict)
+    joint: object | None = None
 
 
 @in_eval_mode("model")
@@ -56,6 +60,8 @@ def compress(
     group_sizes: Sequence[int | None] | None = None,
     act_order: bool = True,
     on_step: Callable[[str], None] | None = None,
+    joint: bool = False,
+    joint_options: dict | None = None,
     **allocate_options,
 ) -> CompressionResult:
     """Quantize ``model``'s weights to mixed precision within ``budget``.
@@ -106,9 +112,31 @@ def compress(
     on_step : callable, optional
         Called with ``"sensitivity"``, ``"allocation"`` and ``"quantization"`` as each step starts
         (the command line prints a stage line from it).
+    joint : bool
+        Choose per layer among quantization, low rank, sparsity and their mixes (the joint menu,
+        :func:`cetopt.lowrank.joint_compress`): every option scored in the loss units of the
+        sensitivities (quantized options take the table's values, the others their measured loss
+        increase), one multiple-choice knapsack, plans applied as here (GPTQ, bias correction)
+        and checked on the calibration loss against the bits-only plan — the plan this call
+        makes with ``joint=False`` — which is returned whenever nothing beats it. Per layer only
+        (not with ``per_channel``); of ``allocate_options`` it takes none.
+    joint_options : dict, optional
+        Other keywords of :func:`cetopt.lowrank.joint_compress` (``kinds``, ``factor_bits``,
+        ``refine``, ``menu_options`` ...).
     **allocate_options
         Any other keyword of :func:`cetopt.allocate` (``bops_budget``, ``ties``, ``min_bits`` ...).
     """
+    if joint and (per_channel or allocate_options or group_sizes is not None):
+        why = (
+            "per_channel=True"
+            if per_channel
+            else "group_sizes (group options are not in the joint menu yet)"
+            if group_sizes is not None
+            else f"allocate options {sorted(allocate_options)}"
+        )
+        raise JointMenuError(
+            f"joint=True chooses per layer under a byte budget alone; it does not take {why}"
+        )
     estimate = channel_sensitivity if per_channel else sensitivity
     options = {} if probes is None else {"probes": probes}
     if group_sizes is not None:
@@ -121,6 +149,28 @@ def compress(
     table = estimate(model, data, bits, method, loss_fn=loss_fn, seed=seed, progress=progress, **options)
     clock.lap("sensitivity")
     step("allocation")
+    if joint:
+        from cetopt.lowrank.joint import joint_compress
+
+        quantized, plan, search = joint_compress(
+            model,
+            data,
+            table,
+            budget,
+            loss_fn=loss_fn,
+            solver=solver,
+            time_limit=time_limit,
+            gptq=gptq,
+            bias_correction=bias_correction,
+            sequential=sequential,
+            seed=seed,
+            progress=progress,
+            **dict(joint_options or {}),
+        )
+        clock.lap("joint")
+        return CompressionResult(
+            model=quantized, plan=plan, table=table, seconds=clock.wall, cpu_seconds=clock.cpu, joint=search
+        )
     plan = allocate(table, budget, solver, time_limit, **allocate_options)
     clock.lap("allocation")
     step("quantization")

@@ -164,3 +164,36 @@ def test_leo_finds_and_removes_stable_units(tmp_path, capsys):
     assert report["removal"]["params_after"] < report["removal"]["params_before"]
     assert report["max_diff_test"] <= 1e-5
     assert sum(layer["inactive"] for layer in report["layers"]) > 0
+
+
+def test_compress_joint_writes_the_bit_allocation_report_and_the_search(tmp_path, capsys):
+    import json
+
+    import torch
+
+    import cetopt
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    args = ["compress", "--model", "digits-mlp-2x25", "--budget", "8x", "--out", str(tmp_path), "--joint"]
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "test accuracy: fp32" in printed and "joint menu: chose" in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["step_seconds"]) == {"sensitivity", "joint", "total"}
+    assert report["plan"]["bytes"] <= report["plan"]["budget_bytes"]
+    joint = report["joint"]
+    names = [c["name"] for c in joint["candidates"]]
+    assert "bits" in names and "joint" in names and joint["chosen"] in names
+    losses = {c["name"]: c["measured_loss"] for c in joint["candidates"]}
+    assert losses[joint["chosen"]] == min(losses.values()) <= losses["bits"]
+    assert joint["fell_back_to_bits"] == (joint["chosen"] == "bits")
+    restored = cetopt.load(tmp_path / "model.safetensors")
+    from cetopt.zoo import load_dataset
+
+    data = load_dataset("digits")
+    acc = (restored(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    assert acc == pytest.approx(report["accuracy_compressed"])

@@ -57,6 +57,7 @@ __all__ = [
     "MenuOption",
     "MenuPlan",
     "build_menu",
+    "option_matrix",
     "sparse_bytes",
     "stored_bytes",
     "stored_params",
@@ -95,6 +96,9 @@ class MenuOption:
         Relative post-activation error of the layer on the calibration columns.
     output_error : float
         Relative error of the network's output with only this layer changed.
+    loss : float
+        Increase of the task loss with only this layer changed (NaN until scored, e.g. by
+        :func:`cetopt.lowrank.score_menu`): the quantity the bit allocation minimises.
     """
 
     layer: str
@@ -108,6 +112,7 @@ class MenuOption:
     fit: LowRankSparse | None = field(default=None, repr=False, compare=False)
     output_error: float = float("nan")
     approx: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    loss: float = float("nan")
 
     @property
     def label(self) -> str:
@@ -121,7 +126,7 @@ class MenuOption:
         return "-".join(parts)
 
     def to_dict(self) -> dict:
-        keys = ("layer", "kind", "rank", "nnz", "bits", "params", "bytes", "error", "output_error")
+        keys = ("layer", "kind", "rank", "nnz", "bits", "params", "bytes", "error", "output_error", "loss")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -233,8 +238,8 @@ class Menu:
         unknown = sorted(set(kinds or ()) - set(KINDS))
         if unknown:
             raise ValueError(f"unknown kinds {unknown}; known: {KINDS}")
-        if objective not in ("output_error", "error"):
-            raise ValueError(f"objective must be 'output_error' or 'error', got {objective!r}")
+        if objective not in ("output_error", "error", "loss"):
+            raise ValueError(f"objective must be 'output_error', 'error' or 'loss', got {objective!r}")
         error, params, size, allowed = self.table(kinds, objective)
         floats, factored = self._masks()
         if resource == "params":
@@ -373,6 +378,28 @@ def _quantized_factor_option(data: LayerData, kind: str, fit: LowRankSparse, bit
     approx = _dequantized(fit.left, bits) @ _dequantized(fit.right, bits) + fit.sparse.float().double()
     size = _quant_bytes(r * n, r, bits) + _quant_bytes(m * r, m, bits) + sparse_bytes(fit.nnz, m * n)
     return _option(data, kind, r, fit.nnz, bits, fit.params, size, approx, fit)
+
+
+def option_matrix(option: MenuOption, weight: torch.Tensor) -> torch.Tensor:
+    """The weight matrix (float64, ``m × n``) that ``option`` stores for a layer whose matrix is ``weight``.
+
+    The option's ``approx`` when it carries one; otherwise what the menu measured: float32 factors
+    and sparse values as written back, factors and ``quant`` weights rounded to nearest by
+    :class:`~cetopt.graph.Quantize`'s quantizer.
+    """
+    if option.approx is not None:  # a weight measured as applied (e.g. GPTQ-rounded codes)
+        return option.approx.to(torch.float64)
+    if option.kind == "dense":
+        return weight.to(torch.float64)
+    if option.kind == "quant":
+        return _dequantized(weight, option.bits)
+    fit = option.fit
+    if option.bits is None:
+        return (fit.left.float() @ fit.right.float() + fit.sparse.float()).double()
+    return (
+        _dequantized(fit.left, option.bits) @ _dequantized(fit.right, option.bits)
+        + fit.sparse.float().double()
+    )
 
 
 def _quant_option(data: LayerData, bits: int) -> MenuOption:

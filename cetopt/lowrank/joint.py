@@ -1,0 +1,697 @@
+"""The joint menu: bits × rank × sparsity per layer in one multiple-choice knapsack, in loss units.
+
+:func:`joint_compress` is what ``cetopt.compress(..., joint=True)`` runs. It builds the layer
+menus of :func:`cetopt.lowrank.build_menu` (dense; quantized at the allocation's bit widths;
+truncated SVD; magnitude pruning; weight-space and activation-aware L + S; every factorised option
+again with quantized factors) and gives every option one score in the units the bit allocation
+minimises, the **increase of the task loss** on the calibration data with only that layer
+changed:
+
+* every option is scored by the measured loss increase along its actual weight change
+  (:func:`score_menu`; the network suffix from the layer on, :mod:`cetopt.analysis.replay`), the
+  ``quant`` options on their GPTQ-rounded codes (:func:`gptq_quant_options`: the codes the
+  write-back will round, not round-to-nearest ones), since the other kinds' fits are
+  activation-aware too;
+* the bits-only plan is solved on the sensitivity table :func:`cetopt.compress` allocates bits
+  with (same estimator, same numbers, same knapsack), so it *is* ``compress``'s plan.
+
+Plans are applied as :func:`cetopt.compress` applies a bit plan (:func:`apply_options`): the
+factorised layers are written back in float32 first, then every quantized weight — plain layers
+and the factors of factorised ones — goes through the same :func:`cetopt.quantize` call, with
+GPTQ rounding and bias correction, layer by layer (sequential calibration).
+
+Per-layer scores ignore how errors add up. So the search is checked against the truth: the joint
+plan, the bits-only plan and the single-kind plans (low rank only, sparsity only) at the same byte
+budget are all applied and their calibration loss measured; the joint plan is then refined — every
+option re-scored on the network whose earlier layers carry the current plan's choices (the
+measured interaction, layer by layer as sequential calibration goes), the knapsack solved again,
+the new plan applied and measured. The plan with the lowest measured calibration loss is
+returned; the bits-only plan is always among the candidates, so the returned plan's calibration
+loss is never above it (when it wins, the result says it fell back to it). Where the budget is
+below every bits-only plan (2-bit codes plus the per-channel scales exceed it), the other
+candidates still compete and the result lists bits-only as infeasible.
+
+Options are plain data records (:class:`cetopt.lowrank.MenuOption`): a new kind (group size,
+activation bits) joins by adding its options, with their bytes and loss, to each layer's list;
+the search stays one multiple-choice knapsack.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from cetopt._modes import in_eval_mode
+from cetopt.allocation import Plan, choose_options, fp32_weight_bytes, parse_budget
+from cetopt.allocation.plan import LayerValues
+from cetopt.allocation.search import relative_gap
+from cetopt.analysis._common import progress_bar
+from cetopt.analysis.objective import _batches
+from cetopt.analysis.replay import measure_trials
+from cetopt.analysis.table import SensitivityTable
+from cetopt.errors import InfeasibleBudgetError, JointMenuError, SolverFailedError
+from cetopt.graph import rewrite
+from cetopt.lowrank.decompose import factorize_decision
+from cetopt.lowrank.menu import KINDS, Menu, MenuOption, build_menu, option_matrix
+
+__all__ = [
+    "SINGLE_KINDS",
+    "JointCandidate",
+    "JointResult",
+    "apply_options",
+    "gptq_quant_options",
+    "joint_compress",
+    "rescore_sequential",
+    "score_menu",
+]
+
+Keep = Callable[[MenuOption], bool]
+
+#: The single-kind plans the joint plan is checked against: name → which options it may use.
+SINGLE_KINDS: dict[str, Keep] = {
+    "bits": lambda o: o.kind == "quant",  # exactly compress's options (no dense)
+    "lowrank": lambda o: o.kind == "dense" or (o.kind == "svd" and o.bits is None),
+    "sparse": lambda o: o.kind in ("dense", "prune"),
+}
+
+
+def _all(option: MenuOption) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class JointCandidate:
+    """One plan of the search, applied and measured.
+
+    Attributes
+    ----------
+    name : str
+        ``bits``, ``lowrank``, ``sparse``, ``joint`` or ``joint_refined_<k>``.
+    options : dict
+        Layer name → the chosen :class:`MenuOption`.
+    predicted_loss : float
+        Sum of the chosen options' scores (their ``loss``: each layer changed alone).
+    solved_loss : float
+        The objective the knapsack minimised for this plan (the re-scored losses for a refined
+        plan; ``predicted_loss`` otherwise).
+    measured_loss : float
+        Calibration loss increase of the plan as applied (:func:`apply_options`), all layers at once.
+    bytes : int
+    status, solver : str
+        What the knapsack reported.
+    bound : float or None
+    """
+
+    name: str
+    options: dict[str, MenuOption] = field(repr=False)
+    predicted_loss: float
+    solved_loss: float
+    measured_loss: float
+    bytes: int
+    status: str
+    solver: str
+    bound: float | None = None
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "predicted_loss": self.predicted_loss,
+            "solved_loss": self.solved_loss,
+            "measured_loss": self.measured_loss,
+            "bytes": self.bytes,
+            "status": self.status,
+            "solver": self.solver,
+            "choice": {n: o.label for n, o in self.options.items()},
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class JointResult:
+    """What :func:`joint_compress` searched and what it returned.
+
+    Attributes
+    ----------
+    chosen : str
+        Name of the returned candidate.
+    fell_back : bool
+        True when the bits-only plan was returned: no plan using low rank or sparsity had a lower
+        measured calibration loss.
+    candidates : list of JointCandidate
+        Every plan applied and measured, in the order they were tried.
+    infeasible : dict
+        Single-kind plans the budget cannot reach (or no solver answered verifiably): name → message.
+    base_loss : float
+        Calibration loss of the uncompressed model.
+    budget_bytes : float
+    rank_correlation : float or None
+        Spearman correlation, over the candidates, of the predicted loss (summed per-layer scores)
+        with the measured loss increase of the plan as applied (None below three candidates).
+    menu : Menu
+        The scored menu.
+    """
+
+    chosen: str
+    fell_back: bool
+    candidates: list[JointCandidate]
+    infeasible: dict[str, str]
+    base_loss: float
+    budget_bytes: float
+    rank_correlation: float | None
+    menu: Menu = field(repr=False)
+
+    @property
+    def best(self) -> JointCandidate:
+        return next(c for c in self.candidates if c.name == self.chosen)
+
+    def candidate(self, name: str) -> JointCandidate | None:
+        return next((c for c in self.candidates if c.name == name), None)
+
+    def summary(self) -> str:
+        """The candidates (predicted and measured loss increase, bytes) and the chosen options."""
+        rows = [("plan", "bytes", "predicted Δloss", "measured Δloss", "")]
+        for c in self.candidates:
+            mark = "<- chosen" if c.name == self.chosen else ""
+            rows.append((c.name, f"{c.bytes}", f"{c.predicted_loss:.4g}", f"{c.measured_loss:.4g}", mark))
+        rows += [(name, "infeasible", "", "", "") for name in self.infeasible]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths[:4]))
+        lines.append("")
+        lines += [f"  {n}: {o.label}" for n, o in self.best.options.items()]
+        rho = "n/a" if self.rank_correlation is None else f"{self.rank_correlation:.2f}"
+        note = " (fell back to the bits-only plan)" if self.fell_back else ""
+        lines.append(
+            f"joint menu: chose {self.chosen}{note}; calibration loss {self.base_loss:.4g} "
+            f"+ {self.best.measured_loss:.4g}; predicted vs measured rank correlation {rho}"
+        )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "chosen": self.chosen,
+            "fell_back_to_bits": self.fell_back,
+            "base_loss": self.base_loss,
+            "budget_bytes": self.budget_bytes,
+            "rank_correlation": self.rank_correlation,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "infeasible": dict(self.infeasible),
+        }
+
+
+def _dataset_loss(model: nn.Module, batches, loss_fn) -> float:
+    """Mean loss over ``batches``, weighted by batch size as :func:`measure_trials` sums it."""
+    total = sum(len(x) for x, _ in batches)
+    value = None
+    with torch.no_grad():
+        for x, y in batches:
+            part = loss_fn(model(x), y) * (len(x) / total)
+            value = part if value is None else value + part
+    return float(value)
+
+
+def _trial_weight(option: MenuOption, weight: torch.Tensor) -> torch.Tensor:
+    """The layer weight (its own shape and dtype) that ``option`` stands for."""
+    return (
+        option_matrix(option, weight.detach().reshape(weight.shape[0], -1))
+        .reshape(weight.shape)
+        .to(weight.dtype)
+    )
+
+
+def _measure_layer(model: nn.Module, name: str, options, batches, loss_fn, bar=None) -> np.ndarray:
+    """Loss increase of each option of layer ``name`` on ``model``, only that layer changed."""
+    weight = dict(model.named_modules())[name].weight
+    if not options:
+        return np.zeros(0)
+    weights = [_trial_weight(o, weight) for o in options]
+    trials = [(name, lambda w=w: w) for w in weights]
+    losses, base, _ = measure_trials(model, batches, loss_fn, trials, bar)
+    return np.asarray(losses) - base
+
+
+@in_eval_mode("model")
+def score_menu(
+    model: nn.Module,
+    menu: Menu,
+    data,
+    table: SensitivityTable | None = None,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = False,
+) -> Menu:
+    """A copy of ``menu`` with every option's ``loss`` filled in (loss units).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model the menu was built on; not modified.
+    menu : Menu
+    data : iterable of (inputs, targets)
+        Calibration batches; the loss is averaged over all of them.
+    table : SensitivityTable, optional
+        If given, ``quant`` options take its values (the bits it has), so a bits-only plan from the
+        menu is the plan :func:`cetopt.allocate` gives on it; options it lacks are measured.
+    loss_fn : callable, optional
+        ``loss_fn(outputs, targets)``; default cross-entropy.
+    progress : bool
+    """
+    batches = _batches(data, None)
+    loss_fn = loss_fn or torch.nn.functional.cross_entropy
+    rows = {} if table is None else {n: i for i, n in enumerate(table.layers)}
+    cols = {} if table is None else {b: j for j, b in enumerate(table.bits)}
+
+    def from_table(o: MenuOption) -> bool:
+        return o.kind == "quant" and o.layer in rows and o.bits in cols
+
+    scored: dict[str, list[MenuOption]] = {}
+    total = sum(1 for n in menu.layers for o in menu.options[n] if o.kind != "dense" and not from_table(o))
+    with progress_bar(total * len(batches), "joint menu: measure options", progress) as bar:
+        for name in menu.layers:
+            opts = menu.options[name]
+            todo = [o for o in opts if o.kind != "dense" and not from_table(o)]
+            values = iter(_measure_layer(model, name, todo, batches, loss_fn, bar))
+            out = []
+            for o in opts:
+                if o.kind == "dense":
+                    loss = 0.0
+                elif from_table(o):
+                    loss = float(table.values[rows[name], cols[o.bits]])
+                else:
+                    loss = float(next(values))
+                out.append(replace(o, loss=loss))
+            scored[name] = out
+    return Menu(list(menu.layers), scored)
+
+
+@in_eval_mode("model")
+def gptq_quant_options(model: nn.Module, menu: Menu, data, *, progress: bool = False) -> Menu:
+    """A copy of ``menu`` whose ``quant`` options carry (``approx``) their GPTQ-rounded weights.
+
+    One :func:`cetopt.quantize` call with ``gptq=data`` per bit width, every menu layer at that
+    width, each rounded on the float model's inputs; the options' ``loss`` is reset (NaN) so that
+    :func:`score_menu` measures them on those weights.
+    """
+    from cetopt.quant.apply import quantize
+
+    widths = sorted({o.bits for n in menu.layers for o in menu.options[n] if o.kind == "quant"})
+    rounded: dict[tuple[str, int], torch.Tensor] = {}
+    with progress_bar(len(widths), "joint menu: GPTQ per bit width", progress) as bar:
+        for b in widths:
+            layers = [
+                n for n in menu.layers if any(o.kind == "quant" and o.bits == b for o in menu.options[n])
+            ]
+            modules = dict(quantize(model, {n: b for n in layers}, gptq=data).named_modules())
+            for n in layers:
+                w = modules[n].weight.detach()
+                rounded[(n, b)] = w.reshape(w.shape[0], -1).to(torch.float64)
+            bar.update(1)
+    options = {
+        n: [
+            replace(o, approx=rounded[(n, o.bits)], loss=float("nan")) if o.kind == "quant" else o
+            for o in menu.options[n]
+        ]
+        for n in menu.layers
+    }
+    return Menu(list(menu.layers), options)
+
+
+@in_eval_mode("model")
+def rescore_sequential(
+    model: nn.Module,
+    menu: Menu,
+    chosen: Mapping[str, MenuOption],
+    data,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Every option's loss increase with the layers before it carrying ``chosen``: the interaction.
+
+    In menu order, layer ``i``'s options are measured on the network whose layers ``< i`` hold
+    their chosen option's weight (factors and sparse parts as stored, quantized weights rounded to
+    nearest), against that network's own loss; then layer ``i`` takes its chosen option and the next
+    layer is measured. The sum of the chosen options' re-scored values is the measured loss increase
+    of the whole plan (telescoping, without GPTQ or bias correction).
+
+    Returns
+    -------
+    dict
+        Layer name → array of loss increases, one per option of ``menu.options[name]``.
+    """
+    batches = _batches(data, None)
+    loss_fn = loss_fn or torch.nn.functional.cross_entropy
+    work = copy.deepcopy(model).eval()
+    modules = dict(work.named_modules())
+    originals = {n: modules[n].weight.detach().clone() for n in menu.layers}
+    scores: dict[str, np.ndarray] = {}
+    total = sum(len(menu.options[n]) for n in menu.layers) * len(batches)
+    with progress_bar(total, "joint menu: re-score in sequence", progress) as bar, torch.no_grad():
+        for name in menu.layers:
+            layer = modules[name]
+            saved = layer.weight.data
+            layer.weight.data = originals[name]
+            try:
+                scores[name] = _measure_layer(work, name, menu.options[name], batches, loss_fn, bar)
+            finally:
+                layer.weight.data = saved
+            if name in chosen:
+                layer.weight.data = _trial_weight(chosen[name], originals[name])
+    return scores
+
+
+@in_eval_mode("model")
+def apply_options(
+    model: nn.Module,
+    options: Mapping[str, MenuOption],
+    data=None,
+    *,
+    gptq: bool = True,
+    bias_correction: bool = True,
+    sequential: bool = True,
+    progress: bool = False,
+) -> nn.Module:
+    """Write the chosen options into a copy of ``model`` as :func:`cetopt.compress` writes a bit plan.
+
+    Factorised options are written back in float32 (:class:`~cetopt.graph.Factorize`); then every
+    quantized weight — ``quant`` layers and the two factors of factorised options with ``bits`` —
+    goes through one :func:`cetopt.quantize` call on that model, with GPTQ rounding and bias
+    correction on ``data`` (layer by layer when ``sequential``), exactly the call ``compress`` makes.
+    With only ``quant`` options the result is ``compress``'s model for the same bits.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified.
+    options : mapping
+        Layer name → :class:`MenuOption` (layers not named stay as they are).
+    data : iterable of (inputs, targets), optional
+        Calibration batches; needed when ``gptq`` or ``bias_correction``.
+    gptq, bias_correction, sequential, progress
+        As in :func:`cetopt.compress`.
+    """
+    from cetopt.quant.apply import quantize
+
+    modules = dict(model.named_modules())
+    decisions = [
+        factorize_decision(name, modules[name], o.fit)
+        for name, o in options.items()
+        if o.kind not in ("dense", "quant")
+    ]
+    base = rewrite(model, decisions) if decisions else model
+    bits: dict[str, int] = {}
+    for name, o in options.items():
+        if o.kind == "quant":
+            bits[name] = int(o.bits)
+        elif o.kind != "dense" and o.bits:
+            bits[f"{name}.first"] = bits[f"{name}.second"] = int(o.bits)
+    if not bits:
+        return base if decisions else copy.deepcopy(model).eval()
+    calibrate = data is not None and (gptq or bias_correction)
+    return quantize(
+        base,
+        bits,
+        gptq=data if gptq and data is not None else None,
+        bias_correction=data if bias_correction and data is not None else None,
+        sequential=sequential and calibrate,
+        progress=progress,
+    )
+
+
+def _solve(menu: Menu, scores: Mapping[str, np.ndarray], budget: float, keep: Keep, solver, time_limit):
+    """The multiple-choice knapsack over ``menu``'s options allowed by ``keep``: one per layer."""
+    width = max(len(menu.options[n]) for n in menu.layers)
+    shape = (len(menu.layers), width)
+    cost, size, allowed = np.zeros(shape), np.zeros(shape), np.zeros(shape, dtype=bool)
+    for i, name in enumerate(menu.layers):
+        opts = menu.options[name]
+        cost[i, : len(opts)] = scores[name]
+        size[i, : len(opts)] = [o.bytes for o in opts]
+        allowed[i, : len(opts)] = [keep(o) for o in opts]
+    if not allowed.any(axis=1).all():
+        raise InfeasibleBudgetError("some layer has no option of this kind", minimum=float("inf"))
+    # a MILP answer that verification rejects (losses spanning many decades can trip a solver's
+    # tolerances) is asked of the other MILP backends before giving up
+    others = [name for name in ("highs", "cbc") if name != solver] if isinstance(solver, str) else []
+    for attempt in [solver, *others]:
+        try:
+            with np.errstate(invalid="ignore"):  # the hull's padding (inf − inf), masked out inside
+                out = choose_options(
+                    cost, size, budget, allowed=allowed, solver=attempt, time_limit=time_limit
+                )
+            break
+        except SolverFailedError:
+            if attempt == ([solver, *others])[-1]:
+                raise
+    chosen = {n: menu.options[n][int(k)] for n, k in zip(menu.layers, out.choice)}
+    solved = float(cost[np.arange(len(menu.layers)), out.choice].sum())
+    return chosen, solved, out
+
+
+def _same(a: Mapping[str, MenuOption], b: Mapping[str, MenuOption]) -> bool:
+    return a.keys() == b.keys() and all(a[n] is b[n] for n in a)
+
+
+def _check_menu(menu: Menu, table: SensitivityTable) -> None:
+    if list(menu.layers) != list(table.layers):
+        raise JointMenuError(
+            f"the menu's layers {list(menu.layers)[:4]}... differ from the sensitivity table's "
+            f"{list(table.layers)[:4]}...; build both on the same layers"
+        )
+    for name in menu.layers:
+        have = {o.bits for o in menu.options[name] if o.kind == "quant"}
+        if have != set(table.bits):
+            raise JointMenuError(
+                f"layer {name!r}: the menu's quant bits {sorted(have)} differ from "
+                f"the table's {list(table.bits)}"
+            )
+
+
+@in_eval_mode("model")
+def joint_compress(
+    model: nn.Module,
+    data,
+    table: SensitivityTable,
+    budget: float | str,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    kinds: Sequence[str] = KINDS,
+    factor_bits: Sequence[int] = (4, 8),
+    refine: int = 2,
+    singles: Sequence[str] = tuple(SINGLE_KINDS),
+    solver="highs",
+    time_limit: float | None = None,
+    gptq: bool = True,
+    bias_correction: bool = True,
+    sequential: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+    menu: Menu | None = None,
+    menu_options: Mapping | None = None,
+    keep_models: bool = False,
+) -> tuple[nn.Module, Plan, JointResult]:
+    """Choose, per layer, among quantization, low rank, sparsity and their mixes within ``budget``.
+
+    See the module docstring for the method. Called by :func:`cetopt.compress` with
+    ``joint=True``, which computes ``table`` first.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified.
+    data : iterable of (inputs, targets)
+        Calibration batches (re-iterable: a list or a DataLoader).
+    table : SensitivityTable
+        The bit allocation's sensitivities (:func:`cetopt.sensitivity`) on ``data``.
+    budget : float or str
+        Weight bytes, ``"10x"`` or ``"3.2bits"`` (:func:`cetopt.allocation.parse_budget`).
+    loss_fn : callable, optional
+        The loss ``table`` was measured with; default cross-entropy.
+    kinds : sequence of str
+        Menu kinds (:data:`cetopt.lowrank.KINDS`); ``quant`` is always on.
+    factor_bits : sequence of int
+        Bit widths of the factors of the factorised options.
+    refine : int
+        Most rounds of sequential re-scoring and re-solving (0: none).
+    singles : sequence of str
+        Single-kind plans to measure besides ``bits`` (:data:`SINGLE_KINDS`).
+    solver, time_limit
+        For the knapsacks (:func:`cetopt.allocation.choose_options`).
+    gptq, bias_correction, sequential
+        How plans are applied (:func:`apply_options`), as in :func:`cetopt.compress`.
+    seed : int
+        Calibration-column sampling of the menu fits.
+    progress : bool
+    menu : Menu, optional
+        A menu built (and scored or not) on ``model`` and ``data`` already, with quant options at
+        ``table.bits``; then ``kinds``, ``factor_bits`` and ``menu_options`` are not used.
+    menu_options : mapping, optional
+        Other keywords of :func:`cetopt.lowrank.build_menu` (grids, ``max_columns`` ...).
+    keep_models : bool
+        Keep every candidate's compressed model (``JointCandidate.model``), e.g. to test them all.
+
+    Returns
+    -------
+    (model, plan, result)
+        The compressed copy, its :class:`cetopt.Plan` (bits per layer, 32 for float layers; bytes
+        and scores of the chosen options) and the :class:`JointResult`.
+
+    Raises
+    ------
+    InfeasibleBudgetError
+        The budget is below the smallest plan of the whole menu.
+    JointMenuError
+        A given ``menu`` does not match ``table``.
+    """
+    t0 = time.perf_counter()
+    loss_fn = loss_fn or torch.nn.functional.cross_entropy
+    batches = _batches(data, None)
+    budget_bytes = parse_budget(budget, table)
+    unknown = sorted(set(singles) - set(SINGLE_KINDS))
+    if unknown:
+        raise JointMenuError(f"unknown single kinds {unknown}; known: {sorted(SINGLE_KINDS)}")
+    if menu is None:
+        menu = build_menu(
+            model,
+            data,
+            layers=table.layers,
+            kinds=sorted(set(kinds) | {"quant"}, key=KINDS.index),
+            bits=table.bits,
+            factor_bits=factor_bits,
+            seed=seed,
+            progress=progress,
+            **dict(menu_options or {}),
+        )
+    _check_menu(menu, table)
+    if any(np.isnan(o.loss) for n in menu.layers for o in menu.options[n]):
+        if gptq:
+            menu = gptq_quant_options(model, menu, data, progress=progress)
+        menu = score_menu(model, menu, data, None if gptq else table, loss_fn=loss_fn, progress=progress)
+    base_loss = _dataset_loss(model, batches, loss_fn)
+    scores = {n: np.array([o.loss for o in menu.options[n]]) for n in menu.layers}
+    # the bits-only plan is compress's: the table's values on the quant options
+    rows, cols = {n: i for i, n in enumerate(table.layers)}, {b: j for j, b in enumerate(table.bits)}
+    table_scores = {
+        n: np.array(
+            [table.values[rows[n], cols[o.bits]] if o.kind == "quant" else o.loss for o in menu.options[n]]
+        )
+        for n in menu.layers
+    }
+
+    def apply(options):
+        return apply_options(
+            model, options, data, gptq=gptq, bias_correction=bias_correction, sequential=sequential
+        )
+
+    candidates: list[JointCandidate] = []
+    infeasible: dict[str, str] = {}
+    best: tuple[float, nn.Module | None] = (float("inf"), None)
+    planned = [("bits", SINGLE_KINDS["bits"])]
+    planned += [(s, SINGLE_KINDS[s]) for s in singles if s != "bits"]
+    planned.append(("joint", _all))
+    solve_info = {}
+    with progress_bar(len(planned) + refine, "joint menu: plans applied and measured", progress) as bar:
+
+        def evaluate(name, options, solved, out):
+            nonlocal best
+            new = apply(options)
+            measured = _dataset_loss(new, batches, loss_fn) - base_loss
+            candidates.append(
+                JointCandidate(
+                    name=name,
+                    options=options,
+                    predicted_loss=float(sum(o.loss for o in options.values())),
+                    solved_loss=solved,
+                    measured_loss=measured,
+                    bytes=int(sum(o.bytes for o in options.values())),
+                    status=out.status,
+                    solver=out.solver,
+                    bound=out.bound,
+                    model=new if keep_models else None,
+                )
+            )
+            solve_info[name] = out
+            if measured < best[0]:  # strictly lower: ties keep the earlier plan (bits first)
+                best = (measured, new)
+            bar.update(1)
+
+        for name, keep in planned:
+            try:
+                objective = table_scores if name == "bits" else scores
+                options, solved, out = _solve(menu, objective, budget_bytes, keep, solver, time_limit)
+            except (InfeasibleBudgetError, SolverFailedError) as exc:
+                if name == "joint":
+                    raise  # the joint menu holds every other plan: nothing fits
+                infeasible[name] = str(exc)
+                bar.update(1)
+                continue
+            evaluate(name, options, solved, out)
+        current = candidates[-1]
+        for k in range(1, refine + 1):
+            if current is None:
+                break
+            rescored = rescore_sequential(model, menu, current.options, data, loss_fn=loss_fn)
+            try:
+                options, solved, out = _solve(menu, rescored, budget_bytes, _all, solver, time_limit)
+            except SolverFailedError:
+                break  # no verified answer on the re-scored losses: keep what was measured
+            if any(_same(options, c.options) for c in candidates):
+                break  # the measured interaction leads back to a plan already measured
+            evaluate(f"joint_refined_{k}", options, solved, out)
+            current = candidates[-1]
+    chosen = min(candidates, key=lambda c: c.measured_loss)  # first of equals: bits
+    rho = None
+    if len(candidates) >= 3:
+        value = stats.spearmanr(
+            [c.predicted_loss for c in candidates], [c.measured_loss for c in candidates]
+        ).statistic
+        rho = None if np.isnan(value) else float(value)
+    result = JointResult(
+        chosen=chosen.name,
+        fell_back=chosen.name == "bits",
+        candidates=candidates,
+        infeasible=infeasible,
+        base_loss=base_loss,
+        budget_bytes=budget_bytes,
+        rank_correlation=rho,
+        menu=menu,
+    )
+    plan = _plan(table, chosen, solve_info[chosen.name], budget_bytes, time.perf_counter() - t0)
+    return best[1], plan, result
+
+
+def _plan(table: SensitivityTable, chosen: JointCandidate, out, budget_bytes: float, seconds: float) -> Plan:
+    """A :class:`cetopt.Plan` for the chosen options (float layers at 32 bits)."""
+    names = list(table.layers)
+    options = [chosen.options[n] for n in names]
+    bits = np.array([o.bits or 32 for o in options], dtype=np.int16)
+    size = np.array([o.bytes for o in options], dtype=np.float64)
+    if chosen.name == "bits":  # compress's plan: the table's values
+        index = {b: j for j, b in enumerate(table.bits)}
+        loss = np.array([table.values[i, index[o.bits]] for i, o in enumerate(options)], dtype=np.float64)
+    else:
+        loss = np.array([o.loss for o in options], dtype=np.float64)
+    predicted = float(loss.sum())
+    return Plan(
+        bits=LayerValues(names, bits),
+        predicted_loss=predicted,
+        bytes=float(size.sum()),
+        budget_bytes=float(budget_bytes),
+        fp32_bytes=fp32_weight_bytes(table),
+        status=out.status,
+        bound=out.bound if chosen.solved_loss == predicted else None,
+        gap=relative_gap(predicted, out.bound) if chosen.solved_loss == predicted else None,
+        solve_time=seconds,
+        solver=out.solver,
+        method=table.method,
+        layer_bytes=LayerValues(names, size),
+        layer_loss=LayerValues(names, loss),
+        layer_params=LayerValues(names, np.asarray(table.params)),
+    )
