@@ -625,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
                 piece = json.load(f)
             rows += piece["rows"]
             partial |= piece["partial"]
-        rows.sort(key=lambda r: (r["seed"], MODELS.index(r["model"])))
+        unique = {(r["model"], r["seed"]): r for r in reversed(rows)}  # a row measured twice: the first
+        rows = sorted(unique.values(), key=lambda r: (r["seed"], MODELS.index(r["model"])))
         target = RESULTS / ("lowrank.quick.json" if args.quick else "lowrank.json")
         results = json.loads(target.read_text())
         section = _joint_section(rows, args.quick)
