@@ -80,7 +80,6 @@ def test_dropped_small_entries_is_reported_when_zero():
     assert cetopt.solve(problem, "highs").stats["dropped_small_entries"] == 0
 
 
-
 def _knapsack(c, size, allowed, limit, chosen):
     """A bit-allocation core MILP: one option per group (rows of ``c``), one byte row, a start."""
     groups, options = np.shape(c)
