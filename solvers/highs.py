@@ -6,6 +6,8 @@ for LPs), accepts warm starts (``setSolution``) and any HiGHS option by name.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -15,6 +17,7 @@ import numpy as np
 
 from cetopt.problem import MILP, Solution, Status
 from cetopt.solving.base import Capabilities, Solver
+from cetopt.solving.verify import OBJECTIVE
 from solvers._highs_banner import mute_highs_banner
 
 try:
@@ -114,40 +117,26 @@ class HighsSolver(Solver):
         keep_log = bool(options.pop("log", False))
         stop_bound = options.pop("interrupt_on_bound", None)
         stop_objective = options.pop("interrupt_on_objective", None)
-        h = _new_highs()
-        log_lines: list[str] = []
-        if want_report or keep_log:
-            h.setOptionValue("output_flag", True)
-            h.setOptionValue("log_to_console", False)
-            h.cbLogging.subscribe(lambda event: log_lines.append(event.message))
-        else:
-            h.setOptionValue("output_flag", False)
-        if time_limit is not None:
-            h.setOptionValue("time_limit", float(time_limit))
-        if mip_gap is not None:
-            h.setOptionValue("mip_rel_gap", float(mip_gap))
-            # HiGHS also stops at an absolute gap of 1e-6, which on a small objective is a wide
-            # relative one; a requested relative gap is what cetopt.solve checks.
-            h.setOptionValue("mip_abs_gap", 0.0)
-        for key, value in options.items():
-            if h.setOptionValue(key, value) == highspy.HighsStatus.kError:
-                raise ValueError(f"HiGHS rejected option {key}={value!r}")
-        dropped = self._pass_model(h, problem)
-        if problem.is_mip and (stop_bound is not None or stop_objective is not None):
-            _subscribe_interrupt(h, problem.sense, stop_bound, stop_objective)
-        if start is not None:
-            h.setSolution(
-                problem.num_cols,
-                np.arange(problem.num_cols, dtype=np.int32),
-                np.asarray(start, dtype=np.float64),
+        run = _Run(self, problem, options, time_limit, mip_gap, want_report or keep_log)
+        solution, log, dropped = run(start, stop_bound, stop_objective)
+        stats_extra: dict[str, Any] = {}
+        if start is not None and problem.is_mip and _mispriced(problem, solution):
+            # HiGHS maps a MIP start into presolve's reduced space, where reductions that keep
+            # only *an* optimum (probing, sparsify, dual reductions) can move or misprice it; the
+            # start then prunes the tree and HiGHS returns it as "optimal" with the objective of
+            # another point. Its answer contradicts itself, so solve again without the start.
+            first = solution
+            left = None if time_limit is None else max(0.0, time_limit - first.time)
+            run = _Run(self, problem, options, left, mip_gap, want_report or keep_log)
+            solution, log, dropped = run(None, stop_bound, stop_objective)
+            solution = dataclasses.replace(solution, time=first.time + solution.time)
+            stats_extra["mip_start_discarded"] = (
+                f"HiGHS reported objective {first.objective!r} for the MIP start, whose objective is "
+                f"{problem.objective_value(first.x)!r}; solved again without the start"
             )
-        t0 = time.perf_counter()
-        h.run()
-        elapsed = time.perf_counter() - t0
-        solution = self._read_result(h, problem, elapsed)
         stats = dict(solution.stats)
+        stats.update(stats_extra)
         stats["dropped_small_entries"] = int(dropped)  # present when 0 too
-        log = "".join(log_lines)
         if want_report:
             stats.update(parse_solving_report(log))
         if keep_log:
@@ -242,6 +231,59 @@ class HighsSolver(Solver):
         return Solution(
             status=status, x=x, objective=objective, bound=bound, time=elapsed, message=message, stats=stats
         )
+
+
+class _Run:
+    """One configured HiGHS solve of ``problem``: ``run(start, stop_bound, stop_objective)``."""
+
+    def __init__(self, backend, problem, options, time_limit, mip_gap, logging) -> None:
+        self.backend, self.problem, self.options = backend, problem, options
+        self.time_limit, self.mip_gap, self.logging = time_limit, mip_gap, logging
+
+    def __call__(self, start, stop_bound, stop_objective) -> tuple[Solution, str, int]:
+        problem = self.problem
+        h = _new_highs()
+        log_lines: list[str] = []
+        if self.logging:
+            h.setOptionValue("output_flag", True)
+            h.setOptionValue("log_to_console", False)
+            h.cbLogging.subscribe(lambda event: log_lines.append(event.message))
+        else:
+            h.setOptionValue("output_flag", False)
+        if self.time_limit is not None:
+            h.setOptionValue("time_limit", float(self.time_limit))
+        if self.mip_gap is not None:
+            h.setOptionValue("mip_rel_gap", float(self.mip_gap))
+            # HiGHS also stops at an absolute gap of 1e-6, which on a small objective is a wide
+            # relative one; a requested relative gap is what cetopt.solve checks.
+            h.setOptionValue("mip_abs_gap", 0.0)
+        for key, value in self.options.items():
+            if h.setOptionValue(key, value) == highspy.HighsStatus.kError:
+                raise ValueError(f"HiGHS rejected option {key}={value!r}")
+        dropped = HighsSolver._pass_model(h, problem)
+        if problem.is_mip and (stop_bound is not None or stop_objective is not None):
+            _subscribe_interrupt(h, problem.sense, stop_bound, stop_objective)
+        if start is not None:
+            h.setSolution(
+                problem.num_cols,
+                np.arange(problem.num_cols, dtype=np.int32),
+                np.asarray(start, dtype=np.float64),
+            )
+        t0 = time.perf_counter()
+        h.run()
+        elapsed = time.perf_counter() - t0
+        return self.backend._read_result(h, problem, elapsed), "".join(log_lines), dropped
+
+
+def _mispriced(problem: MILP, solution: Solution) -> bool:
+    """Whether HiGHS's objective disagrees with its own point (the tolerance of ``verify_solution``)."""
+    if solution.x is None or solution.objective is None or solution.x.shape != (problem.num_cols,):
+        return False
+    x = solution.x
+    if not (np.isfinite(x).all() and math.isfinite(solution.objective)):
+        return False
+    scale = max(1.0, float(np.abs(problem.c) @ np.abs(x)) + abs(problem.offset))
+    return abs(solution.objective - problem.objective_value(x)) > OBJECTIVE * scale
 
 
 def _subscribe_interrupt(h, sense: str, stop_bound, stop_objective) -> None:

@@ -203,3 +203,28 @@ def test_a_long_summary_lists_the_first_rows_and_counts_the_rest():
     counts = " ".join(f"{b}×{widths.count(b)}" for b in sorted(set(widths)))
     assert short[-2].startswith("... 25 more layers") and short[-2].endswith(counts)
     assert short[-1] == full[-1]
+
+
+def test_a_mip_start_highs_misprices_does_not_fail_the_allocation():
+    # mnist1d-cnn's measured table, perturbed: at 12x HiGHS 1.16 priced the greedy start wrong in
+    # presolve's reduced space and answered "optimal" with an objective that was not the start's;
+    # verify_solution rejected it and allocate raised SolverFailedError.
+    values = [
+        [0.038015201, 0.001409571, 7.3853e-05, 5.9268e-05, 3.28e-05, -8.4e-08],
+        [0.031058267, 0.003022591, 0.000422817, 0.000256212, 0.000138774, -3.63e-07],
+        [0.070793108, 0.004326442, 0.000613674, 8.2302e-05, 1.7258e-05, 1.5222e-05],
+        [0.183149237, 0.013366268, 0.001602222, 0.000568577, 1.07e-06, 1.4301e-05],
+    ]
+    table = cetopt.SensitivityTable(
+        layers=["conv1", "conv2", "conv3", "fc"],
+        bits=(2, 3, 4, 5, 6, 8),
+        values=np.array(values),
+        params=np.array([320, 12288, 12288, 3200]),
+        channels=np.array([64, 64, 64, 10]),
+        macs=np.array([6400, 122880, 61440, 3200]),
+        fixed_bytes=np.array([256, 256, 256, 40]),
+    )
+    plan = allocate(table, "12x")
+    best, _ = brute_force(table, plan.budget_bytes)
+    assert plan.status == "optimal" and plan.solver == "highs"
+    assert plan.predicted_loss <= best * (1 + 1e-4) and plan.bytes <= plan.budget_bytes

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 import cetopt
@@ -77,3 +78,65 @@ def test_dropped_small_entries_is_reported_when_zero():
 
     problem = cetopt.MILP(c=[1.0], A=sp.csr_matrix([[1.0]]), row_lower=[1.0], integrality=[True])
     assert cetopt.solve(problem, "highs").stats["dropped_small_entries"] == 0
+
+
+def _knapsack(c, size, allowed, limit, chosen):
+    """A bit-allocation core MILP: one option per group (rows of ``c``), one byte row, a start."""
+    groups, options = np.shape(c)
+    problem = cetopt.MILP(
+        c=np.ravel(c),
+        A=sp.csr_matrix(np.vstack([np.kron(np.eye(groups), np.ones(options)), np.ravel(size)])),
+        row_lower=[1.0] * groups + [-np.inf],
+        row_upper=[1.0] * groups + [limit],
+        col_upper=np.ravel(allowed).astype(np.float64),
+        integrality=np.ones(groups * options, dtype=bool),
+    )
+    start = np.zeros(groups * options)
+    start[np.arange(groups) * options + np.asarray(chosen)] = 1.0
+    return problem, start
+
+
+# Core MILPs of cetopt.allocate (12x and 11x on perturbed mnist1d-cnn tables) on which HiGHS 1.16,
+# given the feasible start, carried it into presolve's reduced space wrong (after Sparsify, resp.
+# Probing) and answered "optimal" with x = the start and an objective that is not the start's:
+# 1.00803 for a start costing 1.00907 (optimum 1.00887), resp. 0.55747 for one costing 1.0.
+MISPRICED_STARTS = {
+    "sparsify": lambda: _knapsack(
+        [[0.53699014, 0.019911129, 0.0010432210, 0.00083719610, 0.00046332321, -1.1890956e-06],
+         [1.0, 0.061113882, 0.0086685533, 0.0011625754, 0.00024378115, 0.00021502201],
+         [2.5871055, 0.18880748, 0.022632464, 0.0080315318, 1.5119592e-05, 0.00020201430]],
+        [[400, 440, 480, 520, 560, 640], [3392, 4928, 6464, 8000, 9536, 12608],
+         [850, 1250, 1650, 2050, 2450, 3250]],
+        [[0, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0]],
+        5973.333333333334,
+        [2, 0, 3],
+    ),
+    "probing": lambda: _knapsack(
+        [[5.94661308, 0.112726024, 0.00240980441, 0.00137207133, 0.00175367240, -2.09726410e-06],
+         [1.0, 0.557469184, 0.0740663655, 0.0619953543, 2.34339831e-05, 0.00133497544]],
+        [[400, 440, 480, 520, 560, 640], [850, 1250, 1650, 2050, 2450, 3250]],
+        [[0, 1, 1, 1, 0, 1], [1, 1, 1, 1, 0, 0]],
+        1896.727272727272,
+        [5, 0],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(MISPRICED_STARTS))
+def test_mip_start_mispriced_by_presolve_is_discarded(case):
+    problem, start = MISPRICED_STARTS[case]()
+    without = cetopt.solve(problem, "highs", mip_gap=1e-4)
+    assert without.status == "optimal" and without.verified
+    sol = cetopt.solve(problem, "highs", mip_gap=1e-4, start=start)
+    assert sol.status == "optimal", sol.message
+    assert sol.verified and np.isclose(sol.objective, without.objective, rtol=1e-12, atol=0)
+    assert problem.objective_value(start) > sol.objective + 1e-4  # the start is not the optimum
+    assert "solved again without the start" in sol.stats["mip_start_discarded"]
+
+
+def test_a_good_mip_start_is_kept():
+    problem, _ = MISPRICED_STARTS["sparsify"]()
+    best = cetopt.solve(problem, "highs", mip_gap=0.0)
+    sol = cetopt.solve(problem, "highs", mip_gap=0.0, start=best.x)
+    assert sol.status == "optimal" and sol.verified and "mip_start_discarded" not in sol.stats
+    assert sol.objective == pytest.approx(best.objective, rel=1e-12)
