@@ -425,7 +425,7 @@ DEFAULT_PATH_ROWS = {  # what compress's default gives → the bit_allocation ro
 }
 
 
-def default_path_row(name: str, seed: int) -> dict:
+def default_path_row(name: str, seed: int, kinds: tuple[str, ...] = ("per_layer", "per_channel")) -> dict:
     """One model and seed: ``cetopt.compress(model, train, "10x")`` with every default, per layer
     and per channel, as the README's figures are measured (sequential GPTQ + bias correction)."""
     import cetopt
@@ -434,6 +434,8 @@ def default_path_row(name: str, seed: int) -> dict:
     model = load_model(name, seed=seed, progress=False)
     row = {"model": name, "seed": seed, "fp32_accuracy": accuracy(model, data.x_test, data.y_test)}
     for key, per_channel in (("per_layer", False), ("per_channel", True)):
+        if key not in kinds:
+            continue
         t0, c0 = time.perf_counter(), time.process_time()
         loader = data.loader(CALIBRATION, batch_size=512)
         result = cetopt.compress(model, loader, "10x", per_channel=per_channel, progress=False)
@@ -448,7 +450,9 @@ def default_path_row(name: str, seed: int) -> dict:
     return row
 
 
-def run_default_path(quick: bool = False, old: dict | None = None) -> dict:
+def run_default_path(
+    quick: bool = False, old: dict | None = None, kinds: tuple[str, ...] = ("per_layer", "per_channel")
+) -> dict:
     """The zoo's 10x accuracies with compress's defaults over bit_allocation's seeds, next to the
     same figures from ``old`` (the committed ``bit_allocation.json``, measured with the plans of
     ``cet`` and of ``measured`` before ``auto`` was the default)."""
@@ -465,7 +469,7 @@ def run_default_path(quick: bool = False, old: dict | None = None) -> dict:
     rows = []
     for name in ("digits-resnet", "mnist1d-cnn"):
         for seed in seeds:
-            rows.append(default_path_row(name, seed))
+            rows.append(default_path_row(name, seed, kinds))
             print(f"   default path {name} seed {seed}: {json.dumps(rows[-1])[:600]}", flush=True)
             partial = RESULTS / ("quick" if quick else ".") / "default_path.partial.json"
             partial.parent.mkdir(exist_ok=True)
@@ -476,6 +480,8 @@ def run_default_path(quick: bool = False, old: dict | None = None) -> dict:
         before = {r["seed"]: r for r in old["runs"] if r["model"] == name}
         entry = {"fp32": mean_sd([r["fp32_accuracy"] for r in mine])}
         for key, (cet_row, measured_row) in DEFAULT_PATH_ROWS.items():
+            if key not in kinds:
+                continue
             entry[key] = {
                 "new_default_auto": mean_sd([r[key]["accuracy_sequential"] for r in mine]),
                 f"old_{cet_row.split()[1]}": mean_sd(

@@ -9,8 +9,12 @@ before ``auto`` was the default). Test accuracy; nothing is tuned on the test sp
 
 from __future__ import annotations
 
+import os
+
 from benchmarks.bench_bit_allocation import run_default_path
 
 
 def run(quick: bool = False) -> dict:
-    return run_default_path(quick)
+    """``CETOPT_DEFAULT_PATH_KINDS`` (comma-separated ``per_layer``, ``per_channel``) picks the rows."""
+    kinds = os.environ.get("CETOPT_DEFAULT_PATH_KINDS", "per_layer,per_channel")
+    return {**run_default_path(quick, kinds=tuple(kinds.split(","))), "kinds": kinds}
