@@ -62,7 +62,7 @@ def pairs(original: nn.Module, quantized: nn.Module, names) -> list[Pair]:
 def share_codes(pair: Pair) -> None:
     """Point every tied module's code buffers at the owner's (after the owner's were replaced)."""
     owner = pair.owner
-    for name, module in pair.quantized.items():
+    for module in pair.quantized.values():
         if module is not owner:
             module.weight_q, module.weight_scale, module.weight_bits = (
                 owner.weight_q,
@@ -153,7 +153,9 @@ class Accumulator:
             new = owner.weight_q.clone()
             for (a, b), gram in self.grams.items():
                 rows = SimpleNamespace(
-                    weight_q=owner.weight_q[a:b], weight_scale=owner.weight_scale[a:b], weight_bits=owner.weight_bits[a:b]
+                    weight_q=owner.weight_q[a:b],
+                    weight_scale=owner.weight_scale[a:b],
+                    weight_bits=owner.weight_bits[a:b],
                 )
                 reround(rows, codes[a:b], gram, damp, name=pair.name)
                 new[a:b] = rows.weight_q
