@@ -123,8 +123,9 @@ def test_a_tied_weight_is_one_row_and_stored_once(tmp_path):
 def test_cet_runs_through_the_attention_kernels_and_matches_measured_on_llama():
     model, data = _build("llama"), _tokens(1)
     assert model.config._attn_implementation == "sdpa"
-    options = {"bits": (2,), "loss_fn": "next_token", "progress": False}
-    cet = cetopt.sensitivity(model, data, method="cet", probes=32, rounds=1, **options)  # exact: 16 rows
+    rows = [n for n in H.quant_targets(model)[0] if n.name.startswith("model.layers.0.")]
+    options = {"bits": (2,), "loss_fn": "next_token", "progress": False, "layers": [t.name for t in rows]}
+    cet = cetopt.sensitivity(model, data, method="cet", probes=8, rounds=1, **options)  # exact: 7 rows
     measured = cetopt.sensitivity(model, data, method="measured", **options)
     assert cet.meta["exact"] and np.isfinite(cet.values).all()
     assert np.corrcoef(cet.values[:, 0], measured.values[:, 0])[0, 1] > 0.9
