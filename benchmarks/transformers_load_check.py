@@ -4,6 +4,7 @@ when the full ``bench_transformers`` run could not finish. ``python benchmarks/t
 writes ``benchmarks/results/transformers_load_check.json``."""
 
 import json
+from pathlib import Path
 import os
 import resource
 import sys
@@ -70,7 +71,7 @@ q = step(
 saved = step("save", lambda: cetopt.save(q, f"{d}/m.safetensors"))
 skel = step("build_skeleton", build)
 again = step("load", lambda: cetopt.load(f"{d}/m.safetensors", model=skel))
-blob = open(f"{d}/m.safetensors", "rb").read()
+blob = Path(f"{d}/m.safetensors").read_bytes()
 tensors = st.load(blob)
 layers = json.loads(json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])["__metadata__"]["quantized"])
 step(
@@ -92,7 +93,8 @@ ref = steps["fp32_load_file"]["cpu_s"] + steps["unpack_codes_alone"]["cpu_s"]
 out = {
     "benchmark": "transformers_load_check",
     "partial": False,
-    "what": "Llama-style 8 layers, hidden 512 (58M params), every row at a uniform 4 bits, round to nearest without clip search: a check of save/load speed and file size only (not the allocation benchmark)",
+    "what": "Llama-style 8 layers, hidden 512 (58M params), every row at a uniform 4 bits, round to "
+    "nearest without clip search: a check of save/load speed and file size only (not the allocation benchmark)",
     "params": sum(p.numel() for p in model.parameters()),
     "rows": len(targets),
     "kept_float": kept,
