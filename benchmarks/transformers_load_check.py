@@ -4,11 +4,11 @@ when the full ``bench_transformers`` run could not finish. ``python benchmarks/t
 writes ``benchmarks/results/transformers_load_check.json``."""
 
 import json
-from pathlib import Path
 import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import safetensors.torch as st
 import torch
@@ -94,7 +94,8 @@ out = {
     "benchmark": "transformers_load_check",
     "partial": False,
     "what": "Llama-style 8 layers, hidden 512 (58M params), every row at a uniform 4 bits, round to "
-    "nearest without clip search: a check of save/load speed and file size only (not the allocation benchmark)",
+    "nearest without clip search: a check of save/load speed and file size only "
+    "(not the allocation benchmark)",
     "params": sum(p.numel() for p in model.parameters()),
     "rows": len(targets),
     "kept_float": kept,
