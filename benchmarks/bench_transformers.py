@@ -40,19 +40,37 @@ def _configs(quick: bool) -> dict:
         return {
             "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=64, n_head=4, use_cache=False)),
             "llama": lambda: T.LlamaForCausalLM(
-                T.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                              num_key_value_heads=4, vocab_size=1000, use_cache=False)
+                T.LlamaConfig(
+                    num_hidden_layers=2,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_attention_heads=4,
+                    num_key_value_heads=4,
+                    vocab_size=1000,
+                    use_cache=False,
+                )
             ),
-            "bert": lambda: T.BertForMaskedLM(T.BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                                           num_attention_heads=4)),
-            "vit": lambda: T.ViTForImageClassification(T.ViTConfig(num_hidden_layers=2, hidden_size=64,
-                                                                   intermediate_size=128, num_attention_heads=4)),
+            "bert": lambda: T.BertForMaskedLM(
+                T.BertConfig(
+                    num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4
+                )
+            ),
+            "vit": lambda: T.ViTForImageClassification(
+                T.ViTConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+            ),
         }
     return {
         "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(use_cache=False)),  # GPT-2 small, 124M
         "llama": lambda: T.LlamaForCausalLM(
-            T.LlamaConfig(num_hidden_layers=8, hidden_size=512, intermediate_size=1376, num_attention_heads=8,
-                          num_key_value_heads=8, vocab_size=32000, use_cache=False)
+            T.LlamaConfig(
+                num_hidden_layers=8,
+                hidden_size=512,
+                intermediate_size=1376,
+                num_attention_heads=8,
+                num_key_value_heads=8,
+                vocab_size=32000,
+                use_cache=False,
+            )
         ),
         "bert": lambda: T.BertForMaskedLM(T.BertConfig()),  # BERT-base
         "vit": lambda: T.ViTForImageClassification(T.ViTConfig()),  # ViT-B/16 at 224
@@ -68,6 +86,7 @@ def _data(name: str, model, seq: int):
         return [(x, torch.randint(0, model.config.num_labels, (2,), generator=g))], None
     ids = torch.randint(0, model.config.vocab_size, (2, seq), generator=g)
     if name == "bert":  # masked-LM logits against the tokens themselves
+
         def loss(out, y):
             return torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten())
 
@@ -125,9 +144,18 @@ def measure(name: str, quick: bool) -> dict:
     loaded = steps.run("fp32_load_file", lambda: st.load_file(fp32_path))
     del loaded
     targets, kept = quant_targets(model)
-    matrices = {id(p): p.numel() for _, m in model.named_modules() for p in m.parameters(recurse=False) if p.dim() >= 2
-                and (isinstance(m, torch.nn.Linear | torch.nn.Embedding | torch.nn.Conv2d | torch.nn.MultiheadAttention)
-                     or type(m).__name__ == "Conv1D")}
+    matrices = {
+        id(p): p.numel()
+        for _, m in model.named_modules()
+        for p in m.parameters(recurse=False)
+        if p.dim() >= 2
+        and (
+            isinstance(
+                m, torch.nn.Linear | torch.nn.Embedding | torch.nn.Conv2d | torch.nn.MultiheadAttention
+            )
+            or type(m).__name__ == "Conv1D"
+        )
+    }
     quantized_params = sum(dict(model.named_parameters())[t.key].numel() for t in targets)
     table = steps.run(
         "sensitivity",
@@ -145,8 +173,12 @@ def measure(name: str, quick: bool) -> dict:
 
     def unpack_all():
         for layer, info in layers.items():
-            unpack_codes(tensors[f"{layer}.weight_packed"].numpy(), tensors[f"{layer}.weight_bits"].numpy(),
-                         tuple(info["shape"]), getattr(torch, info["dtype"]))
+            unpack_codes(
+                tensors[f"{layer}.weight_packed"].numpy(),
+                tensors[f"{layer}.weight_bits"].numpy(),
+                tuple(info["shape"]),
+                getattr(torch, info["dtype"]),
+            )
 
     steps.run("unpack_codes_alone", unpack_all)
     x = data[0][0] if isinstance(data[0], tuple) else data[0]
@@ -162,16 +194,22 @@ def measure(name: str, quick: bool) -> dict:
         "tied": {t.name: list(t.tied) for t in targets if t.tied},
         "kept_float": kept,
         "share_of_matrix_weights_quantized": quantized_params / sum(matrices.values()),
-        "plan": {"average_bits": plan.average_bits, "compression_ratio": plan.compression_ratio,
-                 "bits_used": sorted({int(v) for v in plan.bits.values()})},
+        "plan": {
+            "average_bits": plan.average_bits,
+            "compression_ratio": plan.compression_ratio,
+            "bits_used": sorted({int(v) for v in plan.bits.values()}),
+        },
         "fp32_file_bytes": fp32_bytes,
         "file_bytes": saved.bytes_on_disk,
         "fp32_over_file": fp32_bytes / saved.bytes_on_disk,
         "target_fp32_over_file_at_least": 7.5,
         "quantized_bytes": saved.quantized_bytes,
         "other_bytes": saved.other_bytes,
-        "tied_stored_once": all(not any(k.startswith(f"{alias}.") for k in stored)
-                                for t in targets for alias in t.tied),
+        "tied_stored_once": all(  # the alias's codes, scales and bit widths are not in the file
+            not any(f"{alias}.weight_{part}" in stored for part in ("packed", "scale", "bits"))
+            for t in targets
+            for alias in t.tied
+        ),
         "load_over_load_file_plus_unpack": load_s / reference if reference else None,
         "target_load_over_load_file_plus_unpack_at_most": 2.0,
         "exact_reload": bool(torch.equal(a, b)),
@@ -185,9 +223,10 @@ def measure(name: str, quick: bool) -> dict:
     return result
 
 
-def run(quick: bool = False, models=MODELS) -> dict:
-    """Each model in its own process; a model that fails is recorded with its error."""
-    out = {"budget": BUDGET, "bits": list(BITS), "models": {}}
+def run(quick: bool = False, models=MODELS, partial_path: Path | None = None) -> dict:
+    """Each model in its own process; a model that fails is recorded with its error. With
+    ``partial_path`` the results so far are written there after every model."""
+    out = {"budget": BUDGET, "bits": list(BITS), "sensitivity_method": METHOD, "models": {}}
     for name in models:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
             dest = fh.name
@@ -201,7 +240,12 @@ def run(quick: bool = False, models=MODELS) -> dict:
         else:
             out["models"][name] = {"error": proc.stderr[-2000:]}
         os.unlink(dest)
-        print(json.dumps(out["models"][name], indent=1)[:1500], flush=True)
+        print(json.dumps(out["models"][name])[:3000], flush=True)
+        if partial_path is not None:
+            from cetopt._io import atomic_write_json
+
+            done = len(out["models"]) == len(models)
+            atomic_write_json(partial_path, {"benchmark": "transformers", "partial": not done, **out})
     return out
 
 
@@ -211,6 +255,7 @@ def main(argv=None) -> int:
     parser.add_argument("--one")
     parser.add_argument("--to")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--partial", help="also write the results so far here after every model")
     args = parser.parse_args(argv)
     if args.one:
         Path(args.to).write_text(json.dumps(measure(args.one, args.quick)))
@@ -218,9 +263,11 @@ def main(argv=None) -> int:
     from benchmarks.harness import machine_info
     from cetopt._io import atomic_write_json
 
-    data = run(args.quick, args.models)
+    data = run(args.quick, args.models, Path(args.partial) if args.partial else None)
     path = RESULTS / "quick" / "transformers.json" if args.quick else RESULTS / "transformers.json"
-    atomic_write_json(path, {"benchmark": "transformers", "quick": args.quick, "machine": machine_info(), **data})
+    atomic_write_json(
+        path, {"benchmark": "transformers", "quick": args.quick, "machine": machine_info(), **data}
+    )
     print(f"wrote {path}")
     return 0
 

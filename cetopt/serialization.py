@@ -440,7 +440,9 @@ def _load(path, model: nn.Module | None, allow_import: bool) -> nn.Module:
 
 def _add_tied(state: dict, tied, path) -> None:
     """Add the entries a tied weight shares with another key (stored once in the file)."""
-    if not isinstance(tied, dict) or not all(isinstance(tied.get(k, {}), dict) for k in ("layers", "tensors")):
+    if not isinstance(tied, dict) or not all(
+        isinstance(tied.get(k, {}), dict) for k in ("layers", "tensors")
+    ):
         raise ModelFileError(f"{path}: the tied-weight table is malformed")
     for alias, owner in tied.get("layers", {}).items():
         for key in _QUANT_KEYS:

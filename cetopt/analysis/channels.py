@@ -68,7 +68,9 @@ def _measured(obj: LossObjective, quantized: dict, base: float, progress: bool) 
     trials = []
     for key, info in zip(obj.keys, obj.layers):
         for c in range(info.channels):
-            trials += [(obj.site(key), _channel_trial(obj.weights[key], quantized[b][key], c)) for b in quantized]
+            trials += [
+                (obj.site(key), _channel_trial(obj.weights[key], quantized[b][key], c)) for b in quantized
+            ]
     with progress_bar(
         len(trials) * len(obj.batches), "measured: quantize each channel alone", progress
     ) as bar:

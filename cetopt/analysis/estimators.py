@@ -190,9 +190,7 @@ def _fisher(obj: LossObjective, deltas: Deltas, opts: dict):
 
 
 def _measured(obj: LossObjective, deltas: Deltas, opts: dict):
-    trials = [
-        (obj.site(k), lambda k=k, b=b: obj.weights[k] + deltas[b][k]) for k in obj.keys for b in deltas
-    ]
+    trials = [(obj.site(k), lambda k=k, b=b: obj.weights[k] + deltas[b][k]) for k in obj.keys for b in deltas]
     layers = obj.keys
     total = len(trials) * len(obj.batches)
     shape = (len(layers), len(deltas))

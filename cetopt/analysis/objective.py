@@ -120,7 +120,9 @@ def math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def _batches(data, max_batches: int | None, self_targets: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    data, max_batches: int | None, self_targets: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for i, batch in enumerate(data):
         if max_batches is not None and i >= max_batches:
@@ -196,7 +198,9 @@ class LossObjective:
 
         target = self.targets[self.keys.index(key)]
         owner, handler = self._owners[key], self._handlers[key]
-        return Site(key, tuple(dict.fromkeys(u.runs_in for u in target.uses)), lambda w: handler.natural(owner, w))
+        return Site(
+            key, tuple(dict.fromkeys(u.runs_in for u in target.uses)), lambda w: handler.natural(owner, w)
+        )
 
     def _forward(self, weights: dict[str, torch.Tensor], x: torch.Tensor):
         params = {k: self.natural(k, w) for k, w in weights.items()}

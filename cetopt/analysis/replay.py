@@ -28,6 +28,7 @@ from cetopt.errors import CetoptError
 
 __all__ = ["PrefixReplay", "Site", "measure_trials"]
 
+
 @dataclass(frozen=True)
 class Site:
     """Where a trial weight goes: the parameter ``key``, the modules whose calls read it (``runs``),

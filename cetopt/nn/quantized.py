@@ -168,7 +168,9 @@ class QuantizedConv1D(QuantizedMixin, nn.Module):
 class QuantizedEmbedding(QuantizedMixin, nn.Module):
     """An Embedding holding integer codes with one scale per row (token)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, padding_idx: int | None = None):
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, bits: int = 8, padding_idx: int | None = None
+    ):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self._init_quant((num_embeddings, embedding_dim), bits)
@@ -188,7 +190,9 @@ class QuantizedMultiheadAttention(QuantizedMixin, nn.MultiheadAttention):
     def __init__(self, *args, bits: int = 8, **kwargs):
         super().__init__(*args, **kwargs)
         if self._parameters.get("in_proj_weight") is None:
-            raise ValueError("QuantizedMultiheadAttention needs the packed in_proj_weight (kdim == vdim == embed_dim)")
+            raise ValueError(
+                "QuantizedMultiheadAttention needs the packed in_proj_weight (kdim == vdim == embed_dim)"
+            )
         shape = tuple(self._parameters.pop("in_proj_weight").shape)
         self._init_quant(shape, bits)
 

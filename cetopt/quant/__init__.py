@@ -3,12 +3,15 @@
 from cetopt.quant.quantizer import QuantizedWeight, fake_quantize, quantize_weight
 
 __all__ = [
+    "QuantHandler",
     "QuantizedWeight",
     "calibrate_sequentially",
     "correct_bias",
     "fake_quantize",
     "gptq_round",
+    "quant_targets",
     "quantize_weight",
+    "register_quant_handler",
 ]
 
 
@@ -21,6 +24,10 @@ def __getattr__(name: str):
         from cetopt.quant.gptq import gptq_round
 
         return gptq_round
+    if name in ("QuantHandler", "quant_targets", "register_quant_handler"):
+        from cetopt.quant import handlers
+
+        return getattr(handlers, name)
     if name == "calibrate_sequentially":
         from cetopt.quant.sequential import calibrate_sequentially
 

@@ -156,7 +156,8 @@ def run_with_hooks(
     modules = dict(model.named_modules())
     handles = [modules[name].register_forward_hook(_guarded(hook)) for name, hook in hooks.items()]
     handles += [
-        modules[name].register_forward_hook(_guarded_kwargs(hook), with_kwargs=True) for name, hook in call_hooks
+        modules[name].register_forward_hook(_guarded_kwargs(hook), with_kwargs=True)
+        for name, hook in call_hooks
     ]
     saved = to_eval(model)
     batches = 0

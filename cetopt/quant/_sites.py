@@ -62,7 +62,7 @@ def pairs(original: nn.Module, quantized: nn.Module, names) -> list[Pair]:
 def share_codes(pair: Pair) -> None:
     """Point every tied module's code buffers at the owner's (after the owner's were replaced)."""
     owner = pair.owner
-    for name, module in pair.quantized.items():
+    for module in pair.quantized.values():
         if module is not owner:
             module.weight_q, module.weight_scale, module.weight_bits = (
                 owner.weight_q,

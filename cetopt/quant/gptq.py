@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from cetopt._modes import in_eval_mode
-from cetopt.nn.unfold import input_rows, is_matmul_layer
+from cetopt.nn.unfold import input_rows
 from cetopt.quant._calibration import paired_layers, run_with_hooks
 from cetopt.quant.quantizer import codes_for, half_step, row_scales
 

@@ -169,7 +169,9 @@ class ConvHandler(QuantHandler):
         per_sample = max(_unfold_rows(module, x[:1]).numel(), 1)
         step = max(1, _ROW_CHUNK_ELEMENTS // per_sample)
         for start in range(0, len(x), step):
-            rows = _unfold_rows(module, x[start : start + step])  # channel-major: each group's columns together
+            rows = _unfold_rows(
+                module, x[start : start + step]
+            )  # channel-major: each group's columns together
             for g in range(groups):
                 yield g * per_group_out, (g + 1) * per_group_out, rows[:, g * fan_in : (g + 1) * fan_in]
 
@@ -189,7 +191,9 @@ class HFConv1DHandler(QuantHandler):
         new = QuantizedConv1D(nx, nf, bits=qw.max_bits, bias=has_bias)
         new.set_quantized(qw)
         if module.bias is not None:
-            new.bias = nn.Parameter(module.bias.detach().clone().float(), requires_grad=module.bias.requires_grad)
+            new.bias = nn.Parameter(
+                module.bias.detach().clone().float(), requires_grad=module.bias.requires_grad
+            )
         new.train(module.training)
         return new
 
@@ -274,7 +278,9 @@ class MultiheadAttentionHandler(QuantHandler):
         e = module.embed_dim
         if k is q and v is q:
             return iter([(0, 3 * e, q.reshape(-1, e))])
-        return iter([(0, e, q.reshape(-1, e)), (e, 2 * e, k.reshape(-1, e)), (2 * e, 3 * e, v.reshape(-1, e))])
+        return iter(
+            [(0, e, q.reshape(-1, e)), (e, 2 * e, k.reshape(-1, e)), (2 * e, 3 * e, v.reshape(-1, e))]
+        )
 
 
 _HANDLERS: dict[type, QuantHandler] = {

@@ -62,7 +62,9 @@ def unpack_codes(packed: np.ndarray, bits, shape: tuple[int, ...], dtype: torch.
             f"packed stream has {np.asarray(packed).size} bytes, expected {packed_size(per_channel, bits)}"
         )
     if (per_channel * bits % 8 == 0).all():
-        return torch.from_numpy(_unpack_aligned(np.asarray(packed, dtype=np.uint8), bits, per_channel).reshape(shape)).to(dtype)
+        return torch.from_numpy(
+            _unpack_aligned(np.asarray(packed, dtype=np.uint8), bits, per_channel).reshape(shape)
+        ).to(dtype)
     stream = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little").astype(np.int64)
     value_bits, offsets = _layout(per_channel, bits)
     unsigned = np.zeros(value_bits.shape[0], dtype=np.int64)
@@ -118,7 +120,11 @@ def _unpack_aligned(packed: np.ndarray, bits: np.ndarray, per_channel: int) -> n
         if b in (1, 2, 4):
             per_byte = 8 // b
             shifts = (b * np.arange(per_byte, dtype=np.uint8))[None, None, :]
-            unsigned = ((chunk[..., None] >> shifts) & ((1 << b) - 1)).reshape(len(rows), per_channel).astype(np.int64)
+            unsigned = (
+                ((chunk[..., None] >> shifts) & ((1 << b) - 1))
+                .reshape(len(rows), per_channel)
+                .astype(np.int64)
+            )
         else:
             planes = np.unpackbits(chunk, axis=1, bitorder="little").reshape(len(rows), per_channel, b)
             unsigned = planes.astype(np.int64) @ (1 << np.arange(b, dtype=np.int64))

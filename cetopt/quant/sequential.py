@@ -63,7 +63,9 @@ def _block_of(model: nn.Module, name: str, modules: dict) -> str | None:
     return None
 
 
-def _units(model: nn.Module, order: list[str], block_calls: dict[str, int]) -> list[tuple[str | None, list[str]]]:
+def _units(
+    model: nn.Module, order: list[str], block_calls: dict[str, int]
+) -> list[tuple[str | None, list[str]]]:
     """Consecutive rows grouped by the block they sit in (``None``: a row calibrated on its own)."""
     modules = dict(model.named_modules())
     units: list[tuple[str | None, list[str]]] = []
@@ -101,7 +103,7 @@ def _block_inputs(model: nn.Module, block: str, data, max_batches: int | None) -
 
     def capture(module, args, kwargs):
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: (_NO_CACHE[k] if k in _NO_CACHE else v) for k, v in kwargs.items()}
+        kwargs = {k: _NO_CACHE.get(k, v) for k, v in kwargs.items()}
         captured.append((args, kwargs))
         raise StopForward
 
@@ -115,7 +117,10 @@ def _block_inputs(model: nn.Module, block: str, data, max_batches: int | None) -
 
 def _run_block(block: nn.Module, modules: dict, captured, acc: Accumulator, stop: bool) -> None:
     """Run ``block`` on every captured call with ``acc``'s hooks (stopping after its weight's call)."""
-    handles = [modules[name].register_forward_hook(_stopping(hook, stop), with_kwargs=True) for name, hook in acc.hooks()]
+    handles = [
+        modules[name].register_forward_hook(_stopping(hook, stop), with_kwargs=True)
+        for name, hook in acc.hooks()
+    ]
     try:
         with module_calls():
             for args, kwargs in captured:
@@ -201,7 +206,9 @@ def calibrate_sequentially(
     floats: dict[str, Accumulator] = {}
     if bias_correction:
         floats = {n: Accumulator(p, False, True, 0) for n, p in by_name.items()}
-        run_with_hooks(original, {}, data, max_batches, call_hooks=[h for a in floats.values() for h in a.hooks()])
+        run_with_hooks(
+            original, {}, data, max_batches, call_hooks=[h for a in floats.values() for h in a.hooks()]
+        )
     with progress_bar(len(names), "calibrating layers", progress) as bar:
         for block, rows in units:
             captured = _block_inputs(calibrated, block, data, max_batches) if block is not None else None
@@ -210,9 +217,13 @@ def calibrate_sequentially(
                 acc = Accumulator(by_name[name], gptq, bias_correction, max_gram_bytes)
                 stop = calls.get(name, 0) == 1
                 if captured is None:
-                    run_with_hooks(calibrated, {}, data, max_batches, call_hooks=[
-                        (n, _stopping(h, stop)) for n, h in acc.hooks()
-                    ])
+                    run_with_hooks(
+                        calibrated,
+                        {},
+                        data,
+                        max_batches,
+                        call_hooks=[(n, _stopping(h, stop)) for n, h in acc.hooks()],
+                    )
                 else:
                     _run_block(modules[block], modules, captured, acc, stop)
                 if gptq:

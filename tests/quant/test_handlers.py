@@ -30,11 +30,13 @@ class _Attention(nn.Module):
 
 def _tokens(n=2, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, 40, (8, 6), generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randint(0, 40, (8, 6), generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)
+    ]
 
 
 def _out_proj_inputs(model, data):
-    """The heads' outputs that ``attn.out_proj`` multiplies, from torch's attention with the projection removed."""
+    """The heads' outputs that ``attn.out_proj`` multiplies (torch's attention, projection removed)."""
     rows = []
     with torch.no_grad():
         for x, _ in data:
@@ -52,12 +54,17 @@ def test_attention_in_and_out_projections_are_quantized_scored_and_rounded(tmp_p
     table = cetopt.sensitivity(model, data, bits=(2, 8), method="measured", progress=False)
     assert (np.abs(table.values[:, 0]) > 0).all()  # every row's quantization moves the loss
     plain = cetopt.quantize(model, {t.name: 2 for t in targets})
-    assert isinstance(plain.attn, QuantizedMultiheadAttention) and isinstance(plain.attn.out_proj, QuantizedLinear)
+    assert isinstance(plain.attn, QuantizedMultiheadAttention) and isinstance(
+        plain.attn.out_proj, QuantizedLinear
+    )
     assert "in_proj_weight" not in dict(plain.named_parameters()) and plain.attn.weight_q.shape == (48, 16)
     rounded = gptq_round(model, plain, data)  # used to crash: the out_proj hook never fires
     x = _out_proj_inputs(model, data)
     w = model.attn.out_proj.weight
-    error = {m: float(((x @ (q.attn.out_proj.weight - w.detach()).T) ** 2).sum()) for m, q in (("rtn", plain), ("gptq", rounded))}
+    error = {
+        m: float(((x @ (q.attn.out_proj.weight - w.detach()).T) ** 2).sum())
+        for m, q in (("rtn", plain), ("gptq", rounded))
+    }
     assert error["gptq"] < error["rtn"]
     assert not torch.equal(rounded.attn.weight_q, plain.attn.weight_q)
     cetopt.save(rounded, tmp_path / "m.safetensors")
@@ -87,20 +94,30 @@ def test_hf_conv1d_is_quantized_in_its_transposed_layout():
     assert torch.allclose(q[0](x), F.linear(x, expected, model[0].bias), atol=1e-6)
     rounded = gptq_round(model, q, data)
     rows = torch.cat([b.reshape(-1, 8) for b, _ in data])
-    error = {k: float(((rows @ (m[0].weight.T - model[0].weight)) ** 2).sum()) for k, m in (("rtn", q), ("gptq", rounded))}
+    error = {
+        k: float(((rows @ (m[0].weight.T - model[0].weight)) ** 2).sum())
+        for k, m in (("rtn", q), ("gptq", rounded))
+    }
     assert error["gptq"] < error["rtn"]
 
 
 def test_grouped_and_depthwise_convs_are_scored_and_rounded():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv1d(8, 8, 3, groups=8)).eval()
+    model = nn.Sequential(
+        nn.Conv1d(4, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv1d(8, 8, 3, groups=8)
+    ).eval()
     data = [(torch.randn(8, 4, 10).cumsum(-1), torch.zeros(8)) for _ in range(2)]
     q = cetopt.quantize(model, {"0": 2, "2": 2})
     rounded = gptq_round(model, q, data)
     for name in ("0", "2"):
-        assert not torch.equal(dict(rounded.named_modules())[name].weight_q, dict(q.named_modules())[name].weight_q)
+        assert not torch.equal(
+            dict(rounded.named_modules())[name].weight_q, dict(q.named_modules())[name].weight_q
+        )
     out = torch.cat([model(x) for x, _ in data])
-    error = {k: float(((torch.cat([m(x) for x, _ in data]) - out) ** 2).sum()) for k, m in (("rtn", q), ("gptq", rounded))}
+    error = {
+        k: float(((torch.cat([m(x) for x, _ in data]) - out) ** 2).sum())
+        for k, m in (("rtn", q), ("gptq", rounded))
+    }
     assert error["gptq"] < error["rtn"]
 
 

@@ -66,7 +66,8 @@ class QuantizeRule(RewriteRule):
         if handler is None:
             return (
                 f"{d.layer!r} is a {type(module).__name__}, which has no quantization handler "
-                f"(handled: {', '.join(registered_quant_types())}; cetopt.quant.register_quant_handler adds one)"
+                f"(handled: {', '.join(registered_quant_types())}; "
+                "cetopt.quant.handlers.register_quant_handler adds one)"
             )
         reason = handler.unsupported(module)
         if reason is not None:
@@ -84,9 +85,7 @@ class QuantizeRule(RewriteRule):
         tied = [
             (name, m, h)
             for name, m in state.model.named_modules()
-            if name != d.layer
-            and (h := handler_for(m)) is not None
-            and getattr(m, h.param, None) is weight
+            if name != d.layer and (h := handler_for(m)) is not None and getattr(m, h.param, None) is weight
         ]
         with torch.no_grad():
             qw = _codes(handler.codes_layout(module).detach(), d.bits, d.clip_search, d.group_size)
@@ -98,5 +97,9 @@ class QuantizeRule(RewriteRule):
                     f"{name!r} shares its weight with {d.layer!r} in another layout; cannot quantize it once"
                 )
             new = h.quantized(m, qw, add_bias=d.add_bias)
-            new.weight_q, new.weight_scale, new.weight_bits = owner.weight_q, owner.weight_scale, owner.weight_bits
+            new.weight_q, new.weight_scale, new.weight_bits = (
+                owner.weight_q,
+                owner.weight_scale,
+                owner.weight_bits,
+            )
             state.set_module(name, new)
