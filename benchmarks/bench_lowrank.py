@@ -628,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         unique = {(r["model"], r["seed"]): r for r in reversed(rows)}  # a row measured twice: the first
         rows = sorted(unique.values(), key=lambda r: (r["seed"], MODELS.index(r["model"])))
         target = RESULTS / "quick" / "lowrank.json" if args.quick else RESULTS / "lowrank.json"
-        results = json.loads(target.read_text())
+        results = json.loads(target.read_text()) if target.exists() else {}
         section = _joint_section(rows, args.quick)
         section["partial"] = partial
         results["joint_calibrated"] = section
