@@ -196,7 +196,9 @@ def _measured(obj: LossObjective, deltas: Deltas, opts: dict):
     shape = (len(layers), len(deltas))
     stable = _stable_ranking(shape) if opts.get("stable") else None
     with progress_bar(total, "measured: quantize each layer alone", opts["progress"]) as bar:
-        losses, base, used = measure_trials(obj.model, obj.batches, obj.loss_fn, trials, bar, stable)
+        losses, base, used = measure_trials(
+            obj.model, obj.batches, obj.loss_fn, trials, bar, stable, min_examples=MIN_STABLE_EXAMPLES
+        )
     values = np.array(losses).reshape(shape) - base
     return values, None, {"examples_used": used, "base_loss": _full_loss(obj, base, used)}
 
@@ -216,6 +218,9 @@ def _full_loss(obj: LossObjective, base: float, used: int) -> float:
 
 
 STABLE_RANK = 0.95  # rank correlation across layers at which more examples stop paying
+# Below this many calibration examples ``auto``'s measured uses them all: the whole table then costs
+# a few dozen forward passes, and stopping early changed a zoo plan (mnist1d-cnn, seed 2, 10x).
+MIN_STABLE_EXAMPLES = 4096
 
 
 def _stable_ranking(shape: tuple[int, int]) -> Callable[[np.ndarray, np.ndarray], bool]:
@@ -320,6 +325,7 @@ def sensitivity(
     if method == "auto":
         method, choice = choose_method(obj, len(options), int(probes), int(rounds))
         choice["stable_ranking"] = STABLE_RANK
+        choice["min_examples_before_stopping"] = MIN_STABLE_EXAMPLES
     deltas = {
         (b, g): {
             k: fake_quantize(w, b, clip_search=clip_search, group_size=g) - w for k, w in obj.weights.items()

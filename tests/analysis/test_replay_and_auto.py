@@ -145,7 +145,10 @@ def test_auto_takes_cet_when_measured_would_cost_more(monkeypatch):
     assert table.method == table.meta["auto"]["chose"] == "cet"
 
 
-def test_auto_stops_adding_examples_once_the_ranking_is_stable():
+def test_auto_stops_adding_examples_once_the_ranking_is_stable(monkeypatch):
+    from cetopt.analysis import estimators
+
+    monkeypatch.setattr(estimators, "MIN_STABLE_EXAMPLES", 64)
     model, data = _Net().eval(), _data((2, 5, 5), n=16, batch=32)
     table = sensitivity(model, data, (2, 3, 4), progress=False)
     used = table.meta["examples_used"]
@@ -154,6 +157,13 @@ def test_auto_stops_adding_examples_once_the_ranking_is_stable():
     expected = sensitivity(model, head, (2, 3, 4), "measured", progress=False)
     np.testing.assert_allclose(table.values, expected.values, rtol=1e-5, atol=1e-8)
     assert sensitivity(model, data, (2, 3, 4), "measured", progress=False).meta["examples_used"] == 16 * 32
+
+
+def test_auto_uses_every_example_of_a_small_calibration_set():
+    model, data = _Net().eval(), _data((2, 5, 5), n=16, batch=32)
+    table = sensitivity(model, data, (2, 3, 4), progress=False)
+    assert table.meta["examples_used"] == 16 * 32
+    assert table.meta["auto"]["min_examples_before_stopping"] == 4096
 
 
 def test_later_batches_are_recorded_in_one_pass_with_the_same_outputs():
