@@ -100,6 +100,23 @@ def test_every_weight_is_quantized_ties_survive_and_the_reload_is_exact(name, tm
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_a_bias_shared_with_another_module_stays_shared(tmp_path):
+    model = _build("bert")
+    assert model.cls.predictions.decoder.bias is model.cls.predictions.bias
+    quantized = cetopt.quantize(model, {"bert.embeddings.word_embeddings": 4})
+    assert quantized.cls.predictions.decoder.bias is quantized.cls.predictions.bias
+    cetopt.save(quantized, tmp_path / "m.safetensors")
+    from cetopt.serialization import file_tensor_bytes
+
+    stored = file_tensor_bytes(tmp_path / "m.safetensors")
+    assert len({"cls.predictions.bias", "cls.predictions.decoder.bias"} & set(stored)) == 1
+    again = cetopt.load(tmp_path / "m.safetensors", model=model)
+    assert again.cls.predictions.decoder.bias is again.cls.predictions.bias
+    x = _tokens(1)[0]
+    assert torch.equal(again(x).logits, quantized(x).logits)
+    assert model.cls.predictions.decoder.bias is model.cls.predictions.bias
+
+
 def test_a_tied_weight_is_one_row_and_stored_once(tmp_path):
     model = _build("gpt2")
     table = cetopt.sensitivity(

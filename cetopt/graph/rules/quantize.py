@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 
 import torch
+from torch import nn
 
 from cetopt.graph.decisions import Quantize
 from cetopt.graph.rules.base import RewriteRule, RewriteState
@@ -91,6 +92,7 @@ class QuantizeRule(RewriteRule):
             qw = _codes(handler.codes_layout(module).detach(), d.bits, d.clip_search, d.group_size)
         owner = handler.quantized(module, qw, add_bias=d.add_bias)
         state.set_module(d.layer, owner)
+        _keep_shared_bias(state.model, module, owner)
         for name, m, h in tied:
             if tuple(h.codes_layout(m).shape) != tuple(qw.q.shape):
                 raise ValueError(
@@ -103,3 +105,19 @@ class QuantizeRule(RewriteRule):
                 owner.weight_bits,
             )
             state.set_module(name, new)
+            _keep_shared_bias(state.model, m, new)
+
+
+def _keep_shared_bias(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the float layer's own bias Parameter where another module of ``model`` holds
+    it too (BERT's LM-head bias is ``cls.predictions.bias``): the counterpart's copy would break
+    the tie, and the file would store the bias twice."""
+    bias = getattr(old, "bias", None)
+    if not isinstance(bias, nn.Parameter) or not isinstance(getattr(new, "bias", None), nn.Parameter):
+        return
+    if bias.dtype != torch.float32 or bias.shape != new.bias.shape:
+        return
+    if any(p is bias for m in model.modules() for p in m._parameters.values()):
+        with torch.no_grad():
+            bias.copy_(new.bias)
+        new.bias = bias
