@@ -27,17 +27,9 @@ torch.set_num_threads(2)
 
 
 def build():
-    return transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            num_hidden_layers=8,
-            hidden_size=512,
-            intermediate_size=1376,
-            num_attention_heads=8,
-            num_key_value_heads=8,
-            vocab_size=32000,
-            use_cache=False,
-        )
-    ).eval()
+    from benchmarks.bench_transformers import _configs
+
+    return _configs(quick=False)["llama"]().eval()  # the transformers benchmark's Llama-style 8x512
 
 
 steps = {}

@@ -169,8 +169,24 @@ class Accumulator:
 
     def float_means(self) -> torch.Tensor:
         """The float weight's mean output per channel on the recorded rows (bias excluded)."""
-        codes = self.pair.float_codes().double()
-        codes = codes.reshape(codes.shape[0], -1)
+        return self._row_sum_means(self.pair.float_codes())
+
+    def float_output_means(self, use_module: str) -> torch.Tensor | None:
+        """Mean output per channel (bias excluded) of the float user on what was recorded."""
+        if self.row_sums:
+            return self.float_means()
+        return self._output_means(use_module, None)
+
+    def quantized_output_means(self, use_module: str) -> torch.Tensor | None:
+        """Mean output per channel (bias excluded) of the quantized user on what was recorded."""
+        quantized = self.pair.quantized[use_module]
+        if self.row_sums:
+            return self._row_sum_means(quantized.weight)
+        return self._output_means(use_module, quantized)
+
+    def _row_sum_means(self, weight: torch.Tensor) -> torch.Tensor:
+        """Mean output per channel of ``weight`` (out first) on the recorded input row sums."""
+        codes = weight.double().reshape(weight.shape[0], -1)
         total = torch.zeros(codes.shape[0], dtype=torch.float64)
         count = torch.zeros(codes.shape[0], dtype=torch.float64)
         for (a, b), (rows, n) in self.row_sums.items():
@@ -178,38 +194,18 @@ class Accumulator:
             count[a:b] += n
         return total / count.clamp(min=1)
 
-    def float_output_means(self, use_module: str) -> torch.Tensor | None:
-        """Mean output per channel (bias excluded) of the float user on what was recorded."""
-        if self.row_sums:
-            return self.float_means()
-        if use_module in self.outputs:
-            float_module = self.pair.float_modules[use_module]
-            total, count = 0, 0
-            for x in self.outputs[use_module]:
-                rows = output_channel_rows(float_module, _no_bias(float_module, x).double())
-                total, count = total + rows.sum(dim=0), count + rows.shape[0]
-            return total / max(count, 1)
-        return None
-
-    def quantized_output_means(self, use_module: str) -> torch.Tensor | None:
-        """Mean output per channel (bias excluded) of the quantized user on what was recorded."""
-        quantized = self.pair.quantized[use_module]
-        if self.row_sums:
-            codes = quantized.weight.reshape(quantized.weight.shape[0], -1).double()
-            total = torch.zeros(codes.shape[0], dtype=torch.float64)
-            count = torch.zeros(codes.shape[0], dtype=torch.float64)
-            for (a, b), (rows, n) in self.row_sums.items():
-                total[a:b] += codes[a:b] @ rows
-                count[a:b] += n
-            return total / count.clamp(min=1)
-        if use_module in self.outputs:
-            float_module = self.pair.float_modules[use_module]
-            total, count = 0, 0
-            for x in self.outputs[use_module]:
-                rows = output_channel_rows(float_module, _no_bias(quantized, x).double())
-                total, count = total + rows.sum(dim=0), count + rows.shape[0]
-            return total / max(count, 1)
-        return None
+    def _output_means(self, use_module: str, module: nn.Module | None) -> torch.Tensor | None:
+        """Mean output per channel (bias excluded) of ``module`` (``None``: the float user) on the
+        inputs recorded at ``use_module``."""
+        if use_module not in self.outputs:
+            return None
+        float_module = self.pair.float_modules[use_module]
+        module = float_module if module is None else module
+        total, count = 0, 0
+        for x in self.outputs[use_module]:
+            rows = output_channel_rows(float_module, _no_bias(module, x).double())
+            total, count = total + rows.sum(dim=0), count + rows.shape[0]
+        return total / max(count, 1)
 
 
 def _no_bias(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
