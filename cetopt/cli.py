@@ -294,6 +294,8 @@ def _configure_compress(parser: argparse.ArgumentParser) -> None:
 
 def _parse_group_sizes(text: str | None) -> list[int | None] | None:
     """``--group-sizes`` as a list (``channel``/``none``/``0``: a scale per output channel)."""
+    from cetopt.errors import CommandLineError
+
     if not text:
         return None
     sizes: list[int | None] = []
@@ -305,7 +307,8 @@ def _parse_group_sizes(text: str | None) -> list[int | None] | None:
             sizes.append(int(part))
         else:
             raise CommandLineError(
-                f"--group-sizes {text!r}: {part!r} is not a positive integer or 'channel' (e.g. channel,128,64,32)"
+                f"--group-sizes {text!r}: {part!r} is not a positive integer or 'channel' "
+                "(e.g. channel,128,64,32)"
             )
     return sizes
 

@@ -223,3 +223,12 @@ def test_every_help_shows_defaults_and_numbers_print_plainly():
     from cetopt.errors import BudgetError
 
     assert str(BudgetError(f"budget {np.float64(0.5)!r}")) == "budget 0.5"
+
+
+def test_bad_group_sizes_is_a_one_line_error():
+    from cetopt.cli import _parse_group_sizes
+    from cetopt.errors import CommandLineError
+
+    assert _parse_group_sizes("channel,128") == [None, 128]
+    with pytest.raises(CommandLineError, match="--group-sizes"):
+        _parse_group_sizes("channel,abc")
