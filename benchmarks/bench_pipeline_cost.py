@@ -31,6 +31,11 @@ On the zoo models (digits ResNet, MNIST-1D CNN, seed 0, calibration = the train 
 over the same data, its rank correlation with ``measured``, whether its 10× plan equals
 ``measured``'s, and what ``auto`` chose. Per-channel rank correlations are in
 ``bit_allocation.json``.
+
+One model can be run and merged on its own, keeping the other rows of the results file::
+
+    python -m benchmarks.bench_pipeline_cost resnet18 256 224 32 --threads 1 > row.json
+    python -m benchmarks.bench_pipeline_cost --merge row.json --keep-as after_32_images
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -205,9 +211,9 @@ def child(name: str, images: int, side: int, batch: int, quick: bool) -> dict:
     """Everything measured on one model, in this (sub)process."""
     import cetopt
 
-    torch.set_num_threads(torch.get_num_threads())
     model = build(name, side)
     row = {"model": name, "images": images, "side": side, "batch": batch}
+    row["torch_threads"] = torch.get_num_threads()
     row["parameters"] = sum(p.numel() for p in model.parameters())
     row["quantizable_layers"] = sum(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in model.modules())
     batches = calibration(model, images, side, batch)
@@ -322,11 +328,62 @@ def run(quick: bool = False) -> dict:
     }
 
 
-if __name__ == "__main__":
-    model_name, n_images, image_side, batch_size = sys.argv[1], *map(int, sys.argv[2:5])
-    if "--estimator" in sys.argv:
-        which = sys.argv[sys.argv.index("--estimator") + 1]
-        print(json.dumps(estimator_child(model_name, which, n_images, image_side, batch_size)), flush=True)
+def merge_row(
+    name: str, row: dict, *, key: str = "after", keep_as: str | None = None, note: str = ""
+) -> Path:
+    """Put one model's row into ``results/pipeline_cost.json`` without losing the other rows.
+
+    The row goes under ``models[name][key]``; with ``keep_as``, the entry that was there moves to
+    ``models[name][keep_as]`` first. The row records the commit it was measured at (unless it
+    already does) and ``note``; ``partial`` stays as it was.
+    """
+    from benchmarks.harness import RESULTS, machine_info
+    from cetopt._io import atomic_write_json
+
+    path = RESULTS / "pipeline_cost.json"
+    data = json.loads(path.read_text())
+    entry = data.setdefault("models", {}).setdefault(name, {})
+    entry.pop("not_run", None)
+    if keep_as is not None and key in entry:
+        entry[keep_as] = entry.pop(key)
+    row = dict(row)
+    row.setdefault("measured_at_commit", machine_info().get("git_commit"))
+    if note:
+        row["note"] = note
+    entry[key] = row
+    atomic_write_json(path, data)
+    return path
+
+
+def _main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_pipeline_cost", description=__doc__)
+    parser.add_argument("model", nargs="?", help="run one model in this process (the child of run())")
+    parser.add_argument("sizes", nargs="*", type=int, help="images, side, batch (with a model)")
+    parser.add_argument("--estimator", help="with a model: run this other estimator instead of compress")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    parser.add_argument("--merge", metavar="ROW_JSON", help="merge a child's printed row into the results")
+    parser.add_argument("--key", default="after", help="with --merge: the row's key under models[model]")
+    parser.add_argument("--keep-as", help="with --merge: move the entry under --key here first")
+    parser.add_argument("--note", default="", help="with --merge: a note stored with the row")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.merge:
+        lines = [ln for ln in Path(args.merge).read_text().splitlines() if ln.startswith("{")]
+        row = json.loads(lines[-1])
+        print(merge_row(args.model or row["model"], row, key=args.key, keep_as=args.keep_as, note=args.note))
+        return
+    if args.model is None or len(args.sizes) != 3:
+        parser.error("give a model and its images, side and batch (or --merge ROW_JSON)")
+    images, side, batch = args.sizes
+    if args.estimator:
+        print(json.dumps(estimator_child(args.model, args.estimator, images, side, batch)), flush=True)
     else:
-        quick_run = "--quick" in sys.argv
-        print(json.dumps(child(model_name, n_images, image_side, batch_size, quick_run)), flush=True)
+        print(json.dumps(child(args.model, images, side, batch, args.quick)), flush=True)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
