@@ -80,7 +80,7 @@ SELECTION_LRS = (1e-3, 3e-3)
 SELECTION_METHOD = "weight_space"
 JOINT_RATIOS = (8.0, 12.0, 16.0)
 JOINT_BITS = (2, 3, 4, 5, 6, 8)  # compress's default candidate bit widths
-JOINT_ROWS = ("bits", "lowrank", "sparse", "joint_first", "joint")
+JOINT_ROWS = ("bits", "bits_fit", "lowrank", "sparse", "joint_first", "joint")
 
 
 def _output_error(model, reference, x) -> float:
@@ -220,10 +220,28 @@ def _candidate_row(c, data, reference, layers) -> dict:
         "candidate": c.name,
         "bytes": exact,
         "calibration_loss_increase": c.measured_loss,
+        "check_loss_increase": c.check_loss,
         "predicted_loss_increase": c.predicted_loss,
         "choice": {n: o.label for n, o in c.options.items()},
         **_evaluate(c.model, data, reference),
     }
+
+
+def _model_row(name, model, loss_increase, choice, data, reference, layers) -> dict:
+    """A row for a model calibrated on all the calibration data (compress's, or the returned one)."""
+    return {
+        "candidate": name,
+        "bytes": stored_bytes(model, layers),
+        "calibration_loss_increase": loss_increase,
+        "choice": choice,
+        **_evaluate(model, data, reference),
+    }
+
+
+def _calibration_loss(model, calibration) -> float:
+    total = sum(len(x) for x, _ in calibration)
+    with torch.no_grad():
+        return float(sum(F.cross_entropy(model(x), y) * (len(x) / total) for x, y in calibration))
 
 
 def _joint_calibrated(model, data, calibration, reference, seed: int, quick: bool) -> dict:
@@ -231,11 +249,16 @@ def _joint_calibrated(model, data, calibration, reference, seed: int, quick: boo
     cpu = time.process_time()
     table = cetopt.sensitivity(model, calibration, JOINT_BITS, "auto", seed=seed, progress=False)
     out = {"sensitivity_method": table.method, "sensitivity_cpu_seconds": time.process_time() - cpu}
-    menu, predicted, measured = None, [], []
+    base = _calibration_loss(model, calibration)
+    menu, fit_table, predicted, measured = None, None, [], []
+
+    def fit_sensitivity(batches):  # what compress(joint=True) runs on the fit split
+        return cetopt.sensitivity(model, batches, JOINT_BITS, "auto", seed=seed, progress=False)
+
     for ratio in JOINT_RATIOS:
         budget = fp32_weight_bytes(table) / ratio
         cpu = time.process_time()
-        new, _, res = joint_compress(
+        new, plan, res = joint_compress(
             model,
             calibration,
             table,
@@ -243,34 +266,22 @@ def _joint_calibrated(model, data, calibration, reference, seed: int, quick: boo
             seed=seed,
             progress=False,
             menu=menu,
+            fit_table=fit_table,
+            sensitivity_fn=fit_sensitivity,
             menu_options={"iterations": 10 if quick else ITERATIONS},
             keep_models=True,
         )
         seconds = time.process_time() - cpu
-        menu = res.menu
+        menu, fit_table = res.menu, res.fit_table
         layers = menu.layers
         cell = {"budget_bytes": budget, "joint_cpu_seconds": seconds, "chosen": res.chosen}
         cell["fell_back_to_bits"] = res.fell_back
         cell["infeasible"] = res.infeasible
+        cell["selection"] = res.selection
         for c in res.candidates:
             predicted.append(c.predicted_loss)
             measured.append(c.measured_loss)
-        rows = {"bits": "bits", "lowrank": "lowrank", "sparse": "sparse", "joint_first": "joint"}
-        for key, name in rows.items():
-            c = res.candidate(name)
-            cell[key] = (
-                {"infeasible": res.infeasible.get(name, "")}
-                if c is None
-                else _candidate_row(c, data, reference, layers)
-            )
-        cell["joint"] = _candidate_row(res.best, data, reference, layers)
-        cell["refined"] = [
-            _candidate_row(c, data, reference, layers)
-            for c in res.candidates
-            if c.name.startswith("joint_refined")
-        ]
-        cell["rank_correlation"] = res.rank_correlation
-        # bits only is compress's plan: same bits, same model
+        # bits only is compress's plan and model, calibrated on all the calibration data
         try:
             cpu = time.process_time()
             compressed = cetopt.compress(
@@ -282,16 +293,55 @@ def _joint_calibrated(model, data, calibration, reference, seed: int, quick: boo
         except SolverFailedError as exc:  # compress's own allocation; recorded, not hidden
             compressed = None
             cell["compress_failed"] = str(exc)
-        bits_candidate = res.candidate("bits")
+        cell["bits"] = (
+            {"infeasible": res.infeasible.get("bits", cell.get("compress_failed", ""))}
+            if compressed is None
+            else _model_row(
+                "compress",
+                compressed.model,
+                _calibration_loss(compressed.model, calibration) - base,
+                {n: f"quant-{b}b" for n, b in dict(compressed.plan.bits).items()},
+                data,
+                reference,
+                layers,
+            )
+        )
+        rows = {"bits_fit": "bits", "lowrank": "lowrank", "sparse": "sparse", "joint_first": "joint"}
+        for key, name in rows.items():
+            c = res.candidate(name)
+            cell[key] = (
+                {"infeasible": res.infeasible.get(name, "")}
+                if c is None
+                else _candidate_row(c, data, reference, layers)
+            )
+        cell["joint"] = _model_row(
+            res.chosen,
+            new,
+            res.final_loss,
+            {n: o.label for n, o in res.best.options.items()} if not res.fell_back else None,
+            data,
+            reference,
+            layers,
+        )
+        cell["joint"]["check_loss_increase"] = res.best.check_loss
+        cell["refined"] = [
+            _candidate_row(c, data, reference, layers)
+            for c in res.candidates
+            if c.name.startswith("joint_refined")
+        ]
+        cell["rank_correlation"] = res.rank_correlation
+        # falling back returns compress's plan and model exactly
         if "compress_failed" in cell:
             cell["bits_equals_compress"] = None
-        elif compressed is None or bits_candidate is None:
-            cell["bits_equals_compress"] = compressed is None and bits_candidate is None
-        else:
-            same_bits = {n: o.bits for n, o in bits_candidate.options.items()} == dict(compressed.plan.bits)
+        elif compressed is None:
+            cell["bits_equals_compress"] = "bits" in res.infeasible
+        elif res.fell_back:
+            same_bits = dict(plan.bits) == dict(compressed.plan.bits)
             with torch.no_grad():
-                same_out = torch.equal(compressed.model(data.x_test), bits_candidate.model(data.x_test))
+                same_out = torch.equal(compressed.model(data.x_test), new(data.x_test))
             cell["bits_equals_compress"] = bool(same_bits and same_out)
+        else:
+            cell["bits_equals_compress"] = "bits" not in res.infeasible
         assert stored_bytes(new, layers) <= budget
         out[str(ratio)] = cell
     from scipy import stats
