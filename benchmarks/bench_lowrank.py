@@ -28,17 +28,23 @@ order, on the inputs they see once the layers before them are compressed, agains
 outputs (sequential calibration, :meth:`cetopt.lowrank.Menu.refit_sequential`; same ranks and masks).
 
 **Joint menu in loss units, calibrated** (``joint_calibrated``; issue 20): at 8×, 12× and 16× fewer
-weight bytes, no fine-tune, on the same 512 calibration examples with their labels: the sensitivity
-table ``cetopt.compress`` uses (``method="auto"``, bits {2, 3, 4, 5, 6, 8}), then
-:func:`cetopt.lowrank.joint_compress` (what ``compress(..., joint=True)`` runs): every option scored
-by its measured loss increase (quantized options on their GPTQ-rounded codes), each plan applied
-as ``compress`` applies one (GPTQ + bias correction, sequential calibration). Rows: bits only
-(solved on compress's table; checked identical to ``cetopt.compress``'s plan and model), low rank
-only (SVD, float factors), sparse only (pruning), the joint knapsack's first plan, and the returned
-plan (lowest measured calibration loss among all of them and the refined joint plans). Bits only
-cannot reach 16× (2-bit codes plus a float32 scale and a bit width per channel exceed it).
-``rank_correlation`` is Spearman's between each plan's predicted loss increase (summed per-layer
-scores) and its measured calibration loss increase as applied, over every plan of a row.
+weight bytes, no fine-tune, on the same 512 calibration examples with their labels. ``bits`` is
+``cetopt.compress`` (``method="auto"``, bits {2, 3, 4, 5, 6, 8}, GPTQ + bias correction, sequential
+calibration, on all 512 examples). Then :func:`cetopt.lowrank.joint_compress` (what
+``compress(..., joint=True)`` runs) holds out a check split of 128 of the 512 (``holdout=0.25``,
+drawn with the seed) and fits everything on the other 384: the sensitivities (``auto`` again), the
+menu, every option's measured loss increase (quantized options on their GPTQ-rounded codes), and
+each candidate plan applied as ``compress`` applies one. Rows ``bits_fit`` (bits only on the fit
+split), ``lowrank`` (SVD, float factors), ``sparse`` (pruning) and ``joint_first`` (the joint
+knapsack's first plan) are those fit-split models; ``refined`` the sequentially re-scored joint
+plans. ``joint`` is the returned model: the best non-bits candidate on the check split if its
+paired per-example loss difference to bits only is below zero by more than
+``z · stderr`` (one-sided 95 %, Bonferroni over the candidates; ``selection`` holds the numbers),
+else bits only; the chosen plan is then calibrated again on all 512 examples, so a fallback is
+exactly ``compress``'s model (``bits_equals_compress``). Bits only cannot reach 16× (2-bit codes
+plus a float32 scale and a bit width per channel exceed it); there the best candidate on the check
+split is returned. ``rank_correlation`` is Spearman's between each plan's predicted loss increase
+(summed per-layer scores) and its measured fit-split loss increase, over every plan of a row.
 
 Per layer, the activation-aware and weight-space fits at the same (rank, nnz) are also compared on
 the layer's post-activation calibration error (the geometric mean of their ratio).
