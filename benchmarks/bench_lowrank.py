@@ -86,7 +86,7 @@ SELECTION_LRS = (1e-3, 3e-3)
 SELECTION_METHOD = "weight_space"
 JOINT_RATIOS = (8.0, 12.0, 16.0)
 JOINT_BITS = (2, 3, 4, 5, 6, 8)  # compress's default candidate bit widths
-JOINT_ROWS = ("bits", "bits_fit", "lowrank", "sparse", "joint_first", "joint")
+JOINT_ROWS = ("bits", "bits_fit", "lowrank", "sparse", "joint_first", "joint", "joint_validated")
 
 
 def _output_error(model, reference, x) -> float:
@@ -534,7 +534,26 @@ def _joint_summary(rows: list[dict]) -> dict:
     return out
 
 
-def _joint_targets(summary: dict, rows: list[dict]) -> dict:
+def _with_validated(rows: list[dict]) -> list[dict]:
+    """Each cell gains ``joint_validated``: what ``joint_compress(refit=False)`` returns, derived
+    from the same run — the chosen candidate's own (fit-split) model, or compress's on a fallback."""
+    for r in rows:
+        for ratio in map(str, JOINT_RATIOS):
+            cell = r["joint_calibrated"][ratio]
+            if cell["fell_back_to_bits"]:
+                cell["joint_validated"] = dict(cell["bits"])
+                continue
+            named = {"joint": "joint_first", "lowrank": "lowrank", "sparse": "sparse"}
+            if cell["chosen"] in named:
+                cell["joint_validated"] = dict(cell[named[cell["chosen"]]])
+            else:
+                cell["joint_validated"] = dict(
+                    next(c for c in cell["refined"] if c["candidate"] == cell["chosen"])
+                )
+    return rows
+
+
+def _joint_targets(summary: dict, rows: list[dict], key: str = "joint") -> dict:
     """Joint ≥ bits only in every (model, ratio) cell (mean over seeds, and each seed);
     strictly ahead at 12× and 16× on the mean (per model, and over the three models)."""
     cells, ahead = {}, {}
@@ -542,11 +561,11 @@ def _joint_targets(summary: dict, rows: list[dict]) -> dict:
         mine = [r["joint_calibrated"] for r in rows if r["model"] == name]
         cells[name] = {}
         for ratio, cell in s["cells"].items():
-            joint, bits = cell["joint"], cell["bits"]
+            joint, bits = cell[key], cell["bits"]
             if "infeasible" in bits:
                 cells[name][ratio] = {"bits_infeasible": True, "joint_accuracy": joint["accuracy"]["mean"]}
                 continue
-            per_seed = [m[ratio]["joint"]["accuracy"] - m[ratio]["bits"]["accuracy"] for m in mine]
+            per_seed = [m[ratio][key]["accuracy"] - m[ratio]["bits"]["accuracy"] for m in mine]
             diff = joint["accuracy"]["mean"] - bits["accuracy"]["mean"]
             cells[name][ratio] = {
                 "joint_minus_bits_pp": 100 * diff,
@@ -631,6 +650,7 @@ def _one_joint(name: str, seed: int, quick: bool) -> dict:
 def _joint_section(rows: list[dict], quick: bool) -> dict:
     from benchmarks.harness import machine_info
 
+    rows = _with_validated(rows)
     joint = _joint_summary(rows)
     return {
         "config": {
@@ -644,7 +664,17 @@ def _joint_section(rows: list[dict], quick: bool) -> dict:
         },
         "machine": machine_info(),
         "summary": joint,
+        "selection": {
+            "holdout": 0.25,
+            "confidence": 0.95,
+            "rule": "bits only unless the best other candidate on the check split has a paired "
+            "per-example loss difference mean + z * stderr < 0 (one-sided, Bonferroni over the candidates)",
+            "joint": "the returned model: the chosen plan calibrated again on all 512 examples (refit=True)",
+            "joint_validated": "derived from the same run: the chosen candidate's own fit-split model "
+            "(what refit=False returns), compress's model on a fallback",
+        },
         "targets": _joint_targets(joint, rows),
+        "targets_validated": _joint_targets(joint, rows, "joint_validated"),
         "rows": [{"model": r["model"], "seed": r["seed"], **r["joint_calibrated"]} for r in rows],
     }
 
@@ -665,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="where --joint writes its rows")
     parser.add_argument("--merge", nargs="*", default=None, help="row files to merge into lowrank.json")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--note", help="--merge: where the rows come from (the JSON's notes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.joint:
@@ -683,11 +714,19 @@ def main(argv: list[str] | None = None) -> int:
             partial |= piece["partial"]
         unique = {(r["model"], r["seed"]): r for r in reversed(rows)}  # a row measured twice: the first
         rows = sorted(unique.values(), key=lambda r: (r["seed"], MODELS.index(r["model"])))
+        # partial when a (model, seed) of the grid is missing, whichever piece brought each row
+        models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+        partial = any((m, s) not in unique for m in models for s in map(int, args.seeds.split(",")))
         target = RESULTS / "quick" / "lowrank.json" if args.quick else RESULTS / "lowrank.json"
         results = json.loads(target.read_text()) if target.exists() else {}
         section = _joint_section(rows, args.quick)
         section["partial"] = partial
         results["joint_calibrated"] = section
+        import subprocess
+
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+        notes = results.setdefault("notes", {})
+        notes["joint_calibrated"] = args.note or f"merged at commit {head.strip() or 'unknown'}"
         atomic_write_json(target, results)
         print(f"merged {len(rows)} rows into {target}")
     return 0

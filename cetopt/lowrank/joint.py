@@ -674,6 +674,7 @@ def joint_compress(
     menu: Menu | None = None,
     menu_options: Mapping | None = None,
     keep_models: bool = False,
+    refit: bool = True,
 ) -> tuple[nn.Module, Plan, JointResult]:
     """Choose, per layer, among quantization, low rank, sparsity and their mixes within ``budget``.
 
@@ -730,6 +731,10 @@ def joint_compress(
         columns; then ``kinds``, ``factor_bits`` and ``menu_options`` are not used.
     menu_options : mapping, optional
         Other keywords of :func:`cetopt.lowrank.build_menu` (grids, ``max_columns`` ...).
+    refit : bool
+        With a check split, calibrate a chosen plan other than bits only again on all the data
+        (default); ``False`` returns the very model the check split validated (calibrated on the
+        fit split). Bits only is always ``compress``'s model, calibrated on all the data.
     keep_models : bool
         Keep every candidate's compressed model (``JointCandidate.model``, calibrated on the fit
         split), e.g. to test them all.
@@ -833,7 +838,7 @@ def joint_compress(
                     status=out.status,
                     solver=out.solver,
                     bound=out.bound,
-                    model=new if keep_models else None,
+                    model=new if keep_models or (check is not None and not refit) else None,
                     check_loss=None if held is None else float(held.mean() - check_base.mean()),
                     check_losses=held,
                 )
@@ -890,7 +895,9 @@ def joint_compress(
         else:
             options, out = chosen.options, solve_info[chosen.name]
         bits_plan = chosen.name == "bits"
-        returned = apply(options, everything)
+        returned = apply(options, everything) if bits_plan or refit else chosen.model
+        if not keep_models:
+            candidates = [replace(c, model=None) for c in candidates]
         final_loss = _dataset_loss(returned, everything, loss_fn) - _dataset_loss(model, everything, loss_fn)
     result = JointResult(
         chosen=chosen.name,

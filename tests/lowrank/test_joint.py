@@ -291,3 +291,28 @@ def test_joint_rejects_per_channel_and_allocation_options(cases):
         cetopt.compress(model, data, "8x", joint=True, per_channel=True, progress=False)
     with pytest.raises(JointMenuError, match="min_bits"):
         cetopt.compress(model, data, "8x", joint=True, min_bits=3, progress=False)
+
+
+def test_without_refit_the_returned_model_is_the_validated_one(cases):
+    model, data, table = cases[0]
+    budget = 4 * float(table.params.sum()) / 8
+    _, check = split_calibration(data, 0.25, seed=0)
+    for confidence in (0.5, 1 - 1e-9):  # a lenient margin (a plan may win) and one nothing passes
+        new, plan, res = joint_compress(
+            model,
+            data,
+            table,
+            budget,
+            progress=False,
+            menu_options=SMALL_MENU,
+            refine=0,
+            refit=False,
+            confidence=confidence,
+        )
+        assert all(c.model is None for c in res.candidates)  # not kept unless asked
+        if res.fell_back:
+            expected = cetopt.allocate(table, budget)
+            assert dict(plan.bits) == dict(expected.bits)
+        else:
+            assert _loss(new, check) - _loss(model, check) == pytest.approx(res.best.check_loss, abs=1e-6)
+        assert stored_bytes(new, table.layers) == plan.bytes <= budget
