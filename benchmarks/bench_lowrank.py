@@ -28,17 +28,23 @@ order, on the inputs they see once the layers before them are compressed, agains
 outputs (sequential calibration, :meth:`cetopt.lowrank.Menu.refit_sequential`; same ranks and masks).
 
 **Joint menu in loss units, calibrated** (``joint_calibrated``; issue 20): at 8×, 12× and 16× fewer
-weight bytes, no fine-tune, on the same 512 calibration examples with their labels: the sensitivity
-table ``cetopt.compress`` uses (``method="auto"``, bits {2, 3, 4, 5, 6, 8}), then
-:func:`cetopt.lowrank.joint_compress` (what ``compress(..., joint=True)`` runs): every option scored
-by its measured loss increase (quantized options on their GPTQ-rounded codes), each plan applied
-as ``compress`` applies one (GPTQ + bias correction, sequential calibration). Rows: bits only
-(solved on compress's table; checked identical to ``cetopt.compress``'s plan and model), low rank
-only (SVD, float factors), sparse only (pruning), the joint knapsack's first plan, and the returned
-plan (lowest measured calibration loss among all of them and the refined joint plans). Bits only
-cannot reach 16× (2-bit codes plus a float32 scale and a bit width per channel exceed it).
-``rank_correlation`` is Spearman's between each plan's predicted loss increase (summed per-layer
-scores) and its measured calibration loss increase as applied, over every plan of a row.
+weight bytes, no fine-tune, on the same 512 calibration examples with their labels. ``bits`` is
+``cetopt.compress`` (``method="auto"``, bits {2, 3, 4, 5, 6, 8}, GPTQ + bias correction, sequential
+calibration, on all 512 examples). Then :func:`cetopt.lowrank.joint_compress` (what
+``compress(..., joint=True)`` runs) holds out a check split of 128 of the 512 (``holdout=0.25``,
+drawn with the seed) and fits everything on the other 384: the sensitivities (``auto`` again), the
+menu, every option's measured loss increase (quantized options on their GPTQ-rounded codes), and
+each candidate plan applied as ``compress`` applies one. Rows ``bits_fit`` (bits only on the fit
+split), ``lowrank`` (SVD, float factors), ``sparse`` (pruning) and ``joint_first`` (the joint
+knapsack's first plan) are those fit-split models; ``refined`` the sequentially re-scored joint
+plans. ``joint`` is the returned model: the best non-bits candidate on the check split if its
+paired per-example loss difference to bits only is below zero by more than
+``z · stderr`` (one-sided 95 %, Bonferroni over the candidates; ``selection`` holds the numbers),
+else bits only; the chosen plan is then calibrated again on all 512 examples, so a fallback is
+exactly ``compress``'s model (``bits_equals_compress``). Bits only cannot reach 16× (2-bit codes
+plus a float32 scale and a bit width per channel exceed it); there the best candidate on the check
+split is returned. ``rank_correlation`` is Spearman's between each plan's predicted loss increase
+(summed per-layer scores) and its measured fit-split loss increase, over every plan of a row.
 
 Per layer, the activation-aware and weight-space fits at the same (rank, nnz) are also compared on
 the layer's post-activation calibration error (the geometric mean of their ratio).
@@ -80,7 +86,7 @@ SELECTION_LRS = (1e-3, 3e-3)
 SELECTION_METHOD = "weight_space"
 JOINT_RATIOS = (8.0, 12.0, 16.0)
 JOINT_BITS = (2, 3, 4, 5, 6, 8)  # compress's default candidate bit widths
-JOINT_ROWS = ("bits", "lowrank", "sparse", "joint_first", "joint")
+JOINT_ROWS = ("bits", "bits_fit", "lowrank", "sparse", "joint_first", "joint", "joint_validated")
 
 
 def _output_error(model, reference, x) -> float:
@@ -220,10 +226,28 @@ def _candidate_row(c, data, reference, layers) -> dict:
         "candidate": c.name,
         "bytes": exact,
         "calibration_loss_increase": c.measured_loss,
+        "check_loss_increase": c.check_loss,
         "predicted_loss_increase": c.predicted_loss,
         "choice": {n: o.label for n, o in c.options.items()},
         **_evaluate(c.model, data, reference),
     }
+
+
+def _model_row(name, model, loss_increase, choice, data, reference, layers) -> dict:
+    """A row for a model calibrated on all the calibration data (compress's, or the returned one)."""
+    return {
+        "candidate": name,
+        "bytes": stored_bytes(model, layers),
+        "calibration_loss_increase": loss_increase,
+        "choice": choice,
+        **_evaluate(model, data, reference),
+    }
+
+
+def _calibration_loss(model, calibration) -> float:
+    total = sum(len(x) for x, _ in calibration)
+    with torch.no_grad():
+        return float(sum(F.cross_entropy(model(x), y) * (len(x) / total) for x, y in calibration))
 
 
 def _joint_calibrated(model, data, calibration, reference, seed: int, quick: bool) -> dict:
@@ -231,11 +255,16 @@ def _joint_calibrated(model, data, calibration, reference, seed: int, quick: boo
     cpu = time.process_time()
     table = cetopt.sensitivity(model, calibration, JOINT_BITS, "auto", seed=seed, progress=False)
     out = {"sensitivity_method": table.method, "sensitivity_cpu_seconds": time.process_time() - cpu}
-    menu, predicted, measured = None, [], []
+    base = _calibration_loss(model, calibration)
+    menu, fit_table, predicted, measured = None, None, [], []
+
+    def fit_sensitivity(batches):  # what compress(joint=True) runs on the fit split
+        return cetopt.sensitivity(model, batches, JOINT_BITS, "auto", seed=seed, progress=False)
+
     for ratio in JOINT_RATIOS:
         budget = fp32_weight_bytes(table) / ratio
         cpu = time.process_time()
-        new, _, res = joint_compress(
+        new, plan, res = joint_compress(
             model,
             calibration,
             table,
@@ -243,34 +272,22 @@ def _joint_calibrated(model, data, calibration, reference, seed: int, quick: boo
             seed=seed,
             progress=False,
             menu=menu,
+            fit_table=fit_table,
+            sensitivity_fn=fit_sensitivity,
             menu_options={"iterations": 10 if quick else ITERATIONS},
             keep_models=True,
         )
         seconds = time.process_time() - cpu
-        menu = res.menu
+        menu, fit_table = res.menu, res.fit_table
         layers = menu.layers
         cell = {"budget_bytes": budget, "joint_cpu_seconds": seconds, "chosen": res.chosen}
         cell["fell_back_to_bits"] = res.fell_back
         cell["infeasible"] = res.infeasible
+        cell["selection"] = res.selection
         for c in res.candidates:
             predicted.append(c.predicted_loss)
             measured.append(c.measured_loss)
-        rows = {"bits": "bits", "lowrank": "lowrank", "sparse": "sparse", "joint_first": "joint"}
-        for key, name in rows.items():
-            c = res.candidate(name)
-            cell[key] = (
-                {"infeasible": res.infeasible.get(name, "")}
-                if c is None
-                else _candidate_row(c, data, reference, layers)
-            )
-        cell["joint"] = _candidate_row(res.best, data, reference, layers)
-        cell["refined"] = [
-            _candidate_row(c, data, reference, layers)
-            for c in res.candidates
-            if c.name.startswith("joint_refined")
-        ]
-        cell["rank_correlation"] = res.rank_correlation
-        # bits only is compress's plan: same bits, same model
+        # bits only is compress's plan and model, calibrated on all the calibration data
         try:
             cpu = time.process_time()
             compressed = cetopt.compress(
@@ -282,16 +299,55 @@ def _joint_calibrated(model, data, calibration, reference, seed: int, quick: boo
         except SolverFailedError as exc:  # compress's own allocation; recorded, not hidden
             compressed = None
             cell["compress_failed"] = str(exc)
-        bits_candidate = res.candidate("bits")
+        cell["bits"] = (
+            {"infeasible": res.infeasible.get("bits", cell.get("compress_failed", ""))}
+            if compressed is None
+            else _model_row(
+                "compress",
+                compressed.model,
+                _calibration_loss(compressed.model, calibration) - base,
+                {n: f"quant-{b}b" for n, b in dict(compressed.plan.bits).items()},
+                data,
+                reference,
+                layers,
+            )
+        )
+        rows = {"bits_fit": "bits", "lowrank": "lowrank", "sparse": "sparse", "joint_first": "joint"}
+        for key, name in rows.items():
+            c = res.candidate(name)
+            cell[key] = (
+                {"infeasible": res.infeasible.get(name, "")}
+                if c is None
+                else _candidate_row(c, data, reference, layers)
+            )
+        cell["joint"] = _model_row(
+            res.chosen,
+            new,
+            res.final_loss,
+            {n: o.label for n, o in res.best.options.items()} if not res.fell_back else None,
+            data,
+            reference,
+            layers,
+        )
+        cell["joint"]["check_loss_increase"] = res.best.check_loss
+        cell["refined"] = [
+            _candidate_row(c, data, reference, layers)
+            for c in res.candidates
+            if c.name.startswith("joint_refined")
+        ]
+        cell["rank_correlation"] = res.rank_correlation
+        # falling back returns compress's plan and model exactly
         if "compress_failed" in cell:
             cell["bits_equals_compress"] = None
-        elif compressed is None or bits_candidate is None:
-            cell["bits_equals_compress"] = compressed is None and bits_candidate is None
-        else:
-            same_bits = {n: o.bits for n, o in bits_candidate.options.items()} == dict(compressed.plan.bits)
+        elif compressed is None:
+            cell["bits_equals_compress"] = "bits" in res.infeasible
+        elif res.fell_back:
+            same_bits = dict(plan.bits) == dict(compressed.plan.bits)
             with torch.no_grad():
-                same_out = torch.equal(compressed.model(data.x_test), bits_candidate.model(data.x_test))
+                same_out = torch.equal(compressed.model(data.x_test), new(data.x_test))
             cell["bits_equals_compress"] = bool(same_bits and same_out)
+        else:
+            cell["bits_equals_compress"] = "bits" not in res.infeasible
         assert stored_bytes(new, layers) <= budget
         out[str(ratio)] = cell
     from scipy import stats
@@ -478,7 +534,26 @@ def _joint_summary(rows: list[dict]) -> dict:
     return out
 
 
-def _joint_targets(summary: dict, rows: list[dict]) -> dict:
+def _with_validated(rows: list[dict]) -> list[dict]:
+    """Each cell gains ``joint_validated``: what ``joint_compress(refit=False)`` returns, derived
+    from the same run — the chosen candidate's own (fit-split) model, or compress's on a fallback."""
+    for r in rows:
+        for ratio in map(str, JOINT_RATIOS):
+            cell = r["joint_calibrated"][ratio]
+            if cell["fell_back_to_bits"]:
+                cell["joint_validated"] = dict(cell["bits"])
+                continue
+            named = {"joint": "joint_first", "lowrank": "lowrank", "sparse": "sparse"}
+            if cell["chosen"] in named:
+                cell["joint_validated"] = dict(cell[named[cell["chosen"]]])
+            else:
+                cell["joint_validated"] = dict(
+                    next(c for c in cell["refined"] if c["candidate"] == cell["chosen"])
+                )
+    return rows
+
+
+def _joint_targets(summary: dict, rows: list[dict], key: str = "joint") -> dict:
     """Joint ≥ bits only in every (model, ratio) cell (mean over seeds, and each seed);
     strictly ahead at 12× and 16× on the mean (per model, and over the three models)."""
     cells, ahead = {}, {}
@@ -486,11 +561,11 @@ def _joint_targets(summary: dict, rows: list[dict]) -> dict:
         mine = [r["joint_calibrated"] for r in rows if r["model"] == name]
         cells[name] = {}
         for ratio, cell in s["cells"].items():
-            joint, bits = cell["joint"], cell["bits"]
+            joint, bits = cell[key], cell["bits"]
             if "infeasible" in bits:
                 cells[name][ratio] = {"bits_infeasible": True, "joint_accuracy": joint["accuracy"]["mean"]}
                 continue
-            per_seed = [m[ratio]["joint"]["accuracy"] - m[ratio]["bits"]["accuracy"] for m in mine]
+            per_seed = [m[ratio][key]["accuracy"] - m[ratio]["bits"]["accuracy"] for m in mine]
             diff = joint["accuracy"]["mean"] - bits["accuracy"]["mean"]
             cells[name][ratio] = {
                 "joint_minus_bits_pp": 100 * diff,
@@ -575,6 +650,7 @@ def _one_joint(name: str, seed: int, quick: bool) -> dict:
 def _joint_section(rows: list[dict], quick: bool) -> dict:
     from benchmarks.harness import machine_info
 
+    rows = _with_validated(rows)
     joint = _joint_summary(rows)
     return {
         "config": {
@@ -588,7 +664,17 @@ def _joint_section(rows: list[dict], quick: bool) -> dict:
         },
         "machine": machine_info(),
         "summary": joint,
+        "selection": {
+            "holdout": 0.25,
+            "confidence": 0.95,
+            "rule": "bits only unless the best other candidate on the check split has a paired "
+            "per-example loss difference mean + z * stderr < 0 (one-sided, Bonferroni over the candidates)",
+            "joint": "the returned model: the chosen plan calibrated again on all 512 examples (refit=True)",
+            "joint_validated": "derived from the same run: the chosen candidate's own fit-split model "
+            "(what refit=False returns), compress's model on a fallback",
+        },
         "targets": _joint_targets(joint, rows),
+        "targets_validated": _joint_targets(joint, rows, "joint_validated"),
         "rows": [{"model": r["model"], "seed": r["seed"], **r["joint_calibrated"]} for r in rows],
     }
 
@@ -609,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="where --joint writes its rows")
     parser.add_argument("--merge", nargs="*", default=None, help="row files to merge into lowrank.json")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--note", help="--merge: where the rows come from (the JSON's notes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.joint:
@@ -627,11 +714,19 @@ def main(argv: list[str] | None = None) -> int:
             partial |= piece["partial"]
         unique = {(r["model"], r["seed"]): r for r in reversed(rows)}  # a row measured twice: the first
         rows = sorted(unique.values(), key=lambda r: (r["seed"], MODELS.index(r["model"])))
+        # partial when a (model, seed) of the grid is missing, whichever piece brought each row
+        models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+        partial = any((m, s) not in unique for m in models for s in map(int, args.seeds.split(",")))
         target = RESULTS / "quick" / "lowrank.json" if args.quick else RESULTS / "lowrank.json"
         results = json.loads(target.read_text()) if target.exists() else {}
         section = _joint_section(rows, args.quick)
         section["partial"] = partial
         results["joint_calibrated"] = section
+        import subprocess
+
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+        notes = results.setdefault("notes", {})
+        notes["joint_calibrated"] = args.note or f"merged at commit {head.strip() or 'unknown'}"
         atomic_write_json(target, results)
         print(f"merged {len(rows)} rows into {target}")
     return 0

@@ -116,24 +116,19 @@ def compress(
         Choose per layer among quantization, low rank, sparsity and their mixes (the joint menu,
         :func:`cetopt.lowrank.joint_compress`): every option scored in the loss units of the
         sensitivities (quantized options take the table's values, the others their measured loss
-        increase), one multiple-choice knapsack, plans applied as here (GPTQ, bias correction)
-        and checked on the calibration loss against the bits-only plan — the plan this call
-        makes with ``joint=False`` — which is returned whenever nothing beats it. Per layer only
-        (not with ``per_channel``); of ``allocate_options`` it takes none.
+        increase), one multiple-choice knapsack (``group_sizes`` add their (bits, group) options),
+        plans applied as here (GPTQ, bias correction) and compared on a check split of ``data``
+        that nothing was fitted on; the bits-only plan — the plan and model this call makes with
+        ``joint=False`` — is returned unless another beats it there past the noise margin. Per
+        layer only (not with ``per_channel``); of ``allocate_options`` it takes none.
     joint_options : dict, optional
         Other keywords of :func:`cetopt.lowrank.joint_compress` (``kinds``, ``factor_bits``,
         ``refine``, ``menu_options`` ...).
     **allocate_options
         Any other keyword of :func:`cetopt.allocate` (``bops_budget``, ``ties``, ``min_bits`` ...).
     """
-    if joint and (per_channel or allocate_options or group_sizes is not None):
-        why = (
-            "per_channel=True"
-            if per_channel
-            else "group_sizes (group options are not in the joint menu yet)"
-            if group_sizes is not None
-            else f"allocate options {sorted(allocate_options)}"
-        )
+    if joint and (per_channel or allocate_options):
+        why = "per_channel=True" if per_channel else f"allocate options {sorted(allocate_options)}"
         raise JointMenuError(
             f"joint=True chooses per layer under a byte budget alone; it does not take {why}"
         )
@@ -165,7 +160,13 @@ def compress(
             sequential=sequential,
             seed=seed,
             progress=progress,
-            **dict(joint_options or {}),
+            **{
+                # the same estimator on the fit split (the check split never seen by it)
+                "sensitivity_fn": lambda batches: estimate(
+                    model, batches, bits, method, loss_fn=loss_fn, seed=seed, progress=False, **options
+                ),
+                **dict(joint_options or {}),
+            },
         )
         clock.lap("joint")
         return CompressionResult(

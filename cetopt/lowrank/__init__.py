@@ -23,8 +23,10 @@ from cetopt.lowrank.joint import (
     apply_options,
     gptq_quant_options,
     joint_compress,
+    prefer_candidate,
     rescore_sequential,
     score_menu,
+    split_calibration,
 )
 from cetopt.lowrank.layers import LayerData, collect, collect_each, supported_layers
 from cetopt.lowrank.menu import (
@@ -69,10 +71,12 @@ __all__ = [
     "joint_compress",
     "option_matrix",
     "output_errors",
+    "prefer_candidate",
     "project_sparse",
     "rescore_sequential",
     "score_menu",
     "sparse_bytes",
+    "split_calibration",
     "stored_bytes",
     "stored_params",
     "supported_layers",

@@ -68,8 +68,10 @@ __all__ = [
     "apply_options",
     "gptq_quant_options",
     "joint_compress",
+    "prefer_candidate",
     "rescore_sequential",
     "score_menu",
+    "split_calibration",
 ]
 
 Keep = Callable[[MenuOption], bool]
@@ -84,6 +86,24 @@ SINGLE_KINDS: dict[str, Keep] = {
 
 def _all(option: MenuOption) -> bool:
     return True
+
+
+def _key(option: MenuOption) -> tuple[int, int | None]:
+    """A ``quant`` option's column in a sensitivity table: (bits, group size or None)."""
+    return (int(option.bits), option.group or None)
+
+
+def _columns(table: SensitivityTable) -> dict[tuple[int, int | None], int]:
+    """The table's (bits, group) options → column index."""
+    groups = table.groups or (None,) * len(table.bits)
+    return {(int(b), g or None): j for j, (b, g) in enumerate(zip(table.bits, groups))}
+
+
+class _BitsPlan:
+    """What :func:`cetopt.quantize` reads from a plan: bits and group sizes per layer."""
+
+    def __init__(self, bits: dict[str, int], groups: dict[str, int]):
+        self.bits, self.groups = bits, groups
 
 
 @dataclass(frozen=True)
@@ -107,6 +127,9 @@ class JointCandidate:
     status, solver : str
         What the knapsack reported.
     bound : float or None
+    check_loss : float or None
+        Loss increase on the held-out check split (never seen by the fits, GPTQ, bias correction
+        or the sensitivities); None without a check split.
     """
 
     name: str
@@ -119,6 +142,8 @@ class JointCandidate:
     solver: str
     bound: float | None = None
     model: nn.Module | None = field(default=None, repr=False, compare=False)
+    check_loss: float | None = None
+    check_losses: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {
@@ -126,6 +151,7 @@ class JointCandidate:
             "predicted_loss": self.predicted_loss,
             "solved_loss": self.solved_loss,
             "measured_loss": self.measured_loss,
+            "check_loss": self.check_loss,
             "bytes": self.bytes,
             "status": self.status,
             "solver": self.solver,
@@ -142,8 +168,9 @@ class JointResult:
     chosen : str
         Name of the returned candidate.
     fell_back : bool
-        True when the bits-only plan was returned: no plan using low rank or sparsity had a lower
-        measured calibration loss.
+        True when the bits-only plan was returned: no plan using low rank or sparsity beat it on
+        the check split by more than the noise margin (``selection``), or, without a check split,
+        had a lower calibration loss.
     candidates : list of JointCandidate
         Every plan applied and measured, in the order they were tried.
     infeasible : dict
@@ -155,7 +182,17 @@ class JointResult:
         Spearman correlation, over the candidates, of the predicted loss (summed per-layer scores)
         with the measured loss increase of the plan as applied (None below three candidates).
     menu : Menu
-        The scored menu.
+        The scored menu (built and scored on the fit split).
+    selection : dict
+        How the returned plan was chosen: the check split's size, the best other plan on it, the
+        paired mean and standard error of its per-example loss difference to bits only, the
+        one-sided critical value and the decision (empty without a check split).
+    final_loss : float or None
+        Calibration loss increase (all the calibration data) of the returned model, re-calibrated
+        on all of it; None without a check split (then it is the chosen candidate's).
+    fit_table : SensitivityTable or None
+        The sensitivities on the fit split (what the candidates were solved on); pass it back with
+        ``menu`` to reuse both across budgets.
     """
 
     chosen: str
@@ -166,6 +203,9 @@ class JointResult:
     budget_bytes: float
     rank_correlation: float | None
     menu: Menu = field(repr=False)
+    selection: dict = field(default_factory=dict)
+    final_loss: float | None = None
+    fit_table: SensitivityTable | None = field(default=None, repr=False)
 
     @property
     def best(self) -> JointCandidate:
@@ -176,22 +216,32 @@ class JointResult:
 
     def summary(self) -> str:
         """The candidates (predicted and measured loss increase, bytes) and the chosen options."""
-        rows = [("plan", "bytes", "predicted Δloss", "measured Δloss", "")]
+        rows = [("plan", "bytes", "predicted Δloss", "measured Δloss", "check Δloss", "")]
         for c in self.candidates:
             mark = "<- chosen" if c.name == self.chosen else ""
-            rows.append((c.name, f"{c.bytes}", f"{c.predicted_loss:.4g}", f"{c.measured_loss:.4g}", mark))
-        rows += [(name, "infeasible", "", "", "") for name in self.infeasible]
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            check = "" if c.check_loss is None else f"{c.check_loss:.4g}"
+            values = (f"{c.bytes}", f"{c.predicted_loss:.4g}", f"{c.measured_loss:.4g}", check)
+            rows.append((c.name, *values, mark))
+        rows += [(name, "infeasible", "", "", "", "") for name in self.infeasible]
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
         lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths[:4]))
+        lines.insert(1, "  ".join("-" * w for w in widths[:5]))
         lines.append("")
         lines += [f"  {n}: {o.label}" for n, o in self.best.options.items()]
         rho = "n/a" if self.rank_correlation is None else f"{self.rank_correlation:.2f}"
         note = " (fell back to the bits-only plan)" if self.fell_back else ""
+        final = self.best.measured_loss if self.final_loss is None else self.final_loss
         lines.append(
             f"joint menu: chose {self.chosen}{note}; calibration loss {self.base_loss:.4g} "
-            f"+ {self.best.measured_loss:.4g}; predicted vs measured rank correlation {rho}"
+            f"+ {final:.4g}; predicted vs measured rank correlation {rho}"
         )
+        sel = self.selection
+        if sel.get("difference_mean") is not None:
+            lines.append(
+                f"check split ({sel['check_examples']} examples): {sel['champion']} − bits "
+                f"{sel['difference_mean']:.4g} ± {sel['difference_stderr']:.4g} (z {sel['z']:.2f}): "
+                f"{sel['decision']}"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -203,6 +253,8 @@ class JointResult:
             "rank_correlation": self.rank_correlation,
             "candidates": [c.to_dict() for c in self.candidates],
             "infeasible": dict(self.infeasible),
+            "selection": dict(self.selection),
+            "final_loss": self.final_loss,
         }
 
 
@@ -215,6 +267,93 @@ def _dataset_loss(model: nn.Module, batches, loss_fn) -> float:
             part = loss_fn(model(x), y) * (len(x) / total)
             value = part if value is None else value + part
     return float(value)
+
+
+def _example_losses(model: nn.Module, batches, loss_fn) -> np.ndarray:
+    """``loss_fn`` on every example alone (one forward pass per batch), in batch order."""
+    out: list[float] = []
+    with torch.no_grad():
+        for x, y in batches:
+            pred = model(x)
+            out += [float(loss_fn(pred[i : i + 1], y[i : i + 1])) for i in range(len(x))]
+    return np.asarray(out, dtype=np.float64)
+
+
+def split_calibration(data, fraction: float, seed: int = 0) -> tuple[list, list]:
+    """``(fit, check)``: the calibration batches with a random ``fraction`` of examples held out.
+
+    Every batch gives ``round(fraction · size)`` of its examples (at least one, never all) to the
+    check split, drawn with ``seed``; batches of a single example go whole, one in
+    ``1 / fraction``. Both splits keep the batches' shapes apart from their length.
+
+    Raises
+    ------
+    JointMenuError
+        ``fraction`` is not in (0, 1), or the check split would hold fewer than two examples or the
+        fit split none.
+    """
+    if not 0 < fraction < 1:
+        raise JointMenuError(
+            f"holdout must be a fraction in (0, 1) (or 0 for no check split), got {fraction!r}"
+        )
+    batches = _batches(data, None)
+    gen = torch.Generator().manual_seed(int(seed))
+    fit, check = [], []
+    if all(len(x) >= 2 for x, _ in batches):
+        for x, y in batches:
+            n = len(x)
+            k = min(max(round(fraction * n), 1), n - 1)
+            order = torch.randperm(n, generator=gen)
+            held, kept = order[:k].sort().values, order[k:].sort().values
+            fit.append((x[kept], y[kept]))
+            check.append((x[held], y[held]))
+    else:
+        k = round(fraction * len(batches))
+        held = set(torch.randperm(len(batches), generator=gen)[:k].tolist())
+        for i, batch in enumerate(batches):
+            (check if i in held else fit).append(batch)
+    examples = sum(len(x) for x, _ in check)
+    if examples < 2 or not fit:
+        total = sum(len(x) for x, _ in batches)
+        raise JointMenuError(
+            f"holdout={fraction} leaves {examples} of {total} calibration examples for the check "
+            "split and needs at least 2 there and 1 to fit on; pass more data or holdout=0 "
+            "(choose on the calibration loss itself)"
+        )
+    return fit, check
+
+
+def prefer_candidate(
+    bits_losses: np.ndarray, candidate_losses: np.ndarray, *, comparisons: int = 1, confidence: float = 0.95
+) -> dict:
+    """Whether a plan beats bits only on held-out examples by more than the noise margin.
+
+    Paired per-example loss differences ``d = candidate − bits``: the candidate wins when
+    ``mean(d) + z · stderr(d) < 0``, with ``z`` the one-sided normal quantile at ``confidence``,
+    Bonferroni-corrected for the ``comparisons`` plans the candidate was picked among (so the
+    chance of preferring a plan that is no better, on the examples' distribution, stays below
+    ``1 − confidence``).
+
+    Returns
+    -------
+    dict
+        ``difference_mean``, ``difference_stderr``, ``z``, ``margin`` and ``prefer`` (bool).
+    """
+    d = np.asarray(candidate_losses, dtype=np.float64) - np.asarray(bits_losses, dtype=np.float64)
+    if d.ndim != 1 or len(d) < 2:
+        raise JointMenuError(f"need at least two paired check losses, got {d.shape}")
+    if not 0 < confidence < 1:
+        raise JointMenuError(f"confidence must be in (0, 1), got {confidence!r}")
+    mean = float(d.mean())
+    stderr = float(d.std(ddof=1) / np.sqrt(len(d)))
+    z = float(stats.norm.ppf(1 - (1 - confidence) / max(int(comparisons), 1)))
+    return {
+        "difference_mean": mean,
+        "difference_stderr": stderr,
+        "z": z,
+        "margin": z * stderr,
+        "prefer": bool(mean + z * stderr < 0),
+    }
 
 
 def _trial_weight(option: MenuOption, weight: torch.Tensor) -> torch.Tensor:
@@ -266,10 +405,10 @@ def score_menu(
     batches = _batches(data, None)
     loss_fn = loss_fn or torch.nn.functional.cross_entropy
     rows = {} if table is None else {n: i for i, n in enumerate(table.layers)}
-    cols = {} if table is None else {b: j for j, b in enumerate(table.bits)}
+    cols = {} if table is None else _columns(table)
 
     def from_table(o: MenuOption) -> bool:
-        return o.kind == "quant" and o.layer in rows and o.bits in cols
+        return o.kind == "quant" and o.layer in rows and _key(o) in cols
 
     scored: dict[str, list[MenuOption]] = {}
     total = sum(1 for n in menu.layers for o in menu.options[n] if o.kind != "dense" and not from_table(o))
@@ -283,7 +422,7 @@ def score_menu(
                 if o.kind == "dense":
                     loss = 0.0
                 elif from_table(o):
-                    loss = float(table.values[rows[name], cols[o.bits]])
+                    loss = float(table.values[rows[name], cols[_key(o)]])
                 else:
                     loss = float(next(values))
                 out.append(replace(o, loss=loss))
@@ -295,27 +434,31 @@ def score_menu(
 def gptq_quant_options(model: nn.Module, menu: Menu, data, *, progress: bool = False) -> Menu:
     """A copy of ``menu`` whose ``quant`` options carry (``approx``) their GPTQ-rounded weights.
 
-    One :func:`cetopt.quantize` call with ``gptq=data`` per bit width, every menu layer at that
-    width, each rounded on the float model's inputs; the options' ``loss`` is reset (NaN) so that
-    :func:`score_menu` measures them on those weights.
+    One :func:`cetopt.quantize` call with ``gptq=data`` per (bit width, group size), every menu
+    layer with that option, each rounded on the float model's inputs; the options' ``loss`` is
+    reset (NaN) so that :func:`score_menu` measures them on those weights.
     """
     from cetopt.quant.apply import quantize
 
-    widths = sorted({o.bits for n in menu.layers for o in menu.options[n] if o.kind == "quant"})
-    rounded: dict[tuple[str, int], torch.Tensor] = {}
+    keys = {_key(o) for n in menu.layers for o in menu.options[n] if o.kind == "quant"}
+    widths = sorted(keys, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+    rounded: dict[tuple[str, tuple[int, int | None]], torch.Tensor] = {}
     with progress_bar(len(widths), "joint menu: GPTQ per bit width", progress) as bar:
-        for b in widths:
+        for b, g in widths:
             layers = [
-                n for n in menu.layers if any(o.kind == "quant" and o.bits == b for o in menu.options[n])
+                n
+                for n in menu.layers
+                if any(o.kind == "quant" and _key(o) == (b, g) for o in menu.options[n])
             ]
-            modules = dict(quantize(model, {n: b for n in layers}, gptq=data).named_modules())
+            plan = _BitsPlan({n: b for n in layers}, {n: g for n in layers} if g else {})
+            modules = dict(quantize(model, plan, gptq=data).named_modules())
             for n in layers:
                 w = modules[n].weight.detach()
-                rounded[(n, b)] = w.reshape(w.shape[0], -1).to(torch.float64)
+                rounded[(n, (b, g))] = w.reshape(w.shape[0], -1).to(torch.float64)
             bar.update(1)
     options = {
         n: [
-            replace(o, approx=rounded[(n, o.bits)], loss=float("nan")) if o.kind == "quant" else o
+            replace(o, approx=rounded[(n, _key(o))], loss=float("nan")) if o.kind == "quant" else o
             for o in menu.options[n]
         ]
         for n in menu.layers
@@ -407,9 +550,12 @@ def apply_options(
     ]
     base = rewrite(model, decisions) if decisions else model
     bits: dict[str, int] = {}
+    groups: dict[str, int] = {}
     for name, o in options.items():
         if o.kind == "quant":
             bits[name] = int(o.bits)
+            if o.group:
+                groups[name] = int(o.group)
         elif o.kind != "dense" and o.bits:
             bits[f"{name}.first"] = bits[f"{name}.second"] = int(o.bits)
     if not bits:
@@ -417,7 +563,7 @@ def apply_options(
     calibrate = data is not None and (gptq or bias_correction)
     return quantize(
         base,
-        bits,
+        _BitsPlan(bits, groups),
         gptq=data if gptq and data is not None else None,
         bias_correction=data if bias_correction and data is not None else None,
         sequential=sequential and calibrate,
@@ -466,12 +612,40 @@ def _check_menu(menu: Menu, table: SensitivityTable) -> None:
             f"{list(table.layers)[:4]}...; build both on the same layers"
         )
     for name in menu.layers:
-        have = {o.bits for o in menu.options[name] if o.kind == "quant"}
-        if have != set(table.bits):
+        have = {_key(o) for o in menu.options[name] if o.kind == "quant"}
+        want = set(_columns(table))
+        if have != want:
             raise JointMenuError(
-                f"layer {name!r}: the menu's quant bits {sorted(have)} differ from "
-                f"the table's {list(table.bits)}"
+                f"layer {name!r}: the menu's quant (bits, group) options {sorted(have, key=str)} "
+                f"differ from the table's {sorted(want, key=str)}"
             )
+
+
+def _fit_table(model: nn.Module, fit, table: SensitivityTable, loss_fn, seed: int) -> SensitivityTable:
+    """``table``'s sensitivities again on the fit split: same estimator, same (bits, group) columns."""
+    from cetopt.analysis.estimators import METHODS, sensitivity
+
+    if table.method not in METHODS:
+        raise JointMenuError(
+            f"the sensitivity table's method {table.method!r} cannot be re-run on the fit split; "
+            "pass sensitivity_fn= or fit_table=, or holdout=0"
+        )
+    options: dict = {}
+    if table.groups is not None:
+        options["group_sizes"] = sorted(set(table.groups), key=lambda g: -1 if g is None else g)
+        grouped = [b for b, g in zip(table.bits, table.groups) if g]
+        options["group_max_bits"] = max(grouped) if grouped else min(table.bits)
+    return sensitivity(
+        model,
+        fit,
+        sorted(set(table.bits)),
+        table.method,
+        loss_fn=loss_fn,
+        layers=table.layers,
+        seed=seed,
+        progress=False,
+        **options,
+    )
 
 
 @in_eval_mode("model")
@@ -486,6 +660,10 @@ def joint_compress(
     factor_bits: Sequence[int] = (4, 8),
     refine: int = 2,
     singles: Sequence[str] = tuple(SINGLE_KINDS),
+    holdout: float = 0.25,
+    confidence: float = 0.95,
+    sensitivity_fn: Callable[[list], SensitivityTable] | None = None,
+    fit_table: SensitivityTable | None = None,
     solver="highs",
     time_limit: float | None = None,
     gptq: bool = True,
@@ -496,6 +674,7 @@ def joint_compress(
     menu: Menu | None = None,
     menu_options: Mapping | None = None,
     keep_models: bool = False,
+    refit: bool = True,
 ) -> tuple[nn.Module, Plan, JointResult]:
     """Choose, per layer, among quantization, low rank, sparsity and their mixes within ``budget``.
 
@@ -509,7 +688,8 @@ def joint_compress(
     data : iterable of (inputs, targets)
         Calibration batches (re-iterable: a list or a DataLoader).
     table : SensitivityTable
-        The bit allocation's sensitivities (:func:`cetopt.sensitivity`) on ``data``.
+        The bit allocation's sensitivities (:func:`cetopt.sensitivity`) on ``data``; its
+        ``(bits, group)`` columns are the menu's ``quant`` options (group sizes included).
     budget : float or str
         Weight bytes, ``"10x"`` or ``"3.2bits"`` (:func:`cetopt.allocation.parse_budget`).
     loss_fn : callable, optional
@@ -522,48 +702,88 @@ def joint_compress(
         Most rounds of sequential re-scoring and re-solving (0: none).
     singles : sequence of str
         Single-kind plans to measure besides ``bits`` (:data:`SINGLE_KINDS`).
+    holdout : float
+        Fraction of the calibration examples held out as the check split
+        (:func:`split_calibration`, drawn with ``seed``): the menu, its scores, the sensitivities
+        the candidates are solved on, GPTQ and bias correction all use the rest (the fit split),
+        and the plans are compared on the check split. 0: no check split; the plan with the lowest
+        calibration loss is returned, on the data everything was fitted on.
+    confidence : float
+        A plan other than bits only is returned only when its paired per-example loss difference
+        to bits only on the check split is below zero with this one-sided confidence,
+        Bonferroni-corrected over the plans it was the best of (:func:`prefer_candidate`).
+    sensitivity_fn : callable, optional
+        ``sensitivity_fn(batches) -> SensitivityTable``: the estimator of ``table`` run on the fit
+        split (``cetopt.compress`` passes its own). Default: :func:`cetopt.sensitivity` with
+        ``table.method`` and its columns.
+    fit_table : SensitivityTable, optional
+        The sensitivities on the fit split already (a previous result's ``fit_table``).
     solver, time_limit
         For the knapsacks (:func:`cetopt.allocation.choose_options`).
     gptq, bias_correction, sequential
         How plans are applied (:func:`apply_options`), as in :func:`cetopt.compress`.
     seed : int
-        Calibration-column sampling of the menu fits.
+        The check split and the calibration-column sampling of the menu fits.
     progress : bool
     menu : Menu, optional
-        A menu built (and scored or not) on ``model`` and ``data`` already, with quant options at
-        ``table.bits``; then ``kinds``, ``factor_bits`` and ``menu_options`` are not used.
+        A menu built (and scored or not) on ``model`` and the fit split (a previous result's
+        ``menu`` with the same ``holdout`` and ``seed``), with quant options at the table's
+        columns; then ``kinds``, ``factor_bits`` and ``menu_options`` are not used.
     menu_options : mapping, optional
         Other keywords of :func:`cetopt.lowrank.build_menu` (grids, ``max_columns`` ...).
+    refit : bool
+        With a check split, calibrate a chosen plan other than bits only again on all the data
+        (default); ``False`` returns the very model the check split validated (calibrated on the
+        fit split). Bits only is always ``compress``'s model, calibrated on all the data.
     keep_models : bool
-        Keep every candidate's compressed model (``JointCandidate.model``), e.g. to test them all.
+        Keep every candidate's compressed model (``JointCandidate.model``, calibrated on the fit
+        split), e.g. to test them all.
 
     Returns
     -------
     (model, plan, result)
         The compressed copy, its :class:`cetopt.Plan` (bits per layer, 32 for float layers; bytes
-        and scores of the chosen options) and the :class:`JointResult`.
+        and scores of the chosen options) and the :class:`JointResult`. With a check split, the
+        chosen plan is applied again with GPTQ and bias correction on all the calibration data;
+        when bits only is chosen, that is ``cetopt.compress``'s plan on ``table`` and its model.
 
     Raises
     ------
     InfeasibleBudgetError
         The budget is below the smallest plan of the whole menu.
     JointMenuError
-        A given ``menu`` does not match ``table``.
+        A given ``menu`` does not match ``table``, or ``holdout`` leaves too few examples.
     """
     t0 = time.perf_counter()
     loss_fn = loss_fn or torch.nn.functional.cross_entropy
-    batches = _batches(data, None)
+    everything = _batches(data, None)
     budget_bytes = parse_budget(budget, table)
     unknown = sorted(set(singles) - set(SINGLE_KINDS))
     if unknown:
         raise JointMenuError(f"unknown single kinds {unknown}; known: {sorted(SINGLE_KINDS)}")
+    if holdout:
+        fit, check = split_calibration(everything, holdout, seed)
+        if fit_table is None:
+            fit_table = (
+                sensitivity_fn(fit)
+                if sensitivity_fn is not None
+                else _fit_table(model, fit, table, loss_fn, seed)
+            )
+        if list(fit_table.layers) != list(table.layers) or _columns(fit_table) != _columns(table):
+            raise JointMenuError(
+                "the fit split's sensitivity table has other layers or (bits, group) columns than "
+                f"the table given: {fit_table!r} vs {table!r}"
+            )
+    else:
+        fit, check, fit_table = everything, None, table
     if menu is None:
         menu = build_menu(
             model,
-            data,
+            fit,
             layers=table.layers,
             kinds=sorted(set(kinds) | {"quant"}, key=KINDS.index),
             bits=table.bits,
+            groups=table.groups,
             factor_bits=factor_bits,
             seed=seed,
             progress=progress,
@@ -572,22 +792,25 @@ def joint_compress(
     _check_menu(menu, table)
     if any(np.isnan(o.loss) for n in menu.layers for o in menu.options[n]):
         if gptq:
-            menu = gptq_quant_options(model, menu, data, progress=progress)
-        menu = score_menu(model, menu, data, None if gptq else table, loss_fn=loss_fn, progress=progress)
-    base_loss = _dataset_loss(model, batches, loss_fn)
+            menu = gptq_quant_options(model, menu, fit, progress=progress)
+        menu = score_menu(model, menu, fit, None if gptq else fit_table, loss_fn=loss_fn, progress=progress)
+    base_loss = _dataset_loss(model, fit, loss_fn)
+    check_base = None if check is None else _example_losses(model, check, loss_fn)
     scores = {n: np.array([o.loss for o in menu.options[n]]) for n in menu.layers}
-    # the bits-only plan is compress's: the table's values on the quant options
-    rows, cols = {n: i for i, n in enumerate(table.layers)}, {b: j for j, b in enumerate(table.bits)}
-    table_scores = {
-        n: np.array(
-            [table.values[rows[n], cols[o.bits]] if o.kind == "quant" else o.loss for o in menu.options[n]]
-        )
-        for n in menu.layers
-    }
 
-    def apply(options):
+    def table_scores(t: SensitivityTable) -> dict[str, np.ndarray]:
+        """The bits-only objective: the table's values on the quant options (compress's plan)."""
+        rows, cols = {n: i for i, n in enumerate(t.layers)}, _columns(t)
+        return {
+            n: np.array(
+                [t.values[rows[n], cols[_key(o)]] if o.kind == "quant" else o.loss for o in menu.options[n]]
+            )
+            for n in menu.layers
+        }
+
+    def apply(options, batches):
         return apply_options(
-            model, options, data, gptq=gptq, bias_correction=bias_correction, sequential=sequential
+            model, options, batches, gptq=gptq, bias_correction=bias_correction, sequential=sequential
         )
 
     candidates: list[JointCandidate] = []
@@ -601,8 +824,9 @@ def joint_compress(
 
         def evaluate(name, options, solved, out):
             nonlocal best
-            new = apply(options)
-            measured = _dataset_loss(new, batches, loss_fn) - base_loss
+            new = apply(options, fit)
+            measured = _dataset_loss(new, fit, loss_fn) - base_loss
+            held = None if check is None else _example_losses(new, check, loss_fn)
             candidates.append(
                 JointCandidate(
                     name=name,
@@ -614,7 +838,9 @@ def joint_compress(
                     status=out.status,
                     solver=out.solver,
                     bound=out.bound,
-                    model=new if keep_models else None,
+                    model=new if keep_models or (check is not None and not refit) else None,
+                    check_loss=None if held is None else float(held.mean() - check_base.mean()),
+                    check_losses=held,
                 )
             )
             solve_info[name] = out
@@ -624,7 +850,7 @@ def joint_compress(
 
         for name, keep in planned:
             try:
-                objective = table_scores if name == "bits" else scores
+                objective = table_scores(fit_table) if name == "bits" else scores
                 options, solved, out = _solve(menu, objective, budget_bytes, keep, solver, time_limit)
             except (InfeasibleBudgetError, SolverFailedError) as exc:
                 if name == "joint":
@@ -637,7 +863,7 @@ def joint_compress(
         for k in range(1, refine + 1):
             if current is None:
                 break
-            rescored = rescore_sequential(model, menu, current.options, data, loss_fn=loss_fn)
+            rescored = rescore_sequential(model, menu, current.options, fit, loss_fn=loss_fn)
             try:
                 options, solved, out = _solve(menu, rescored, budget_bytes, _all, solver, time_limit)
             except SolverFailedError:
@@ -646,13 +872,33 @@ def joint_compress(
                 break  # the measured interaction leads back to a plan already measured
             evaluate(f"joint_refined_{k}", options, solved, out)
             current = candidates[-1]
-    chosen = min(candidates, key=lambda c: c.measured_loss)  # first of equals: bits
     rho = None
     if len(candidates) >= 3:
         value = stats.spearmanr(
             [c.predicted_loss for c in candidates], [c.measured_loss for c in candidates]
         ).statistic
         rho = None if np.isnan(value) else float(value)
+    selection: dict = {}
+    final_loss = None
+    if check is None:
+        chosen = min(candidates, key=lambda c: c.measured_loss)  # first of equals: bits
+        returned, options, out = best[1], chosen.options, solve_info[chosen.name]
+        bits_plan = chosen.name == "bits"
+    else:
+        chosen, selection = _select(candidates, confidence)
+        selection["check_examples"] = len(check_base)
+        selection["fit_examples"] = int(sum(len(x) for x, _ in fit))
+        if chosen.name == "bits":  # compress's plan on the full table, calibrated on everything
+            options, _, out = _solve(
+                menu, table_scores(table), budget_bytes, SINGLE_KINDS["bits"], solver, time_limit
+            )
+        else:
+            options, out = chosen.options, solve_info[chosen.name]
+        bits_plan = chosen.name == "bits"
+        returned = apply(options, everything) if bits_plan or refit else chosen.model
+        if not keep_models:
+            candidates = [replace(c, model=None) for c in candidates]
+        final_loss = _dataset_loss(returned, everything, loss_fn) - _dataset_loss(model, everything, loss_fn)
     result = JointResult(
         chosen=chosen.name,
         fell_back=chosen.name == "bits",
@@ -662,23 +908,62 @@ def joint_compress(
         budget_bytes=budget_bytes,
         rank_correlation=rho,
         menu=menu,
+        selection=selection,
+        final_loss=final_loss,
+        fit_table=None if check is None else fit_table,
     )
-    plan = _plan(table, chosen, solve_info[chosen.name], budget_bytes, time.perf_counter() - t0)
-    return best[1], plan, result
+    plan = _plan(table, options, bits_plan, out, budget_bytes, time.perf_counter() - t0)
+    return returned, plan, result
 
 
-def _plan(table: SensitivityTable, chosen: JointCandidate, out, budget_bytes: float, seconds: float) -> Plan:
+def _select(candidates: list[JointCandidate], confidence: float) -> tuple[JointCandidate, dict]:
+    """The returned candidate by the check split: bits only unless another beats it past the noise."""
+    bits = next((c for c in candidates if c.name == "bits"), None)
+    others = [c for c in candidates if c.name != "bits"]
+    champion = min(others, key=lambda c: c.check_loss)
+    if bits is None:
+        return champion, {
+            "champion": champion.name,
+            "decision": "bits only is infeasible: best on the check split",
+        }
+    test = prefer_candidate(
+        bits.check_losses, champion.check_losses, comparisons=len(others), confidence=confidence
+    )
+    decision = (
+        f"{champion.name} beats bits only past the margin"
+        if test["prefer"]
+        else "bits only: no plan beats it past the margin"
+    )
+    return (champion if test["prefer"] else bits), {
+        "champion": champion.name,
+        "comparisons": len(others),
+        "confidence": confidence,
+        **test,
+        "decision": decision,
+    }
+
+
+def _plan(
+    table: SensitivityTable,
+    options: Mapping[str, MenuOption],
+    bits_plan: bool,
+    out,
+    budget_bytes: float,
+    seconds: float,
+) -> Plan:
     """A :class:`cetopt.Plan` for the chosen options (float layers at 32 bits)."""
     names = list(table.layers)
-    options = [chosen.options[n] for n in names]
-    bits = np.array([o.bits or 32 for o in options], dtype=np.int16)
-    size = np.array([o.bytes for o in options], dtype=np.float64)
-    if chosen.name == "bits":  # compress's plan: the table's values
-        index = {b: j for j, b in enumerate(table.bits)}
-        loss = np.array([table.values[i, index[o.bits]] for i, o in enumerate(options)], dtype=np.float64)
+    chosen = [options[n] for n in names]
+    bits = np.array([o.bits or 32 for o in chosen], dtype=np.int16)
+    size = np.array([o.bytes for o in chosen], dtype=np.float64)
+    if bits_plan:  # compress's plan: the table's values
+        index = _columns(table)
+        loss = np.array([table.values[i, index[_key(o)]] for i, o in enumerate(chosen)], dtype=np.float64)
     else:
-        loss = np.array([o.loss for o in options], dtype=np.float64)
+        loss = np.array([o.loss for o in chosen], dtype=np.float64)
     predicted = float(loss.sum())
+    exact = bits_plan  # the solver's bound is about this objective only for compress's table
+    groups = {n: int(o.group) for n, o in zip(names, chosen) if o.kind == "quant" and o.group}
     return Plan(
         bits=LayerValues(names, bits),
         predicted_loss=predicted,
@@ -686,12 +971,15 @@ def _plan(table: SensitivityTable, chosen: JointCandidate, out, budget_bytes: fl
         budget_bytes=float(budget_bytes),
         fp32_bytes=fp32_weight_bytes(table),
         status=out.status,
-        bound=out.bound if chosen.solved_loss == predicted else None,
-        gap=relative_gap(predicted, out.bound) if chosen.solved_loss == predicted else None,
+        bound=out.bound if exact else None,
+        gap=relative_gap(predicted, out.bound) if exact else None,
         solve_time=seconds,
         solver=out.solver,
         method=table.method,
         layer_bytes=LayerValues(names, size),
         layer_loss=LayerValues(names, loss),
         layer_params=LayerValues(names, np.asarray(table.params)),
+        groups=LayerValues(names, np.array([groups.get(n, 0) for n in names], dtype=np.int64))
+        if groups
+        else {},
     )

@@ -10,6 +10,7 @@ kind                parameters              bytes
 ==================  ======================  ================================================
 ``dense``           m·n                     4·m·n
 ``quant`` (b bits)  m·n                     ⌈m·n·b/8⌉ + 5·m
+``quant`` (b, g)    m·n                     ⌈m·n·b/8⌉ + m·(2·⌈n/g⌉ + 1)
 factorised, fp32    r(m+n) + nnz            4·r(m+n) + sparse(nnz)
 factorised, b bits  r(m+n) + nnz            ⌈r·n·b/8⌉ + 5r + ⌈m·r·b/8⌉ + 5m + sparse(nnz)
 ==================  ======================  ================================================
@@ -19,7 +20,10 @@ with the factorised kinds ``svd``, ``prune`` (rank 0), ``weight_space`` and ``ad
 or as ``idx``-byte indices (2 bytes when m·n ≤ 65536, else 4), whichever is smaller. Quantized
 weights are counted as :func:`cetopt.save` packs them (codes back to back, a float32 scale and a
 uint8 bit width per output channel); the positions are a packing model (in memory they are an
-int64 buffer). :func:`stored_bytes` measures the same quantities on a written-back model.
+int64 buffer). A group-wise ``quant`` option (``group`` g, from ``build_menu(groups=...)``, the
+``(bits, group)`` columns of a sensitivity table with ``group_sizes``) stores a float16 scale per
+``g`` input columns instead, as :func:`cetopt.allocation.option_bytes` counts it.
+:func:`stored_bytes` measures the same quantities on a written-back model.
 
 :meth:`Menu.choose` hands the (layers × options) table to
 :func:`cetopt.allocation.choose_options`, the multiple-choice knapsack behind the bit allocation:
@@ -75,7 +79,10 @@ def sparse_bytes(nnz: int, numel: int) -> int:
     return 4 * nnz + min(math.ceil(numel / 8), nnz * index)
 
 
-def _quant_bytes(params: int, channels: int, bits: int) -> int:
+def _quant_bytes(params: int, channels: int, bits: int, group: int | None = None) -> int:
+    if group:
+        columns = math.ceil(params / max(channels, 1))
+        return math.ceil(params * bits / 8) + channels * (2 * max(math.ceil(columns / group), 1) + 1)
     return math.ceil(params * bits / 8) + _CHANNEL_BYTES * channels
 
 
@@ -90,6 +97,8 @@ class MenuOption:
         Of the factorised kinds (0 for ``dense`` and ``quant``).
     bits : int or None
         Bit width of the weights (``quant``) or of both factors; None for float32.
+    group : int or None
+        ``quant`` only: a float16 scale per this many input columns (None: per output channel).
     params, bytes : int
         Exact stored weight values and bytes (see the module docstring).
     error : float
@@ -113,6 +122,7 @@ class MenuOption:
     output_error: float = float("nan")
     approx: torch.Tensor | None = field(default=None, repr=False, compare=False)
     loss: float = float("nan")
+    group: int | None = None
 
     @property
     def label(self) -> str:
@@ -123,10 +133,13 @@ class MenuOption:
             parts.append(f"nnz{self.nnz}")
         if self.bits:
             parts.append(f"{self.bits}b")
+        if self.group:
+            parts.append(f"g{self.group}")
         return "-".join(parts)
 
     def to_dict(self) -> dict:
-        keys = ("layer", "kind", "rank", "nnz", "bits", "params", "bytes", "error", "output_error", "loss")
+        keys = ("layer", "kind", "rank", "nnz", "bits", "group", "params", "bytes", "error", "output_error")
+        keys += ("loss",)
         return {k: getattr(self, k) for k in keys}
 
 
@@ -277,7 +290,7 @@ class Menu:
         decisions = []
         for name, o in plan.options.items():
             if o.kind == "quant":
-                decisions.append(Quantize(name, o.bits))
+                decisions.append(Quantize(name, o.bits, group_size=o.group))
             elif o.kind != "dense":
                 decisions.append(factorize_decision(name, modules[name], o.fit))
                 if o.bits:
@@ -367,9 +380,10 @@ def _float_option(data: LayerData, kind: str, fit: LowRankSparse) -> MenuOption:
     return _option(data, kind, fit.rank, fit.nnz, None, fit.params, size, approx, fit)
 
 
-def _dequantized(weight: torch.Tensor, bits: int) -> torch.Tensor:
+def _dequantized(weight: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
     """What :class:`~cetopt.graph.Quantize` stores for a float32 weight, dequantized."""
-    return quantize_weight(weight.to(torch.float32), bits).dequantize().to(torch.float64)
+    qw = quantize_weight(weight.to(torch.float32), bits, group_size=group)
+    return qw.dequantize().to(torch.float64)
 
 
 def _quantized_factor_option(data: LayerData, kind: str, fit: LowRankSparse, bits: int) -> MenuOption:
@@ -392,7 +406,7 @@ def option_matrix(option: MenuOption, weight: torch.Tensor) -> torch.Tensor:
     if option.kind == "dense":
         return weight.to(torch.float64)
     if option.kind == "quant":
-        return _dequantized(weight, option.bits)
+        return _dequantized(weight, option.bits, option.group)
     fit = option.fit
     if option.bits is None:
         return (fit.left.float() @ fit.right.float() + fit.sparse.float()).double()
@@ -402,10 +416,11 @@ def option_matrix(option: MenuOption, weight: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _quant_option(data: LayerData, bits: int) -> MenuOption:
+def _quant_option(data: LayerData, bits: int, group: int | None = None) -> MenuOption:
     m, n = data.weight.shape
-    approx = _dequantized(data.weight, bits)
-    return _option(data, "quant", 0, 0, bits, m * n, _quant_bytes(m * n, m, bits), approx)
+    approx = _dequantized(data.weight, bits, group)
+    option = _option(data, "quant", 0, 0, bits, m * n, _quant_bytes(m * n, m, bits, group), approx)
+    return replace(option, group=group)
 
 
 def _fits(data: LayerData, grids: dict, kinds: set, iterations: int, bar) -> list[tuple[str, LowRankSparse]]:
@@ -434,11 +449,11 @@ def _fits(data: LayerData, grids: dict, kinds: set, iterations: int, bar) -> lis
     return fits
 
 
-def _layer_options(data: LayerData, bits, factor_bits, grids: dict, kinds: set, iterations: int, bar):
+def _layer_options(data: LayerData, bits, factor_bits, grids: dict, kinds: set, iterations: int, bar, groups):
     m, n = data.weight.shape
     options = [_option(data, "dense", 0, 0, None, m * n, 4 * m * n, data.weight)]
     if "quant" in kinds:
-        options += [_quant_option(data, b) for b in bits]
+        options += [_quant_option(data, b, g) for b, g in zip(bits, groups)]
     for kind, fit in _fits(data, grids, kinds, iterations, bar):
         if fit.params >= m * n:
             continue
@@ -456,6 +471,7 @@ def build_menu(
     layers: Sequence[str] | None = None,
     kinds: Sequence[str] = KINDS,
     bits: Sequence[int] = (2, 3, 4, 6, 8),
+    groups: Sequence[int | None] | None = None,
     factor_bits: Sequence[int] = (4, 8),
     rank_fractions: Sequence[float] = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2),
     prune_densities: Sequence[float] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5),
@@ -485,6 +501,11 @@ def build_menu(
         Which kinds to measure (``dense`` is always on the menu).
     bits : sequence of int
         Bit widths of the ``quant`` options.
+    groups : sequence of int or None, optional
+        One group size per entry of ``bits`` (``None``: per output channel), so that each
+        ``quant`` option is the pair ``(bits[k], groups[k])`` — the columns of a sensitivity table
+        with ``group_sizes`` (``table.bits``, ``table.groups``). Default: every option per channel.
+        Factors of factorised options are quantized per channel.
     factor_bits : sequence of int
         Bit widths for the factors of every factorised option with rank ≥ 1 (empty: none).
     rank_fractions : sequence of float
@@ -509,6 +530,12 @@ def build_menu(
     if unknown:
         raise ValueError(f"unknown kinds {unknown}; known: {KINDS}")
     names = list(layers) if layers is not None else supported_layers(model)
+    groups = [None] * len(bits) if groups is None else [g or None for g in groups]
+    if len(groups) != len(bits):
+        raise ValueError(f"groups has {len(groups)} entries for {len(bits)} bit widths; give one per width")
+    pairs = list(zip(bits, groups))
+    if len(set(pairs)) != len(pairs):
+        raise ValueError(f"the (bits, group) quant options must be distinct, got {pairs}")
     grids = {
         "rank_fractions": rank_fractions,
         "prune_densities": prune_densities,
@@ -522,7 +549,7 @@ def build_menu(
     with layer_bar, progress_bar(0, "menu: L + S fits", progress) as fit_bar:
         for i, data in enumerate(each):
             layer_bar.set_description(f"menu: layer {i + 1}/{len(names)} {data.name}")
-            menu = _layer_options(data, bits, factor_bits, grids, set(kinds), iterations, fit_bar)
+            menu = _layer_options(data, bits, factor_bits, grids, set(kinds), iterations, fit_bar, groups)
             options[data.name] = _with_output_errors(model, data.name, x, menu)
             layer_bar.update()
     return Menu(names, options)
@@ -554,7 +581,12 @@ def _with_output_errors(model: nn.Module, name: str, x: torch.Tensor, menu: list
 
 def _module_bytes(module: nn.Module) -> int:
     if isinstance(module, QuantizedMixin):
-        return math.ceil(module.weight_storage_bits() / 8) + _CHANNEL_BYTES * module.weight_q.shape[0]
+        channels = module.weight_q.shape[0]
+        if module.weight_group is not None:  # a float16 scale per group and a uint8 bit width
+            scales = 2 * module.weight_scale.numel() + channels
+        else:
+            scales = _CHANNEL_BYTES * channels
+        return math.ceil(module.weight_storage_bits() / 8) + scales
     if isinstance(module, (FactorizedLinear, FactorizedConv)):
         total = 0 if module.rank == 0 else _module_bytes(module.first) + _module_bytes(module.second)
         if module.sparse is not None:

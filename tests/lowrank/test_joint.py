@@ -2,12 +2,13 @@
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 import cetopt
 from cetopt.errors import JointMenuError
-from cetopt.lowrank import Menu, joint_compress, stored_bytes
+from cetopt.lowrank import Menu, joint_compress, prefer_candidate, split_calibration, stored_bytes
 from tests.lowrank.models import same_state, state_copy, tiny_1d, tiny_cnn
 
 BITS = (2, 3, 4, 8)
@@ -51,7 +52,8 @@ def cases():
 
 
 @pytest.mark.parametrize("ratio", [5.0, 8.0])
-def test_joint_calibration_loss_is_never_above_bits_only(cases, ratio):
+def test_joint_check_loss_is_never_above_bits_only(cases, ratio):
+    """The selection rule: bits only unless a plan beats it on the held-out check split past the margin."""
     for model, data, table in cases:
         before = state_copy(model)
         budget = 4 * float(table.params.sum()) / ratio
@@ -60,65 +62,227 @@ def test_joint_calibration_loss_is_never_above_bits_only(cases, ratio):
         )
         assert same_state(model, before)  # never modified
         bits = res.candidate("bits")
+        assert bits is not None and bits.check_loss is not None
+        sel = res.selection
+        assert sel["check_examples"] == 16 and sel["fit_examples"] == 48
+        # the chosen plan is never worse than bits only where nothing was fitted
+        assert res.best.check_loss <= bits.check_loss
+        champion = res.candidate(sel["champion"])
+        others = [c for c in res.candidates if c.name != "bits"]
+        assert champion.check_loss == min(c.check_loss for c in others)
+        again = prefer_candidate(bits.check_losses, champion.check_losses, comparisons=len(others))
+        assert again["prefer"] == sel["prefer"] == (not res.fell_back)
+        if not res.fell_back:
+            assert sel["difference_mean"] + sel["margin"] < 0
+        assert res.fell_back == (res.chosen == "bits")
+        # the returned model: the chosen plan calibrated on all the data, within the budget
+        full_base = _loss(model, data)
+        assert _loss(new, data) - full_base == pytest.approx(res.final_loss, abs=1e-6)
+        assert stored_bytes(new, table.layers) == plan.bytes <= budget
+        assert {c.name for c in res.candidates} >= {"bits", "joint"}
+
+
+@pytest.mark.parametrize("ratio", [5.0, 8.0])
+def test_without_check_split_calibration_loss_is_never_above_bits_only(cases, ratio):
+    for model, data, table in cases:
+        budget = 4 * float(table.params.sum()) / ratio
+        new, plan, res = joint_compress(
+            model, data, table, budget, progress=False, menu_options=SMALL_MENU, refine=1, holdout=0
+        )
+        bits = res.candidate("bits")
         assert bits is not None and res.best.measured_loss <= bits.measured_loss
-        # the returned model is the measured one, within the budget
+        assert res.selection == {} and res.final_loss is None and bits.check_loss is None
         assert _loss(new, data) - res.base_loss == pytest.approx(res.best.measured_loss, abs=1e-6)
         assert stored_bytes(new, table.layers) == res.best.bytes == plan.bytes <= budget
-        assert res.fell_back == (res.chosen == "bits")
-        assert {c.name for c in res.candidates} >= {"bits", "joint"}
+
+
+def test_prefer_candidate_needs_more_than_noise():
+    gen = np.random.default_rng(0)
+    bits = gen.exponential(1.0, 400)
+    # slightly lower on average but within the noise: bits only
+    noisy = bits - 0.01 + gen.normal(0, 1.0, 400)
+    out = prefer_candidate(bits, noisy)
+    assert not out["prefer"] and out["difference_mean"] < 0 < out["margin"]
+    # clearly lower on nearly every example: the candidate
+    better = bits - 0.2 + gen.normal(0, 0.05, 400)
+    assert prefer_candidate(bits, better)["prefer"]
+    # a margin that grows with the number of plans it was picked among (Bonferroni)
+    one, five = prefer_candidate(bits, better), prefer_candidate(bits, better, comparisons=5)
+    assert five["z"] > one["z"] and five["margin"] > one["margin"]
+    # equal losses never win
+    assert not prefer_candidate(bits, bits.copy())["prefer"]
+    with pytest.raises(JointMenuError, match="two paired"):
+        prefer_candidate(bits[:1], bits[:1])
+
+
+def test_split_calibration_holds_examples_out():
+    x = torch.arange(40.0).reshape(20, 2)
+    y = torch.arange(20)
+    data = [(x[:12], y[:12]), (x[12:], y[12:])]
+    fit, check = split_calibration(data, 0.25, seed=3)
+    fit_y = torch.cat([b[1] for b in fit]).tolist()
+    check_y = torch.cat([b[1] for b in check]).tolist()
+    assert sorted(fit_y + check_y) == list(range(20)) and not set(fit_y) & set(check_y)
+    assert len(check_y) == 3 + 2  # round(0.25 · 12) + round(0.25 · 8)
+    for (fx, fy), (cx, cy) in zip(fit, check):
+        assert torch.equal(fx[:, 0] / 2, fy.float()) and torch.equal(cx[:, 0] / 2, cy.float())
+    again = split_calibration(data, 0.25, seed=3)[1]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(check, again))  # deterministic
+    assert split_calibration(data, 0.25, seed=4)[1][0][1].tolist() != check[0][1].tolist()
+    with pytest.raises(JointMenuError, match="holdout"):
+        split_calibration([(x[:2], y[:2])], 0.25)  # one example to check on
+    with pytest.raises(JointMenuError, match="fraction"):
+        split_calibration(data, 1.0)
 
 
 def test_fallback_to_bits_when_the_scores_mislead(cases):
     """Options scored far too well (pruning at ~no cost) lure the knapsack; the check must catch it."""
     model, data, table = cases[0]
     budget = 4 * float(table.params.sum()) / 8
-    _, _, honest = joint_compress(
-        model, data, table, budget, progress=False, menu_options=SMALL_MENU, refine=0
-    )
-    menu = honest.menu
-    lured = Menu(
-        list(menu.layers),
-        {
-            n: [replace(o, loss=-1.0) if o.kind == "prune" else o for o in menu.options[n]]
-            for n in menu.layers
-        },
-    )
-    new, plan, res = joint_compress(
-        model, data, table, budget, progress=False, menu=lured, singles=("bits",), refine=0
-    )
-    joint = res.candidate("joint")
-    assert any(o.kind == "prune" for o in joint.options.values())  # the lure worked
-    assert joint.measured_loss > res.candidate("bits").measured_loss
-    assert res.chosen == "bits" and res.fell_back
-    assert dict(plan.bits) == {n: o.bits for n, o in res.candidate("bits").options.items()}
-    assert _loss(new, data) - res.base_loss == pytest.approx(res.candidate("bits").measured_loss, abs=1e-6)
+    for holdout in (0, 0.25):
+        _, _, honest = joint_compress(
+            model, data, table, budget, progress=False, menu_options=SMALL_MENU, refine=0, holdout=holdout
+        )
+        menu = honest.menu
+        lured = Menu(
+            list(menu.layers),
+            {
+                n: [replace(o, loss=-1.0) if o.kind == "prune" else o for o in menu.options[n]]
+                for n in menu.layers
+            },
+        )
+        new, plan, res = joint_compress(
+            model,
+            data,
+            table,
+            budget,
+            progress=False,
+            menu=lured,
+            fit_table=honest.fit_table,
+            singles=("bits",),
+            refine=0,
+            holdout=holdout,
+        )
+        joint = res.candidate("joint")
+        assert any(o.kind == "prune" for o in joint.options.values())  # the lure worked
+        assert joint.measured_loss > res.candidate("bits").measured_loss
+        assert res.chosen == "bits" and res.fell_back
+        if holdout:
+            assert joint.check_loss > res.candidate("bits").check_loss
+            # the fallback is compress's plan on the full table, calibrated on all the data
+            expected = cetopt.allocate(table, budget)
+            assert dict(plan.bits) == dict(expected.bits) and plan.bytes == expected.bytes
+        else:
+            assert dict(plan.bits) == {n: o.bits for n, o in res.candidate("bits").options.items()}
+            assert _loss(new, data) - res.base_loss == pytest.approx(
+                res.candidate("bits").measured_loss, abs=1e-6
+            )
 
 
 def test_bits_only_plan_is_compress_plan(cases):
     for model, data, _ in cases[:2]:
-        for ratio in ("7x",):
-            plain = cetopt.compress(model, data, ratio, method="measured", bits=BITS, progress=False)
-            joint = cetopt.compress(
-                model,
-                data,
-                ratio,
-                method="measured",
-                bits=BITS,
-                progress=False,
-                joint=True,
-                joint_options={"menu_options": SMALL_MENU, "refine": 0, "singles": ("bits",)},
-            )
-            bits = joint.joint.candidate("bits")
-            assert {n: o.bits for n, o in bits.options.items()} == dict(plain.plan.bits)
-            assert bits.bytes == plain.plan.bytes
-            applied = cetopt.lowrank.apply_options(model, bits.options, data)
-            x = data[0][0]
-            with torch.no_grad():
-                assert torch.equal(applied(x), plain.model(x))
-            assert bits.measured_loss == pytest.approx(
-                _loss(plain.model, data) - joint.joint.base_loss, abs=1e-7
-            )
-            assert joint.plan.bytes <= joint.plan.budget_bytes
+        plain = cetopt.compress(model, data, "7x", method="measured", bits=BITS, progress=False)
+        x = data[0][0]
+        # without a check split the menu's bits-only candidate is compress's plan and model
+        joint = cetopt.compress(
+            model,
+            data,
+            "7x",
+            method="measured",
+            bits=BITS,
+            progress=False,
+            joint=True,
+            joint_options={"menu_options": SMALL_MENU, "refine": 0, "singles": ("bits",), "holdout": 0},
+        )
+        bits = joint.joint.candidate("bits")
+        assert {n: o.bits for n, o in bits.options.items()} == dict(plain.plan.bits)
+        assert bits.bytes == plain.plan.bytes
+        applied = cetopt.lowrank.apply_options(model, bits.options, data)
+        with torch.no_grad():
+            assert torch.equal(applied(x), plain.model(x))
+        assert bits.measured_loss == pytest.approx(_loss(plain.model, data) - joint.joint.base_loss, abs=1e-7)
+        assert joint.plan.bytes <= joint.plan.budget_bytes
+        # with a check split, falling back returns compress's plan and model (fitted on all the data)
+        held = cetopt.compress(
+            model,
+            data,
+            "7x",
+            method="measured",
+            bits=BITS,
+            progress=False,
+            joint=True,
+            joint_options={
+                "menu_options": SMALL_MENU,
+                "refine": 0,
+                "kinds": ("quant",),
+                "confidence": 1 - 1e-9,
+            },
+        )
+        assert held.joint.fell_back
+        assert dict(held.plan.bits) == dict(plain.plan.bits) and held.plan.bytes == plain.plan.bytes
+        assert held.plan.predicted_loss == pytest.approx(plain.plan.predicted_loss)
+        with torch.no_grad():
+            assert torch.equal(held.model(x), plain.model(x))
+        assert held.joint.final_loss == pytest.approx(_loss(plain.model, data) - _loss(model, data), abs=1e-7)
+
+
+def test_group_sizes_join_the_menu(cases):
+    """(bits, group) options are menu options: exact bytes, compress's plan without a check split."""
+    model, data, _ = cases[0]
+    groups = (None, 8)
+    plain = cetopt.compress(
+        model, data, "9x", method="measured", bits=BITS, group_sizes=groups, progress=False
+    )
+    assert any(g for g in dict(plain.plan.groups).values())  # the budget makes groups worth it
+    joint = cetopt.compress(
+        model,
+        data,
+        "9x",
+        method="measured",
+        bits=BITS,
+        group_sizes=groups,
+        progress=False,
+        joint=True,
+        joint_options={"menu_options": SMALL_MENU, "refine": 0, "holdout": 0},
+    )
+    menu = joint.joint.menu
+    for name in menu.layers:
+        quant = [(o.bits, o.group) for o in menu.options[name] if o.kind == "quant"]
+        assert quant == [(b, g or None) for b, g in zip(joint.table.bits, joint.table.groups)]
+    bits = joint.joint.candidate("bits")
+    assert {n: o.bits for n, o in bits.options.items()} == dict(plain.plan.bits)
+    assert {n: o.group or 0 for n, o in bits.options.items()} == {
+        n: g or 0 for n, g in dict(plain.plan.groups).items()
+    }
+    applied = cetopt.lowrank.apply_options(model, bits.options, data)
+    x = data[0][0]
+    with torch.no_grad():
+        assert torch.equal(applied(x), plain.model(x))
+    # each group option's bytes are what the written-back layer stores
+    for name in menu.layers:
+        for o in menu.options[name]:
+            if o.kind == "quant" and o.group:
+                one = cetopt.lowrank.apply_options(model, {name: o})
+                assert stored_bytes(one, [name]) == o.bytes
+    assert stored_bytes(joint.model, menu.layers) == joint.plan.bytes <= joint.plan.budget_bytes
+    chosen = joint.joint.best.options
+    assert {n: g for n, g in dict(joint.plan.groups).items() if g} == {
+        n: o.group for n, o in chosen.items() if o.kind == "quant" and o.group
+    }
+    # and with the default check split the whole call goes through
+    held = cetopt.compress(
+        model,
+        data,
+        "9x",
+        method="measured",
+        bits=BITS,
+        group_sizes=groups,
+        progress=False,
+        joint=True,
+        joint_options={"menu_options": SMALL_MENU, "refine": 0},
+    )
+    assert stored_bytes(held.model, menu.layers) == held.plan.bytes <= held.plan.budget_bytes
+    assert any(o.group for n in held.joint.menu.layers for o in held.joint.menu.options[n])
 
 
 def test_joint_rejects_per_channel_and_allocation_options(cases):
@@ -127,3 +291,28 @@ def test_joint_rejects_per_channel_and_allocation_options(cases):
         cetopt.compress(model, data, "8x", joint=True, per_channel=True, progress=False)
     with pytest.raises(JointMenuError, match="min_bits"):
         cetopt.compress(model, data, "8x", joint=True, min_bits=3, progress=False)
+
+
+def test_without_refit_the_returned_model_is_the_validated_one(cases):
+    model, data, table = cases[0]
+    budget = 4 * float(table.params.sum()) / 8
+    _, check = split_calibration(data, 0.25, seed=0)
+    for confidence in (0.5, 1 - 1e-9):  # a lenient margin (a plan may win) and one nothing passes
+        new, plan, res = joint_compress(
+            model,
+            data,
+            table,
+            budget,
+            progress=False,
+            menu_options=SMALL_MENU,
+            refine=0,
+            refit=False,
+            confidence=confidence,
+        )
+        assert all(c.model is None for c in res.candidates)  # not kept unless asked
+        if res.fell_back:
+            expected = cetopt.allocate(table, budget)
+            assert dict(plan.bits) == dict(expected.bits)
+        else:
+            assert _loss(new, check) - _loss(model, check) == pytest.approx(res.best.check_loss, abs=1e-6)
+        assert stored_bytes(new, table.layers) == plan.bytes <= budget
