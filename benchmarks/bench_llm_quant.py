@@ -39,8 +39,9 @@ import torch
 WIDTHS = (4, 3)
 GROUPS = (None, 128, 64, 32)
 BITS = (2, 3, 4, 5, 6, 8)
-FULL = {"calibration": 64, "sensitivity": 32, "batch": 32, "test": None, "bias_row": True}
-QUICK = {"calibration": 16, "sensitivity": 16, "batch": 16, "test": 128, "bias_row": False}
+# validation windows (128 bytes each): GPTQ calibration, option scoring, and the held-out check
+FULL = {"calibration": 128, "scoring": 128, "holdout": 256, "batch": 32, "test": None, "extra_rows": True}
+QUICK = {"calibration": 16, "scoring": 16, "holdout": 16, "batch": 16, "test": 128, "extra_rows": False}
 
 
 def _perplexity(model, x, y, batch: int = 128) -> float:
@@ -64,22 +65,74 @@ def _row(model, test, fp32_ppl: float, seconds: float, fp32_bytes: float) -> dic
     return out
 
 
-def run(quick: bool = False, checkpoint=None) -> dict:
-    """The measurements; ``checkpoint(partial_result)`` is called after each stage if given."""
+def _split(x, y, start: int, stop: int, batch: int) -> list:
+    return [(x[i : min(i + batch, stop)], y[i : min(i + batch, stop)]) for i in range(start, stop, batch)]
+
+
+def _cached_table(path, sizes: dict):
+    """The sensitivity table stored at ``path`` by an earlier run with the same sizes, or None."""
+    import json
+
+    from cetopt.analysis import SensitivityTable
+
+    if not path or not Path(path).exists():
+        return None
+    saved = json.loads(Path(path).read_text())
+    if saved.get("sizes") != sizes:
+        return None
+    t = saved["table"]
+    return SensitivityTable(
+        layers=t["layers"],
+        bits=t["bits"],
+        groups=t["groups"],
+        values=t["values"],
+        params=t["params"],
+        channels=t["channels"],
+        macs=t["macs"],
+        fixed_bytes=t["fixed_bytes"],
+        method=t["method"],
+        meta={"cpu_seconds": saved["cpu_seconds"], "base_loss": t["base_loss"]},
+    )
+
+
+def _store_table(path, sizes: dict, table, seconds: float) -> None:
+    import json
+
+    t = {
+        "layers": list(table.layers),
+        "bits": [int(b) for b in table.bits],
+        "groups": list(table.groups),
+        "values": table.values.tolist(),
+        "params": table.params.tolist(),
+        "channels": table.channels.tolist(),
+        "macs": table.macs.tolist(),
+        "fixed_bytes": table.fixed_bytes.tolist(),
+        "method": table.method,
+        "base_loss": table.meta.get("base_loss"),
+    }
+    Path(path).write_text(json.dumps({"sizes": sizes, "cpu_seconds": seconds, "table": t}))
+
+
+def run(quick: bool = False, checkpoint=None, table_cache=None) -> dict:
+    """The measurements; ``checkpoint(partial_result)`` is called after each stage if given;
+    ``table_cache``: a JSON file that keeps the sensitivity table between runs (same sizes)."""
     import cetopt
+    from cetopt.pipeline import check_against_uniform
     from cetopt.zoo import load_dataset, load_model
     from cetopt.zoo.training import task_loss
 
     sizes = QUICK if quick else FULL
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     t0 = time.process_time()
     model = load_model("stdlib-gpt", progress=False)
     data = load_dataset("stdlib-bytes")
     train_info = dict(model.zoo_info)
     xv, yv = data.split("val")
     b = sizes["batch"]
-    calib = [(xv[i : i + b], yv[i : i + b]) for i in range(0, sizes["calibration"], b)]
-    sens = calib[: max(1, sizes["sensitivity"] // b)]
+    n_cal, n_score, n_hold = sizes["calibration"], sizes["scoring"], sizes["holdout"]
+    calib = _split(xv, yv, 0, n_cal, b)
+    scoring = _split(xv, yv, n_cal, n_cal + n_score, b)
+    holdout = _split(xv, yv, n_cal + n_score, n_cal + n_score + n_hold, b)
     test = data.split("test")
     if sizes["test"]:
         test = (test[0][: sizes["test"]], test[1][: sizes["test"]])
@@ -89,8 +142,14 @@ def run(quick: bool = False, checkpoint=None) -> dict:
     result = {
         "model": "zoo:stdlib-gpt",
         "training": train_info,
-        "calibration_windows": sizes["calibration"],
-        "sensitivity_windows": len(sens) * b,
+        "calibration_windows": n_cal,
+        "scoring_windows": n_score,
+        "holdout_windows": n_hold,
+        "data_note": (
+            "validation split, disjoint windows: GPTQ calibration (also the GPTQ rounding the options "
+            "are scored on), option scoring (measured loss increase), held-out check; test split only "
+            "for the perplexities"
+        ),
         "test_windows": len(test[0]),
         "quantized_layers": layers,
         "float_kept": ["token (nn.Embedding)", "position (parameter)", "LayerNorms", "biases"],
@@ -98,17 +157,35 @@ def run(quick: bool = False, checkpoint=None) -> dict:
         "load_and_fp32_eval_cpu_seconds": time.process_time() - t0,
         "widths": {},
     }
-    # one table for both widths: every (bits, group) option of every layer
+    # one table for both widths: every (bits, group) option of every layer, each scored on the
+    # weights GPTQ rounds it to (the layer alone, on the calibration windows)
     t = time.process_time()
-    table = cetopt.sensitivity(model, sens, bits=BITS, group_sizes=GROUPS, loss_fn=task_loss, progress=False)
+    cached = _cached_table(table_cache, sizes)
+    table = cached or cetopt.sensitivity(
+        model,
+        scoring,
+        bits=BITS,
+        method="measured",
+        group_sizes=GROUPS,
+        loss_fn=task_loss,
+        layers=layers,
+        gptq=calib,
+        progress=False,
+    )
+    seconds = table.meta["cpu_seconds"] if cached else time.process_time() - t
+    if table_cache and not cached:
+        _store_table(table_cache, sizes, table, seconds)
     result["sensitivity"] = {
         "method": table.method,
+        "scored_on": "GPTQ-rounded weights (each layer alone, calibration windows)",
         "options": [[int(bb), g] for bb, g in zip(table.bits, table.groups)],
-        "cpu_seconds": time.process_time() - t,
-        "auto": table.meta.get("auto"),
+        "cpu_seconds": seconds,
+        "base_loss": table.meta.get("base_loss"),
+        "values": {n: [float(v) for v in row] for n, row in zip(table.layers, table.values)},
     }
     if checkpoint:
         checkpoint(result)
+    apply = {"gptq": calib, "sequential": True}
     for width in WIDTHS:
         rows = {}
         uniform = {n: width for n in layers}
@@ -119,14 +196,14 @@ def run(quick: bool = False, checkpoint=None) -> dict:
         q = cetopt.quantize(model, uniform, group_size=128)
         rows["rtn_g128"] = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
         t = time.process_time()
-        q = cetopt.quantize(model, uniform, group_size=128, gptq=calib, sequential=True)
+        q = cetopt.quantize(model, uniform, group_size=128, **apply)
         rows["gptq_g128"] = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
         budget = rows["gptq_g128"]["quantized_weight_bytes"]
         t = time.process_time()
         plan = cetopt.allocate(table, budget)
-        q = cetopt.quantize(model, plan, gptq=calib, sequential=True)
-        ilp = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
-        ilp.update(
+        q = cetopt.quantize(model, plan, **apply)
+        allocated = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
+        allocated.update(
             budget_bytes=budget,
             planned_bytes=plan.bytes,
             average_bits=plan.average_bits,
@@ -136,10 +213,28 @@ def run(quick: bool = False, checkpoint=None) -> dict:
                 n: {"bits": int(plan.bits[n]), "group": int(plan.groups[n]) or "channel"} for n in layers
             },
         )
+        rows["ilp_allocated"] = allocated
+        # the allocated plan against the uniform plan of the same options, on held-out windows
+        t = time.process_time()
+        q, chosen_plan, check = check_against_uniform(
+            model, table, plan, holdout, loss_fn=task_loss, quantize_options=apply
+        )
+        ilp = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
+        ilp.update(
+            check=check.to_dict(),
+            average_bits=chosen_plan.average_bits,
+            layers={
+                n: {
+                    "bits": int(chosen_plan.bits[n]),
+                    "group": int(chosen_plan.groups.get(n) or 0) or "channel",
+                }
+                for n in layers
+            },
+        )
         rows["ilp"] = ilp
-        if sizes["bias_row"]:
+        if sizes["extra_rows"]:
             t = time.process_time()
-            q = cetopt.quantize(model, plan, gptq=calib, bias_correction=calib, sequential=True)
+            q = cetopt.quantize(model, chosen_plan, bias_correction=calib, **apply)
             rows["ilp_bias_corrected"] = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
         targets = {
             "ilp_within_5pct_of_fp32": ilp["vs_fp32"] <= 0.05,
@@ -150,10 +245,29 @@ def run(quick: bool = False, checkpoint=None) -> dict:
         if checkpoint:
             checkpoint(result)
         print(
-            f"  {width} bits: " + ", ".join(f"{k} {v['perplexity']:.3f}" for k, v in rows.items()), flush=True
+            f"  {width} bits: " + ", ".join(f"{k} {v['perplexity']:.4f}" for k, v in rows.items()), flush=True
         )
+    if sizes["extra_rows"]:
+        result["embedding"] = _embedding_rows(model, layers, calib, test, fp32_ppl, result)
     result["total_cpu_seconds"] = time.process_time() - t0
     return result
+
+
+def _embedding_rows(model, layers, calib, test, fp32_ppl: float, result: dict) -> dict:
+    """Uniform GPTQ g128 with the token embedding quantized too (round to nearest, a scale per
+    row: its 128 columns are one group), against the same rows with it in float32."""
+    import cetopt
+
+    rows = {}
+    names = ["token", *layers]
+    fp32_bytes = 4.0 * sum(dict(model.named_modules())[n].weight.numel() for n in names)
+    for width in WIDTHS:
+        t = time.process_time()
+        q = cetopt.quantize(model, {n: width for n in names}, group_size=128, gptq=calib, sequential=True)
+        row = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
+        row["linear_only_perplexity"] = result["widths"][str(width)]["gptq_g128"]["perplexity"]
+        rows[f"gptq_g128_{width}bits"] = row
+    return {"quantized_layers": names, "fp32_weight_bytes": fp32_bytes, "rows": rows}
 
 
 if __name__ == "__main__":
@@ -164,6 +278,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--table-cache", help="JSON file keeping the sensitivity table between runs")
     args = parser.parse_args()
     path = RESULTS / ("quick/llm_quant.json" if args.quick else "llm_quant.json")
 
@@ -171,6 +286,6 @@ if __name__ == "__main__":
         head = {"benchmark": "llm_quant", "quick": args.quick, "partial": partial, "machine": machine_info()}
         atomic_write_json(path, {**head, **result})
 
-    out = run(quick=args.quick, checkpoint=write)
+    out = run(quick=args.quick, checkpoint=write, table_cache=args.table_cache)
     write(out, partial=False)
     print(f"wrote {path}")

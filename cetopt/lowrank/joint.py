@@ -295,11 +295,11 @@ def score_menu(
 def gptq_quant_options(model: nn.Module, menu: Menu, data, *, progress: bool = False) -> Menu:
     """A copy of ``menu`` whose ``quant`` options carry (``approx``) their GPTQ-rounded weights.
 
-    One :func:`cetopt.quantize` call with ``gptq=data`` per bit width, every menu layer at that
-    width, each rounded on the float model's inputs; the options' ``loss`` is reset (NaN) so that
-    :func:`score_menu` measures them on those weights.
+    :func:`cetopt.quant.gptq_option_weights` per bit width (one :func:`cetopt.quantize` call
+    with ``gptq=data``, every menu layer at that width, each rounded on the float model's inputs);
+    the options' ``loss`` is reset (NaN) so that :func:`score_menu` measures them on those weights.
     """
-    from cetopt.quant.apply import quantize
+    from cetopt.quant.apply import gptq_option_weights
 
     widths = sorted({o.bits for n in menu.layers for o in menu.options[n] if o.kind == "quant"})
     rounded: dict[tuple[str, int], torch.Tensor] = {}
@@ -308,10 +308,9 @@ def gptq_quant_options(model: nn.Module, menu: Menu, data, *, progress: bool = F
             layers = [
                 n for n in menu.layers if any(o.kind == "quant" and o.bits == b for o in menu.options[n])
             ]
-            modules = dict(quantize(model, {n: b for n in layers}, gptq=data).named_modules())
+            weights = gptq_option_weights(model, layers, [(b, None)], data)[(b, None)]
             for n in layers:
-                w = modules[n].weight.detach()
-                rounded[(n, b)] = w.reshape(w.shape[0], -1).to(torch.float64)
+                rounded[(n, b)] = weights[n].reshape(weights[n].shape[0], -1).to(torch.float64)
             bar.update(1)
     options = {
         n: [
