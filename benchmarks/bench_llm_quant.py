@@ -3,9 +3,10 @@
 The model is the zoo's ``stdlib-gpt`` (trained in-process on the Python standard library's own
 sources, byte-level: 4 pre-norm blocks, d=128, context 128, untied LM head; 25 ``nn.Linear``
 layers, all of them quantized; the token embedding and positions stay float32 and are outside the
-byte counts). Perplexity is ``exp`` of the mean next-byte cross-entropy on the held-out test split
-(1024 windows of 128 bytes, never used for training or calibration); calibration uses the
-validation split.
+byte counts of the main rows). Perplexity is ``exp`` of the mean next-byte cross-entropy on the
+test split (the first 256 windows of 128 bytes; never used for training, calibration, scoring or
+checking). The validation split gives three disjoint sets of windows: GPTQ calibration (64), option
+scoring (64) and the held-out check (128).
 
 At each average width ``B`` in (4, 3) it measures, each with the bytes of its quantized weights
 as :func:`cetopt.save` writes them (codes, scales, bit widths):
@@ -14,17 +15,22 @@ as :func:`cetopt.save` writes them (codes, scales, bit widths):
 * ``rtn_g128``: the same with a float16 scale per 128 input columns;
 * ``gptq_g128``: every layer at ``B`` bits, group 128, GPTQ (act-order, sequential: each layer on
   the inputs the already-quantized layers give it, as GPTQ's reference does);
-* ``ilp``: one sensitivity table over every ``(bits, group)`` option (bits 2, 3, 4, 5, 6, 8;
-  groups ``(None, 128, 64, 32)`` scored for 2-4 bits; ``method="auto"``), then
-  :func:`cetopt.allocate` within the bytes of ``gptq_g128`` at the same ``B`` (equal bytes): the
-  ILP chooses bits and group size per layer; then the same sequential GPTQ as ``gptq_g128``, so
-  the two rows differ only in the allocation. Its per-layer choices are recorded;
-* ``ilp_bias_corrected``: the same plan calibrated as :func:`cetopt.compress` does by default
-  (sequential GPTQ and bias correction).
+* ``ilp_allocated``: one sensitivity table over every ``(bits, group)`` option (bits 2, 3, 4, 5,
+  6, 8; groups ``(None, 128, 64, 32)`` for 2-4 bits), each option scored (``measured``, on the
+  scoring windows) on the weights GPTQ rounds it to on the calibration windows
+  (``sensitivity(..., gptq=calibration)``); then :func:`cetopt.allocate` within the bytes of
+  ``gptq_g128`` at the same ``B`` (equal bytes) and the same sequential GPTQ, so the two rows
+  differ only in the allocation. Its per-layer choices are recorded;
+* ``ilp``: what the allocation returns after :func:`cetopt.pipeline.check_against_uniform`: the
+  allocated plan against the uniform plan of the same options within the budget (every layer at
+  ``(B, 128)``: ``gptq_g128``), both measured on the held-out windows, the better one kept;
+* ``embedding`` (one section): uniform GPTQ g128 with the token embedding quantized too (round to
+  nearest, one scale per row), against the rows above that keep it in float32.
 
 Targets (issue 17): the ILP at 3 bits within 5% of the fp32 perplexity, and below uniform GPTQ
-(group 128) at equal bytes. ``--quick`` uses a smaller calibration set and writes to
-``results/quick/`` (run ``python -m benchmarks.bench_llm_quant --quick``).
+(group 128) at equal bytes. ``--quick`` uses smaller sets and writes to ``results/quick/``
+(``python -m benchmarks.bench_llm_quant --quick``); ``--table-cache FILE`` keeps the sensitivity
+table between runs of the same sizes.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ WIDTHS = (4, 3)
 GROUPS = (None, 128, 64, 32)
 BITS = (2, 3, 4, 5, 6, 8)
 # validation windows (128 bytes each): GPTQ calibration, option scoring, and the held-out check
-FULL = {"calibration": 128, "scoring": 128, "holdout": 256, "batch": 32, "test": None, "extra_rows": True}
+FULL = {"calibration": 64, "scoring": 64, "holdout": 128, "batch": 32, "test": 256, "extra_rows": True}
 QUICK = {"calibration": 16, "scoring": 16, "holdout": 16, "batch": 16, "test": 128, "extra_rows": False}
 
 
@@ -196,13 +202,13 @@ def run(quick: bool = False, checkpoint=None, table_cache=None) -> dict:
         q = cetopt.quantize(model, uniform, group_size=128)
         rows["rtn_g128"] = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
         t = time.process_time()
-        q = cetopt.quantize(model, uniform, group_size=128, **apply)
-        rows["gptq_g128"] = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
+        uniform_model = cetopt.quantize(model, uniform, group_size=128, **apply)
+        rows["gptq_g128"] = _row(uniform_model, test, fp32_ppl, time.process_time() - t, fp32_bytes)
         budget = rows["gptq_g128"]["quantized_weight_bytes"]
         t = time.process_time()
         plan = cetopt.allocate(table, budget)
-        q = cetopt.quantize(model, plan, **apply)
-        allocated = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
+        plan_model = cetopt.quantize(model, plan, **apply)
+        allocated = _row(plan_model, test, fp32_ppl, time.process_time() - t, fp32_bytes)
         allocated.update(
             budget_bytes=budget,
             planned_bytes=plan.bytes,
@@ -216,9 +222,19 @@ def run(quick: bool = False, checkpoint=None, table_cache=None) -> dict:
         rows["ilp_allocated"] = allocated
         # the allocated plan against the uniform plan of the same options, on held-out windows
         t = time.process_time()
+        # (the two plans are the rows above: the uniform plan of the table's options within the
+        # budget is every layer at (width, 128), which is gptq_g128)
         q, chosen_plan, check = check_against_uniform(
-            model, table, plan, holdout, loss_fn=task_loss, quantize_options=apply
+            model,
+            table,
+            plan,
+            holdout,
+            loss_fn=task_loss,
+            quantize_options=apply,
+            applied={"plan": plan_model, "uniform": uniform_model},
         )
+        if check.uniform_option is not None and check.uniform_option != f"{width} bits, group 128":
+            raise RuntimeError(f"the uniform point is {check.uniform_option}, not gptq_g128's option")
         ilp = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
         ilp.update(
             check=check.to_dict(),
@@ -232,10 +248,6 @@ def run(quick: bool = False, checkpoint=None, table_cache=None) -> dict:
             },
         )
         rows["ilp"] = ilp
-        if sizes["extra_rows"]:
-            t = time.process_time()
-            q = cetopt.quantize(model, chosen_plan, bias_correction=calib, **apply)
-            rows["ilp_bias_corrected"] = _row(q, test, fp32_ppl, time.process_time() - t, fp32_bytes)
         targets = {
             "ilp_within_5pct_of_fp32": ilp["vs_fp32"] <= 0.05,
             "ilp_beats_uniform_gptq_g128": ilp["perplexity"] < rows["gptq_g128"]["perplexity"],

@@ -297,6 +297,7 @@ def check_against_uniform(
     *,
     loss_fn: Callable | str | None = None,
     quantize_options: dict | None = None,
+    applied: dict[str, nn.Module] | None = None,
     **allocate_options,
 ) -> tuple[nn.Module, Plan, UniformCheck]:
     """Apply ``plan`` and the uniform plan of ``table``'s options at its budget; keep the better.
@@ -322,6 +323,9 @@ def check_against_uniform(
         As in :func:`cetopt.sensitivity`.
     quantize_options : dict, optional
         Keywords of :func:`cetopt.quantize` both plans are applied with.
+    applied : dict, optional
+        ``"plan"`` and/or ``"uniform"`` → that plan already applied with ``quantize_options``
+        (e.g. a benchmark's own rows), used instead of applying it again.
     **allocate_options
         Keywords of :func:`cetopt.allocate` (``ties``, ``min_bits`` ...) for the uniform plan.
 
@@ -336,14 +340,15 @@ def check_against_uniform(
     batches = _batches(holdout, None, self_targets=loss is next_token_loss)
     options = dict(quantize_options or {})
     base = _holdout_loss(model, batches, loss)
-    mixed = quantize(model, plan, **options)
+    done = dict(applied or {})
+    mixed = done["plan"] if "plan" in done else quantize(model, plan, **options)
     mixed_loss = _holdout_loss(mixed, batches, loss)
     uniform = uniform_plan(table, plan.budget_bytes, **allocate_options)
     if uniform is None or _same_plan(plan, uniform):
         label = None if uniform is None else _option_label(table, uniform)
         check = UniformCheck("plan", base, mixed_loss, None, label, plan.bytes, None)
         return mixed, plan, check
-    flat = quantize(model, uniform, **options)
+    flat = done["uniform"] if "uniform" in done else quantize(model, uniform, **options)
     flat_loss = _holdout_loss(flat, batches, loss)
     label = _option_label(table, uniform)
     chosen = "uniform" if flat_loss < mixed_loss else "plan"

@@ -107,6 +107,10 @@ def test_check_returns_the_uniform_plan_when_the_allocation_was_misled():
     winner = min(losses, key=losses.get)
     assert check.chosen == winner
     assert torch.equal(q(x), (flat if winner == "uniform" else mixed)(x))
+    again = check_against_uniform(
+        model, lies, plan, holdout, quantize_options=options, applied={"plan": mixed, "uniform": flat}
+    )
+    assert again[2] == check and again[0] is (flat if winner == "uniform" else mixed)
     if winner == "plan":
         assert chosen is plan
     else:
