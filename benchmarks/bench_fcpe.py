@@ -48,7 +48,7 @@ DURATION = 0.4
 EDGE = 3  # frames left out at each end of a tone
 CENTS = 50.0
 SNR_DB = -12.0  # tone power / white-noise power, in dB
-FULL = {"test_tones": 128, "calibration_tones": 32, "batch": 16}
+FULL = {"test_tones": 64, "calibration_tones": 16, "batch": 16}
 QUICK = {"test_tones": 24, "calibration_tones": 8, "batch": 8}
 
 
