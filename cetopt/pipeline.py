@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import nn
 
 from cetopt._modes import in_eval_mode
-from cetopt.allocation import Plan, allocate
+from cetopt.allocation import Plan, allocate, option_bytes, parse_budget
 from cetopt.analysis import SensitivityTable, channel_bits, channel_sensitivity, sensitivity
-from cetopt.errors import CetoptError, JointMenuError
+from cetopt.errors import CetoptError, InfeasibleBudgetError, JointMenuError
 from cetopt.quant.apply import quantize
 
-__all__ = ["CompressionResult", "compress"]
+__all__ = ["CompressionResult", "UniformCheck", "check_against_uniform", "compress", "uniform_plan"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,7 +29,8 @@ class CompressionResult:
     Under ``method="auto"``, ``table.meta["auto"]`` says which estimator ran and why. With
     ``joint=True``, ``joint`` holds the joint menu's search (:class:`cetopt.lowrank.JointResult`:
     every plan it applied and measured, which one it returned and whether it fell back to
-    bits only), and ``plan`` puts float layers (dense or float factors) at 32 bits.
+    bits only), and ``plan`` puts float layers (dense or float factors) at 32 bits. With
+    ``holdout``, ``check`` holds the comparison with the uniform plan (:class:`UniformCheck`).
     """
 
     model: nn.Module
@@ -37,6 +39,7 @@ class CompressionResult:
     seconds: dict = field(default_factory=dict)
     cpu_seconds: dict = field(default_factory=dict)
     joint: object | None = None
+    check: UniformCheck | None = None
 
 
 @in_eval_mode("model")
@@ -62,6 +65,8 @@ def compress(
     on_step: Callable[[str], None] | None = None,
     joint: bool = False,
     joint_options: dict | None = None,
+    score_gptq: bool = False,
+    holdout=None,
     **allocate_options,
 ) -> CompressionResult:
     """Quantize ``model``'s weights to mixed precision within ``budget``.
@@ -124,6 +129,15 @@ def compress(
     joint_options : dict, optional
         Other keywords of :func:`cetopt.lowrank.joint_compress` (``kinds``, ``factor_bits``,
         ``refine``, ``menu_options`` ...).
+    score_gptq : bool
+        Score every option on the weights GPTQ rounds it to on ``data`` (``sensitivity(...,
+        gptq=data)``), the perturbation that ``gptq=True`` then applies, instead of
+        round-to-nearest. Per layer only.
+    holdout : iterable of (inputs, targets), optional
+        Batches not in ``data`` (never the test set). The allocated plan is then checked against
+        the uniform plan of the same options within the budget (:func:`check_against_uniform`):
+        both are applied as below and the one with the lower loss on ``holdout`` is returned;
+        ``result.check`` says which, with both losses. Per layer only, not with ``joint``.
     **allocate_options
         Any other keyword of :func:`cetopt.allocate` (``bops_budget``, ``ties``, ``min_bits`` ...).
     """
@@ -132,8 +146,13 @@ def compress(
         raise JointMenuError(
             f"joint=True chooses per layer under a byte budget alone; it does not take {why}"
         )
+    if (score_gptq or holdout is not None) and (per_channel or joint):
+        what = "score_gptq" if score_gptq else "holdout"
+        raise CetoptError(f"{what} works with per-layer bit plans only (not per_channel or joint)")
     estimate = channel_sensitivity if per_channel else sensitivity
     options = {} if probes is None else {"probes": probes}
+    if score_gptq:
+        options.update(gptq=data, act_order=act_order)
     if group_sizes is not None:
         if per_channel:
             raise CetoptError("group_sizes works with per-layer plans only; pass per_channel=False")
@@ -175,19 +194,173 @@ def compress(
     plan = allocate(table, budget, solver, time_limit, **allocate_options)
     clock.lap("allocation")
     step("quantization")
-    quantized = quantize(
-        model,
-        channel_bits(plan) if per_channel else plan,
-        gptq=data if gptq else None,
-        bias_correction=data if bias_correction else None,
-        sequential=sequential and (gptq or bias_correction),
-        progress=progress,
-        act_order=act_order,
-    )
+    apply = {
+        "gptq": data if gptq else None,
+        "bias_correction": data if bias_correction else None,
+        "sequential": sequential and (gptq or bias_correction),
+        "progress": progress,
+        "act_order": act_order,
+    }
+    check = None
+    if holdout is not None:
+        quantized, plan, check = check_against_uniform(
+            model, table, plan, holdout, loss_fn=loss_fn, quantize_options=apply, **allocate_options
+        )
+    else:
+        quantized = quantize(model, channel_bits(plan) if per_channel else plan, **apply)
     clock.lap("quantization")
     return CompressionResult(
-        model=quantized, plan=plan, table=table, seconds=clock.wall, cpu_seconds=clock.cpu
+        model=quantized, plan=plan, table=table, seconds=clock.wall, cpu_seconds=clock.cpu, check=check
     )
+
+
+@dataclass(frozen=True)
+class UniformCheck:
+    """The allocated plan against the uniform plan of the same options, on held-out batches.
+
+    Attributes
+    ----------
+    chosen : str
+        ``"plan"`` (the allocation's) or ``"uniform"``: the one with the lower held-out loss (the
+        allocation's plan on ties).
+    base_loss : float
+        Held-out loss of the float model.
+    plan_loss : float
+        Held-out loss of the allocated plan as applied.
+    uniform_loss : float or None
+        Held-out loss of the uniform plan as applied; None when no uniform plan fits the budget
+        or it is the allocated plan itself.
+    uniform_option : str or None
+        The uniform plan's option (``"3 bits, group 128"``).
+    plan_bytes, uniform_bytes : float or None
+        Their weight bytes.
+    """
+
+    chosen: str
+    base_loss: float
+    plan_loss: float
+    uniform_loss: float | None
+    uniform_option: str | None
+    plan_bytes: float
+    uniform_bytes: float | None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def uniform_plan(table: SensitivityTable, budget: float | str, **allocate_options) -> Plan | None:
+    """The plan putting every layer of ``table`` at one and the same option, within ``budget``.
+
+    Of the table's options (columns) whose uniform plan fits, the one with the most bytes (the
+    lowest summed sensitivity among equals); it is solved by :func:`cetopt.allocate` on that one
+    column, so it is a :class:`Plan` like any other. None when no uniform plan fits (or the
+    ``allocate_options`` rule it out).
+    """
+    limit = parse_budget(budget, table)
+    totals = option_bytes(table).sum(axis=0)
+    fits = np.flatnonzero(totals <= limit * (1 + 1e-12))
+    if not fits.size:
+        return None
+    k = int(min(fits, key=lambda j: (-totals[j], float(table.values[:, j].sum()))))
+    column = replace(
+        table,
+        bits=[table.bits[k]],
+        groups=None if table.groups is None else [table.groups[k]],
+        values=table.values[:, [k]],
+        stderr=None if table.stderr is None else table.stderr[:, [k]],
+    )
+    try:
+        return allocate(column, limit, **allocate_options)
+    except (InfeasibleBudgetError, CetoptError):
+        return None
+
+
+def _holdout_loss(model: nn.Module, batches, loss_fn) -> float:
+    total = sum(len(x) for x, _ in batches)
+    with torch.no_grad():
+        return float(sum(float(loss_fn(model(x), y)) * len(x) / total for x, y in batches))
+
+
+def _same_plan(a: Plan, b: Plan) -> bool:
+    groups_a, groups_b = getattr(a, "groups", None) or {}, getattr(b, "groups", None) or {}
+    return all(
+        int(a.bits[n]) == int(b.bits[n]) and int(groups_a.get(n) or 0) == int(groups_b.get(n) or 0)
+        for n in a.bits
+    )
+
+
+@in_eval_mode("model")
+def check_against_uniform(
+    model: nn.Module,
+    table: SensitivityTable,
+    plan: Plan,
+    holdout,
+    *,
+    loss_fn: Callable | str | None = None,
+    quantize_options: dict | None = None,
+    applied: dict[str, nn.Module] | None = None,
+    **allocate_options,
+) -> tuple[nn.Module, Plan, UniformCheck]:
+    """Apply ``plan`` and the uniform plan of ``table``'s options at its budget; keep the better.
+
+    Per-layer sensitivities add up errors that interact, so a mixed plan can lose to the uniform
+    one the same options contain. Both are applied (:func:`cetopt.quantize` with
+    ``quantize_options``, e.g. ``gptq``, ``bias_correction``, ``sequential``) and their mean loss
+    measured on ``holdout``; the one with the lower loss is returned (the allocated plan on ties),
+    so the result is never worse on held-out data than its own uniform point.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified.
+    table : SensitivityTable
+        The table ``plan`` was allocated from.
+    plan : Plan
+        From :func:`cetopt.allocate`; its ``budget_bytes`` is the uniform plan's budget.
+    holdout : iterable of (inputs, targets)
+        Batches used neither for the sensitivities nor for calibration if possible; never the
+        test set (inputs alone with ``loss_fn="next_token"``).
+    loss_fn : callable or str, optional
+        As in :func:`cetopt.sensitivity`.
+    quantize_options : dict, optional
+        Keywords of :func:`cetopt.quantize` both plans are applied with.
+    applied : dict, optional
+        ``"plan"`` and/or ``"uniform"`` → that plan already applied with ``quantize_options``
+        (e.g. a benchmark's own rows), used instead of applying it again.
+    **allocate_options
+        Keywords of :func:`cetopt.allocate` (``ties``, ``min_bits`` ...) for the uniform plan.
+
+    Returns
+    -------
+    (model, plan, check)
+        The chosen plan's quantized copy of ``model``, the plan, and the :class:`UniformCheck`.
+    """
+    from cetopt.analysis.objective import _batches, next_token_loss, resolve_loss
+
+    loss = resolve_loss(loss_fn)
+    batches = _batches(holdout, None, self_targets=loss is next_token_loss)
+    options = dict(quantize_options or {})
+    base = _holdout_loss(model, batches, loss)
+    done = dict(applied or {})
+    mixed = done["plan"] if "plan" in done else quantize(model, plan, **options)
+    mixed_loss = _holdout_loss(mixed, batches, loss)
+    uniform = uniform_plan(table, plan.budget_bytes, **allocate_options)
+    if uniform is None or _same_plan(plan, uniform):
+        label = None if uniform is None else _option_label(table, uniform)
+        check = UniformCheck("plan", base, mixed_loss, None, label, plan.bytes, None)
+        return mixed, plan, check
+    flat = done["uniform"] if "uniform" in done else quantize(model, uniform, **options)
+    flat_loss = _holdout_loss(flat, batches, loss)
+    label = _option_label(table, uniform)
+    chosen = "uniform" if flat_loss < mixed_loss else "plan"
+    check = UniformCheck(chosen, base, mixed_loss, flat_loss, label, plan.bytes, uniform.bytes)
+    return (flat, uniform, check) if chosen == "uniform" else (mixed, plan, check)
+
+
+def _option_label(table: SensitivityTable, plan: Plan) -> str:
+    name = next(iter(plan.bits))
+    group = (getattr(plan, "groups", None) or {}).get(name) or 0
+    return f"{int(plan.bits[name])} bits" + (f", group {int(group)}" if group else "")
 
 
 class _StepClock:

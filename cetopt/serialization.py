@@ -19,6 +19,7 @@ pickle is ever read.
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import math
 import os
@@ -425,7 +426,18 @@ def _load(path, model: nn.Module | None, allow_import: bool) -> nn.Module:
     decisions = _decisions(history_records, path, limit)
     inputs = _example_inputs(spec, path, limit)
     state = _quantized_state(tensors, layers, path, limit)
-    rebuilt = _rebuild(base, decisions, inputs, path, owned=model is None)
+    rebuilt = None
+    if model is not None and decisions:
+        try:
+            rebuilt = _rebuild(_light_copy(model, decisions), decisions, inputs, path, owned=True)
+        except ModelFileError:
+            rebuilt = None  # decided below on a full copy, which reports the error if it is real
+        if rebuilt is not None and any(
+            t.is_meta for t in itertools.chain(rebuilt.parameters(), rebuilt.buffers())
+        ):
+            rebuilt = None  # a placeholder survived the decisions: copy every value
+    if rebuilt is None:
+        rebuilt = _rebuild(base, decisions, inputs, path, owned=model is None)
     state.update(tensors)
     _add_tied(state, tied, path)
     try:
@@ -459,6 +471,26 @@ def _copy(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model)
+
+
+def _light_copy(model: nn.Module, decisions: list) -> nn.Module:
+    """A deep copy of ``model`` in which the weights that the file's :class:`Quantize` decisions
+    replace are shape-only (``meta``) placeholders: their values would be copied only to be thrown
+    away (the quantized layers get the file's codes). Everything else is copied as usual."""
+    import copy
+
+    from cetopt.graph.decisions import Quantize
+    from cetopt.quant.handlers import quant_targets
+
+    names = {d.layer for d in decisions if isinstance(d, Quantize)}
+    targets, _ = quant_targets(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    memo: dict = {}
+    for t in targets:
+        p = params.get(t.key)
+        if t.name in names and isinstance(p, nn.Parameter):
+            memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), p.requires_grad)
+    return copy.deepcopy(model, memo)
 
 
 def file_tensor_bytes(path: str | os.PathLike) -> dict[str, int]:

@@ -264,6 +264,8 @@ def sensitivity(
     progress: bool = True,
     group_sizes: Sequence[int | None] | None = None,
     group_max_bits: int = GROUP_MAX_BITS,
+    gptq=None,
+    act_order: bool = True,
 ) -> SensitivityTable:
     """Predicted loss increase of quantizing each layer alone to each bit width (and group size).
 
@@ -306,6 +308,14 @@ def sensitivity(
         then ``(bits, group)`` options, ordered by bits, coarsest group first.
     group_max_bits : int
         Widest bit width scored with group options.
+    gptq : iterable, optional
+        Calibration batches. If given, every option is scored on the weight GPTQ rounds it to
+        (:func:`cetopt.quant.gptq_option_weights`: each layer rounded alone on the float model's
+        inputs, at that option) instead of round-to-nearest: the perturbation that
+        ``quantize(..., gptq=...)`` applies. Layers GPTQ does not round (embeddings) keep their
+        round-to-nearest perturbation. ``meta["gptq"]`` is then True.
+    act_order : bool
+        GPTQ's act-order for ``gptq`` (as in :func:`cetopt.quantize`).
 
     Returns
     -------
@@ -326,12 +336,7 @@ def sensitivity(
         method, choice = choose_method(obj, len(options), int(probes), int(rounds))
         choice["stable_ranking"] = STABLE_RANK
         choice["min_examples_before_stopping"] = MIN_STABLE_EXAMPLES
-    deltas = {
-        (b, g): {
-            k: fake_quantize(w, b, clip_search=clip_search, group_size=g) - w for k, w in obj.weights.items()
-        }
-        for b, g in options
-    }
+    deltas = _perturbations(model, obj, options, clip_search, gptq, act_order, progress)
     opts = {
         **cet_options(probes, rounds, seed, progress, probe_chunk(obj)),
         "tol": tol,
@@ -360,8 +365,40 @@ def sensitivity(
             "base_loss": meta["base_loss"] if "base_loss" in meta else obj.loss(),
             "kept_float": list(obj.kept_float),
             "tied": {t.name: list(t.tied) for t in obj.targets if t.tied},
+            "gptq": gptq is not None,
         },
     )
+
+
+def _perturbations(model, obj: LossObjective, options, clip_search: bool, gptq, act_order: bool, progress):
+    """``deltas[(bits, group)][key]``: each weight's change at each option (codes layout), rounded
+    to nearest, or by GPTQ on ``gptq`` (one pass of GPTQ per option, every layer rounded alone)."""
+    if gptq is None:
+        return {
+            (b, g): {
+                k: fake_quantize(w, b, clip_search=clip_search, group_size=g) - w
+                for k, w in obj.weights.items()
+            }
+            for b, g in options
+        }
+    from cetopt.quant.apply import gptq_option_weights
+
+    names = {t.key: t.name for t in obj.targets}
+    rounded = gptq_option_weights(
+        model,
+        list(names.values()),
+        options,
+        gptq,
+        clip_search=clip_search,
+        act_order=act_order,
+        progress=progress,
+    )
+    return {
+        option: {
+            k: rounded[option][names[k]].reshape(w.shape).to(w.dtype) - w for k, w in obj.weights.items()
+        }
+        for option in options
+    }
 
 
 def group_options(

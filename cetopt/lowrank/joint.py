@@ -434,11 +434,12 @@ def score_menu(
 def gptq_quant_options(model: nn.Module, menu: Menu, data, *, progress: bool = False) -> Menu:
     """A copy of ``menu`` whose ``quant`` options carry (``approx``) their GPTQ-rounded weights.
 
-    One :func:`cetopt.quantize` call with ``gptq=data`` per (bit width, group size), every menu
-    layer with that option, each rounded on the float model's inputs; the options' ``loss`` is
-    reset (NaN) so that :func:`score_menu` measures them on those weights.
+    :func:`cetopt.quant.gptq_option_weights` per (bit width, group size): one
+    :func:`cetopt.quantize` call with ``gptq=data``, every menu layer with that option, each rounded
+    on the float model's inputs; the options' ``loss`` is reset (NaN) so that :func:`score_menu`
+    measures them on those weights.
     """
-    from cetopt.quant.apply import quantize
+    from cetopt.quant.apply import gptq_option_weights
 
     keys = {_key(o) for n in menu.layers for o in menu.options[n] if o.kind == "quant"}
     widths = sorted(keys, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
@@ -450,11 +451,9 @@ def gptq_quant_options(model: nn.Module, menu: Menu, data, *, progress: bool = F
                 for n in menu.layers
                 if any(o.kind == "quant" and _key(o) == (b, g) for o in menu.options[n])
             ]
-            plan = _BitsPlan({n: b for n in layers}, {n: g for n in layers} if g else {})
-            modules = dict(quantize(model, plan, gptq=data).named_modules())
+            weights = gptq_option_weights(model, layers, [(b, g)], data)[(b, g)]
             for n in layers:
-                w = modules[n].weight.detach()
-                rounded[(n, (b, g))] = w.reshape(w.shape[0], -1).to(torch.float64)
+                rounded[(n, (b, g))] = weights[n].reshape(weights[n].shape[0], -1).to(torch.float64)
             bar.update(1)
     options = {
         n: [

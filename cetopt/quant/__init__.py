@@ -8,6 +8,7 @@ __all__ = [
     "calibrate_sequentially",
     "correct_bias",
     "fake_quantize",
+    "gptq_option_weights",
     "gptq_round",
     "quant_targets",
     "quantize_weight",
@@ -20,6 +21,10 @@ def __getattr__(name: str):
         from cetopt.quant.bias_correction import correct_bias
 
         return correct_bias
+    if name == "gptq_option_weights":
+        from cetopt.quant.apply import gptq_option_weights
+
+        return gptq_option_weights
     if name == "gptq_round":
         from cetopt.quant.gptq import gptq_round
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import torch
 from torch import nn
 
 from cetopt._modes import in_eval_mode
 from cetopt.graph.decisions import Quantize
 from cetopt.graph.rewriter import rewrite
 
-__all__ = ["quantize"]
+__all__ = ["gptq_option_weights", "quantize"]
 
 
 @in_eval_mode("model")
@@ -110,3 +111,67 @@ def _check_sequential_data(gptq, bias_correction) -> None:
         raise ValueError(
             "sequential calibration uses one data set: pass the same data to gptq and bias_correction"
         )
+
+
+@in_eval_mode("model")
+def gptq_option_weights(
+    model: nn.Module,
+    layers: Sequence[str],
+    options: Sequence[tuple[int, int | None]],
+    data,
+    *,
+    clip_search: bool = True,
+    act_order: bool = True,
+    progress: bool = False,
+) -> dict[tuple[int, int | None], dict[str, torch.Tensor]]:
+    """Each layer's weight as GPTQ rounds it at each ``(bits, group size)`` option, dequantized.
+
+    One :func:`quantize` call with ``gptq=data`` per option, every named layer at that option and
+    each rounded on the float model's inputs (not sequentially), so a layer's weight at an option
+    is what GPTQ gives it when it is the only layer changed. Layers GPTQ does not round (an
+    embedding) carry their round-to-nearest codes, as :func:`quantize` leaves them.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified.
+    layers : sequence of str
+        Allocation rows (a tied weight under its first module's name).
+    options : sequence of (int, int or None)
+        ``(bits, group size)`` pairs; ``None``: a scale per output channel.
+    data : iterable
+        Calibration batches for GPTQ.
+    clip_search, act_order
+        As in :func:`quantize`.
+    progress : bool
+        A progress bar over the options.
+
+    Returns
+    -------
+    dict
+        ``(bits, group) → {layer: weight}``: float32, in the codes layout (output channels first,
+        the quantized layer's ``weight_q`` shape).
+    """
+    from cetopt.analysis._common import progress_bar
+    from cetopt.quant.quantizer import dequantize
+
+    out: dict[tuple[int, int | None], dict[str, torch.Tensor]] = {}
+    with progress_bar(len(options), "GPTQ per option", progress) as bar:
+        for bits, group in options:
+            plan = {name: int(bits) for name in layers}
+            modules = dict(
+                quantize(
+                    model, plan, clip_search=clip_search, gptq=data, group_size=group, act_order=act_order
+                ).named_modules()
+            )
+            out[(int(bits), group)] = {
+                name: dequantize(
+                    modules[name].weight_q,
+                    modules[name].weight_scale,
+                    modules[name].max_bits,
+                    modules[name].weight_group,
+                ).detach()
+                for name in layers
+            }
+            bar.update(1)
+    return out
