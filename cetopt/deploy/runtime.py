@@ -231,23 +231,31 @@ def _set_module(root: nn.Module, target: str, module: nn.Module) -> None:
 
 
 def int8_codes(layer: _CodesMixin, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's codes as int8 with positive per-channel scales (what qint8 kernels take).
+    """The layer's codes as int8 and its per-channel scales, exactly as stored.
 
-    A negative scale flips its channel's codes; a code of −128 then becomes +128, which int8
-    cannot hold: it is rounded to 127 with a warning naming the layer.
+    A scale may be negative: the quantizer mirrors a channel's grid when that fits it better, so
+    the code −128 at a negative scale stands for the weight ``+128 · |scale|``. Flipping such a
+    channel to a positive scale would need the code +128, which int8 cannot hold, so the signed
+    scales go to the kernels as they are (``quantized::linear`` / ``conv*d`` and onnxruntime's
+    QLinear kernels compute ``scale · code`` exactly for either sign; the tests check both). A zero
+    scale (an all-zero channel) becomes 1 with zero codes.
+
+    Parameters
+    ----------
+    layer : deployment layer
+        A layer of :func:`deployment_model` (it keeps its codes).
+    name : str
+        Its name (unused; kept for the callers' error messages).
+
+    Returns
+    -------
+    codes : Tensor of int8
+    scale : Tensor of float32, one per output channel
     """
-    sign = torch.where(layer.code_scale < 0, -1, 1).to(torch.int32)
-    q = layer.codes.to(torch.int32) * sign.view(-1, *([1] * (layer.codes.dim() - 1)))
-    if q.numel() and int(q.max()) > 127:
-        warnings.warn(
-            f"layer {name!r}: {int((q > 127).sum())} code(s) of −128 at a negative scale become +128, "
-            "which int8 cannot hold; rounded to 127 (one step off)",
-            KernelFallbackWarning,
-            stacklevel=3,
-        )
-    scale = layer.code_scale.abs()
+    q = layer.codes.to(torch.int32)
+    scale = layer.code_scale.clone()
     zero = scale == 0
-    q[zero] = 0  # a zero scale means zero weights; any positive scale represents them
+    q[zero] = 0  # a zero scale means zero weights; any nonzero scale represents them
     scale = torch.where(zero, torch.ones_like(scale), scale)
     return q.clamp(-128, 127).to(torch.int8), scale
 

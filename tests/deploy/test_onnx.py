@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from cetopt.deploy import calibrate_activations, export_onnx
+from cetopt.deploy import calibrate_activations, export_onnx, runtime
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -17,8 +17,9 @@ def test_zoo_models_export_and_match_in_onnxruntime(any_zoo_case, tmp_path):
     ops = [n.op_type for n in graph.graph.node]
     # an input and an output pair per layer; layers reading the same tensor share one (CSE)
     assert ops.count("QuantizeLinear") >= len(result.quantized_layers) + 1
-    weights = {t.name: t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8}
-    assert len(weights) == len(result.quantized_layers)  # one int8 initializer per quantized weight
+    codes = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)  # convolutions U8S8, Linear layers U8U8
+    weights = [t for t in graph.graph.initializer if t.data_type in codes and len(t.dims) >= 2]
+    assert len(weights) == len(result.quantized_layers)  # one 8-bit initializer per quantized weight
     session = ort.InferenceSession(result.path, providers=["CPUExecutionProvider"])
     x = data.x_test[:512]
     logits = session.run(None, {"input0": x.numpy()})[0]
@@ -71,13 +72,50 @@ def test_llama_style_model_exports_and_matches(tmp_path):
     result = export_onnx(q, tmp_path / "qdq.onnx", ids)
     assert result.float_layers == [] and result.max_abs_diff <= result.tolerance
     fp32 = onnx_session(export_float_onnx(q, tmp_path / "fp32.onnx", ids))
-    other = torch.randint(0, 128, (5, 12))  # another batch size
+    qdq = onnx_session(result.path)
+    fake = runtime(q, "fake-int8", activations=result.activation_ranges)
+    for shape in [(5, 12), (3, 7), (1, 20)]:  # other batch sizes and sequence lengths
+        other = torch.randint(0, 128, shape)
+        with torch.no_grad():
+            expected, expected_fake = q(other).numpy(), fake(other).numpy()
+        got = fp32.run(None, {"input0": other.numpy()})[0]
+        assert got.shape == (*shape, 128)
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+        got = qdq.run(None, {"input0": other.numpy()})[0]
+        assert np.abs(got - expected_fake).max() <= result.tolerance
+
+
+def test_qdq_weights_are_u8u8_so_onnxruntime_accumulates_exactly(tmp_path):
+    """Extreme codes times large uint8 activations: int16 pair sums (U8S8 on AVX2) would saturate."""
+    from cetopt.deploy.runtime import deployment_model
+    from tests.deploy.conftest import quantize_all
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False)).eval()
     with torch.no_grad():
-        expected = q(other).numpy()
-    got = fp32.run(None, {"input0": other.numpy()})[0]
-    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
-    qdq = onnx_session(result.path).run(None, {"input0": other.numpy()})[0]
-    assert np.abs(qdq - expected).max() <= 0.2 * np.abs(expected).max()
+        model[0].weight.copy_(torch.where(torch.rand(32, 64) < 0.5, 1.0, -1.0))
+    q = quantize_all(model, 8)
+    codes = deployment_model(q)[0].codes
+    assert int(codes.abs().min()) >= 127  # every code at the end of the int8 range
+    x = torch.rand(4, 16, 64) * 4  # a positive range: uint8 codes up to 255
+    result = export_onnx(q, tmp_path / "m.onnx", x, calibration=[x])
+    step = float(result.activation_ranges.outputs["0"].scale)
+    # the int32 accumulator is exact; the requantization can differ at a rounding tie (1 step)
+    assert result.max_abs_diff <= step * 1.001
+    graph = onnx.load(result.path)
+    weight = next(t for t in graph.graph.initializer if len(t.dims) == 2)
+    assert weight.data_type == onnx.TensorProto.UINT8
+    with pytest.raises(ValueError, match="weight_format"):
+        export_onnx(q, tmp_path / "n.onnx", x, calibration=[x], weight_format="s8s8")
+
+
+def test_u8u8_convolutions_match_exactly(tiny, tmp_path):
+    _, q, x = tiny
+    ranges = calibrate_activations(q, [x])
+    result = export_onnx(q, tmp_path / "m.onnx", x[:4], activations=ranges, weight_format="u8u8")
+    types = {t.data_type for t in onnx.load(result.path).graph.initializer if len(t.dims) >= 2}
+    assert types == {onnx.TensorProto.UINT8}
+    assert result.max_abs_diff <= float(ranges.outputs["out"].scale) * 1.001
 
 
 def test_missing_onnx_is_a_named_error(tiny, tmp_path, monkeypatch):
