@@ -144,6 +144,8 @@ def _onnx(model, q, x, calibration, activations, tmp: Path, name: str) -> dict:
         out["qdq-check"] = {
             "max_abs_diff": res.max_abs_diff,
             "tolerance": res.tolerance,
+            "rounding_spread": res.rounding_spread,
+            "output_step": max(float(res.activation_ranges.outputs[n].scale) for n in res.quantized_layers),
             "within": res.max_abs_diff is not None and res.max_abs_diff <= res.tolerance,
             "quantized_layers": len(res.quantized_layers),
             "float_layers": res.float_layers,

@@ -2,10 +2,12 @@
 
 The graph is the ``int8`` runtime mode's: BatchNorms folded, then around every quantized layer a
 QuantizeLinear/DequantizeLinear pair on its input and on its output (uint8, the calibrated static
-grids), its weight stored as int8 codes with per-channel scales behind a DequantizeLinear, and its
+grids), its weight stored as its int8 codes with the signed per-channel scales behind a
+DequantizeLinear (a Linear's as uint8 codes + 128 at zero point 128, see ``weight_format``), and its
 bias as int32 on the ``input scale × weight scale`` grid behind another. onnxruntime fuses each such
-group into one int8 operator (QLinearConv, QLinearMatMul, ...). onnx and onnxruntime are optional
-(``pip install cetopt[onnx]``); ``import cetopt`` never needs them.
+group into one int8 operator (QLinearConv, QLinearMatMul, ...). Token-id inputs get a dynamic
+sequence axis. onnx and onnxruntime are optional (``pip install cetopt[onnx]``); ``import cetopt``
+never needs them.
 """
 
 from __future__ import annotations
