@@ -150,6 +150,20 @@ def _onnx(model, q, x, calibration, activations, tmp: Path, name: str) -> dict:
             "quantized_layers": len(res.quantized_layers),
             "float_layers": res.float_layers,
         }
+        if x.is_floating_point():  # the faster U8S8 format, which can saturate (no VNNI here)
+            fast = export_onnx(
+                q,
+                tmp / f"{name}-qdq-u8s8.onnx",
+                x,
+                activations=res.activation_ranges,
+                weight_format="u8s8",
+            )
+            out["ort-qdq-u8s8"] = onnx_session(fast.path, threads=THREADS)
+            out["qdq-check-u8s8"] = {
+                "max_abs_diff": fast.max_abs_diff,
+                "tolerance": fast.tolerance,
+                "within": fast.max_abs_diff is not None and fast.max_abs_diff <= fast.tolerance,
+            }
         if not x.is_floating_point() and x.dim() == 2:  # token ids: the sequence axis is dynamic
             try:
                 out["qdq-check"]["other_lengths"] = _other_lengths(q, res, out.get("ort-fp32"), x)
@@ -223,7 +237,7 @@ def _latency_case(name, model, make_input, calibration, lm, runs, tmp) -> dict:
         cands = {"fp32": (lambda m=model, x=x: m(x))}
         cands.update({k: (lambda m=m, x=x: m(x)) for k, m in modes.items()})
         feed = x.numpy()
-        for key in ("ort-fp32", "ort-qdq"):
+        for key in ("ort-fp32", "ort-qdq", "ort-qdq-u8s8"):
             if key in ort:
                 cands[key] = lambda s=ort[key], f=feed: s.run(None, {"input0": f})
         # at batch 8 the two simulation modes (reference: dequantize per call; fake-int8:
@@ -233,11 +247,12 @@ def _latency_case(name, model, make_input, calibration, lm, runs, tmp) -> dict:
         stats = measure_latency(cands, runs=runs, baseline="fp32", runs_for=slow, warmup=2, min_sample_s=0.01)
         for key, fn in cands.items():
             stats[key]["rss_during_call"] = peak_rss_of_call(fn)
-        if "ort-fp32" in stats and "ort-qdq" in stats:  # ratios of medians (both timed every round)
-            for key in ("median_s", "cpu_median_s"):
-                stats["ort-qdq"][f"speedup_vs_ort_fp32_{key.removesuffix('_s')}"] = (
-                    stats["ort-fp32"][key] / stats["ort-qdq"][key]
-                )
+        for qdq in ("ort-qdq", "ort-qdq-u8s8"):  # ratios of medians (both timed every round)
+            if "ort-fp32" in stats and qdq in stats:
+                for key in ("median_s", "cpu_median_s"):
+                    stats[qdq][f"speedup_vs_ort_fp32_{key.removesuffix('_s')}"] = (
+                        stats["ort-fp32"][key] / stats[qdq][key]
+                    )
         entry[f"batch{batch}"] = stats
         print(
             f"  {name} batch {batch} (CPU-time speed-up vs fp32, wall in brackets): "
@@ -384,10 +399,8 @@ def _targets(latency: dict, acc: dict) -> dict:
         except KeyError:
             return None
 
-    def ort_ratio(model, batch, cpu=True):
-        fp32, qdq = (
-            speed(model, k, batch, "cpu_median_s" if cpu else "median_s") for k in ("ort-fp32", "ort-qdq")
-        )
+    def ort_ratio(model, batch, cpu=True, qdq="ort-qdq"):
+        fp32, qdq = (speed(model, k, batch, "cpu_median_s" if cpu else "median_s") for k in ("ort-fp32", qdq))
         return None if fp32 is None or qdq is None else fp32 / qdq
 
     def judged(value, target):
@@ -411,16 +424,18 @@ def _targets(latency: dict, acc: dict) -> dict:
         "ort_qdq_vs_ort_fp32_resnet18_batch1": judged(ort_ratio("resnet18", 1), 2.0),
         "ort_qdq_vs_ort_fp32_resnet18_batch8": judged(ort_ratio("resnet18", 8), 2.0),
         "ort_qdq_vs_ort_fp32_resnet18_batch1_wall": judged(ort_ratio("resnet18", 1, False), 2.0),
+        "ort_qdq_u8s8_vs_ort_fp32_resnet18_batch1": judged(ort_ratio("resnet18", 1, qdq="ort-qdq-u8s8"), 2.0),
+        "ort_qdq_u8s8_vs_ort_fp32_resnet18_batch8": judged(ort_ratio("resnet18", 8, qdq="ort-qdq-u8s8"), 2.0),
         "a8_within_1pp_of_weights_only": {m: v["target_within_1pp"] for m, v in acc.items()},
     }
 
 
-def rerun(names: list[str], path: Path | None = None) -> dict:
-    """Re-measure the latency cases ``names`` and merge them into the committed ``latency.json``.
+def rerun(names: list[str], path: Path | None = None, accuracy_names: list[str] = ()) -> dict:
+    """Re-measure the latency cases ``names`` (and the accuracy cases ``accuracy_names``) and
+    merge them into the committed ``latency.json``.
 
-    The other cases, the accuracy part and the header stay as they were; each re-measured case
-    records when it ran, the git commit and the load average around it (``rerun``), and the
-    targets are judged again.
+    The other cases and the header stay as they were; each re-measured case records when it ran,
+    the git commit and the load average around it (``rerun``), and the targets are judged again.
     """
     import os
     import time
@@ -434,7 +449,7 @@ def rerun(names: list[str], path: Path | None = None) -> dict:
     runs = data.get("runs", 20)
     found = set()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, model, make_input, calibration, lm in _cases(False):
+        for name, model, make_input, calibration, lm in _cases(False) if names else ():
             if name not in names:
                 continue
             found.add(name)
@@ -447,12 +462,25 @@ def rerun(names: list[str], path: Path | None = None) -> dict:
                 "wall_s": time.time() - t0,
                 "loadavg_1_5_15_before": list(load_before),
                 "loadavg_1_5_15_after": list(os.getloadavg()),
-                "why": "ONNX export: U8U8 weights for Linear layers, dynamic sequence length",
+                "why": "ONNX export: U8U8 weights where U8S8 could saturate, dynamic sequence length",
             }
             data["latency"][name] = entry
     missing = sorted(set(names) - found)
     if missing:
         raise ValueError(f"no latency case named {missing}")
+    for name in accuracy_names:
+        print(f"accuracy {name} (re-run)", flush=True)
+        load_before, t0 = os.getloadavg(), time.time()
+        entry = _accuracy_case(name, False)
+        entry["rerun"] = {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+            "git_commit": machine_info()["git_commit"],
+            "wall_s": time.time() - t0,
+            "loadavg_1_5_15_before": list(load_before),
+            "loadavg_1_5_15_after": list(os.getloadavg()),
+            "why": "int8 / fake-int8 keep signed scales (a code -128 at a negative scale was 127)",
+        }
+        data.setdefault("accuracy_10x", {})[name] = entry
     data["targets"] = _targets(data["latency"], data.get("accuracy_10x", {}))
     atomic_write_json(path, data)
     return data
@@ -462,5 +490,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="re-measure latency cases into latency.json")
-    parser.add_argument("--only", required=True, help="comma-separated case names, e.g. llama-58m")
-    rerun(parser.parse_args().only.split(","))
+    parser.add_argument("--only", default="", help="comma-separated latency cases, e.g. llama-58m")
+    parser.add_argument("--accuracy", default="", help="comma-separated accuracy cases, e.g. mnist1d-cnn")
+    args = parser.parse_args()
+    rerun([n for n in args.only.split(",") if n], accuracy_names=[n for n in args.accuracy.split(",") if n])

@@ -39,13 +39,13 @@ from cetopt.deploy.runtime import (
 from cetopt.errors import MissingDependencyError
 from cetopt.graph.trace import as_input_tuple
 
-__all__ = ["ExportedOnnx", "export_onnx"]
+__all__ = ["ExportedOnnx", "export_onnx", "u8s8_is_exact"]
 
 WEIGHT_FORMATS = ("auto", "u8u8", "u8s8")
 # A U8U8 weight is the int8 code c stored as the uint8 c + 128 at zero point 128: onnxruntime's
 # U8S8 kernels (uint8 activations × int8 weights) add pairs of products in int16 with saturation
 # on x86 CPUs without VNNI (vpmaddubsw), which is not the QDQ graph's definition; its U8U8 kernels
-# accumulate in int32 exactly, but ran ResNet-18's convolutions about 25 % slower.
+# accumulate in int32 exactly, but ran ResNet-18 at 8 bits about 25 % slower (u8s8_is_exact).
 _WEIGHT_ZERO_POINT = 128
 
 
@@ -169,10 +169,11 @@ def export_onnx(
         onnxruntime runs its uint8 × uint8 kernels, which accumulate in int32 exactly.
         ``"u8s8"``: as int8, onnxruntime's faster uint8 × int8 kernels, which on x86 CPUs without
         VNNI add pairs of products in int16 with saturation (an output can then be many steps
-        off the graph's definition). ``"auto"``: U8U8 for Linear layers (MatMul / Gemm; the
-        8-layer Llama's logits were 12 steps off in U8S8), U8S8 for convolutions (their
-        saturation moved ResNet-18's and MobileNetV2's outputs by well under one step, and U8U8
-        ran ResNet-18 about 25 % slower).
+        off the graph's definition). ``"auto"``: U8S8 for the layers where no pair can saturate
+        (:func:`u8s8_is_exact`: every channel's two largest codes sum to at most 128 in
+        magnitude, which codes of up to 7 bits always do), U8U8 for the others (8-bit codes;
+        U8S8 put the 8-layer Llama's logits 12 steps off and cost mnist1d-cnn 5 points of
+        accuracy, its first convolution's outputs up to 82 steps off).
 
     Returns
     -------
@@ -196,7 +197,7 @@ def export_onnx(
             floats.append(name)
             return m
         quantized.append(name)
-        unsigned = weight_format == "u8u8" or (weight_format == "auto" and isinstance(m, DeployLinear))
+        unsigned = weight_format == "u8u8" or (weight_format == "auto" and not u8s8_is_exact(m, name))
         return _QDQLayer(m, name, *_per_tensor(activations, name), unsigned=unsigned)
 
     export_model = _swap(copy.deepcopy(deploy), make).eval()
@@ -208,6 +209,32 @@ def export_onnx(
     if check:
         diff, tol, spread = _compare(model, path, inputs, activations, quantized)
     return ExportedOnnx(str(path), quantized, floats, diff, tol, activations, spread)
+
+
+def u8s8_is_exact(layer: _CodesMixin, name: str = "") -> bool:
+    """True when uint8 × int8 kernels with int16 pair sums cannot saturate on this layer.
+
+    Such kernels (``vpmaddubsw``: fbgemm, onnxruntime's MLAS on x86 without VNNI) add two
+    products ``x_a·w_a + x_b·w_b`` of uint8 activations ``x ≤ 255`` and int8 codes ``w`` in a
+    saturating int16. Whichever two codes of a channel are paired, the sum is at most
+    ``255 · (|w|₁ + |w|₂)`` with ``|w|₁, |w|₂`` the channel's two largest code magnitudes, so
+    ``|w|₁ + |w|₂ ≤ 128`` (``255 · 128 = 32640 ≤ 32767``) makes the kernel exact.
+
+    Parameters
+    ----------
+    layer : deployment layer
+    name : str
+
+    Returns
+    -------
+    bool
+    """
+    codes, _ = int8_codes(layer, name)
+    flat = codes.to(torch.int32).abs().reshape(codes.shape[0], -1)
+    if flat.shape[1] < 2:
+        return int(flat.max()) <= 128 if flat.numel() else True
+    top = flat.topk(2, dim=1).values.sum(dim=1)
+    return bool((top <= 128).all())
 
 
 def _per_tensor(ranges: ActivationRanges, name: str):

@@ -128,3 +128,18 @@ def test_missing_onnx_is_a_named_error(tiny, tmp_path, monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"'onnx'.*cetopt\[onnx\]"):
         export_onnx(q, tmp_path / "m.onnx", x[:2], calibration=[x])
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_auto_format_keeps_u8s8_only_where_no_pair_can_saturate(tiny, tmp_path):
+    from cetopt.deploy.onnx_export import u8s8_is_exact
+    from cetopt.deploy.runtime import deployment_model
+    from tests.deploy.conftest import quantize_all
+
+    model, q4, x = tiny
+    assert all(u8s8_is_exact(m) for m in deployment_model(q4).modules() if hasattr(m, "codes"))
+    q8 = quantize_all(model, 8)
+    assert not any(u8s8_is_exact(m) for m in deployment_model(q8).modules() if hasattr(m, "codes"))
+    for q, kind in ((q4, onnx.TensorProto.INT8), (q8, onnx.TensorProto.UINT8)):
+        result = export_onnx(q, tmp_path / "m.onnx", x[:4], calibration=[x])
+        types = {t.data_type for t in onnx.load(result.path).graph.initializer if len(t.dims) >= 2}
+        assert types == {kind}
