@@ -34,7 +34,9 @@ from cetopt.deploy.runtime import (
     _swap,
     deployment_model,
     int8_codes,
+    needs_reduced_range,
     runtime,
+    u8s8_is_exact,
 )
 from cetopt.errors import MissingDependencyError
 from cetopt.graph.trace import as_input_tuple
@@ -72,6 +74,7 @@ class ExportedOnnx:
         layer's input, and a deep model carries them to its output; how far it carries them on
         these inputs is measured, not assumed (below).
     activation_ranges : ActivationRanges
+        The calibrated grids (each layer's input then runs on its ``activation_range``).
     rounding_spread : float or None
         Largest difference, on the example inputs, between ``fake-int8`` (float32 sums of the
         dequantized values) and the same definition with its integer sums exact (float64): two
@@ -87,6 +90,10 @@ class ExportedOnnx:
     tolerance: float
     activation_ranges: ActivationRanges
     rounding_spread: float | None = None
+    activation_range: dict | None = None
+    """Layer name to ``"reduced"`` (input codes 0 … 127) or ``"full"``."""
+    weight_format: dict | None = None
+    """Layer name to ``"u8s8"`` or ``"u8u8"``."""
 
 
 class _QDQLayer(nn.Module):
@@ -104,9 +111,10 @@ class _QDQLayer(nn.Module):
         self.act_in, self.act_out = act_in, act_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.fake_quantize_per_tensor_affine(
-            x, float(self.act_in.scale), int(self.act_in.zero_point), 0, 255
-        )
+        scale, zp = float(self.act_in.scale), int(self.act_in.zero_point)
+        if self.act_in.reduced_range:  # codes 0..127 on a uint8 QuantizeLinear: a Clip before it
+            x = torch.clamp(x, max=(self.act_in.qmax - zp) * scale)
+        x = torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
         channels = self.w_scale.shape[0]
         if self.unsigned:  # U8U8: the int8 codes stored as uint8 at zero point 128
             zeros = torch.full((channels,), _WEIGHT_ZERO_POINT, dtype=torch.int32)
@@ -137,6 +145,7 @@ def export_onnx(
     check: bool = True,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     weight_format: str = "auto",
+    activation_range: str = "auto",
 ) -> ExportedOnnx:
     """Write ``model`` as a QDQ ONNX graph to ``path`` (atomically).
 
@@ -173,7 +182,13 @@ def export_onnx(
         (:func:`u8s8_is_exact`: every channel's two largest codes sum to at most 128 in
         magnitude, which codes of up to 7 bits always do), U8U8 for the others (8-bit codes;
         U8S8 put the 8-layer Llama's logits 12 steps off and cost mnist1d-cnn 5 points of
-        accuracy, its first convolution's outputs up to 82 steps off).
+        accuracy, its first convolution's outputs up to 82 steps off). A layer whose input is on
+        the reduced range cannot saturate (``127 · 256 ≤ 32767``), so ``"auto"`` stores it U8S8.
+    activation_range : {"auto", "full", "reduced"}
+        The grid of each quantized layer's input, as in :func:`cetopt.runtime`: ``"auto"``
+        (default) puts the input of each layer with 8-bit weights (``u8s8_is_exact`` false) on
+        codes 0 … 127 (a Clip, then the uint8 QuantizeLinear), so every layer runs U8S8 exactly;
+        ``"full"`` keeps 0 … 255 everywhere (then ``"auto"`` weights fall back to U8U8).
 
     Returns
     -------
@@ -189,6 +204,12 @@ def export_onnx(
         data = list(calibration) if calibration is not None else [inputs]
         activations = calibrate_activations(deploy, data, method=method)
     quantized, floats = [], []
+    ranges: dict[str, str] = {}
+    formats: dict[str, str] = {}
+    if activation_range not in ("auto", "full", "reduced"):
+        raise ValueError(
+            f"activation_range must be one of ('auto', 'full', 'reduced'), got {activation_range!r}"
+        )
 
     def make(name: str, m: nn.Module):
         if not isinstance(m, _CodesMixin):
@@ -197,8 +218,14 @@ def export_onnx(
             floats.append(name)
             return m
         quantized.append(name)
-        unsigned = weight_format == "u8u8" or (weight_format == "auto" and not u8s8_is_exact(m, name))
-        return _QDQLayer(m, name, *_per_tensor(activations, name), unsigned=unsigned)
+        reduced = needs_reduced_range(m, name, activation_range)
+        ranges[name] = "reduced" if reduced else "full"
+        unsigned = weight_format == "u8u8" or (
+            weight_format == "auto" and not reduced and not u8s8_is_exact(m, name)
+        )
+        formats[name] = "u8u8" if unsigned else "u8s8"
+        act_in, act_out = _per_tensor(activations, name)
+        return _QDQLayer(m, name, act_in.with_range(reduced), act_out, unsigned=unsigned)
 
     export_model = _swap(copy.deepcopy(deploy), make).eval()
     graph = _to_onnx(export_model, inputs, opset, dynamic_axes)
@@ -207,34 +234,8 @@ def export_onnx(
     atomic_write_bytes(path, graph.SerializeToString())
     diff, tol, spread = None, 0.0, None
     if check:
-        diff, tol, spread = _compare(model, path, inputs, activations, quantized)
-    return ExportedOnnx(str(path), quantized, floats, diff, tol, activations, spread)
-
-
-def u8s8_is_exact(layer: _CodesMixin, name: str = "") -> bool:
-    """True when uint8 × int8 kernels with int16 pair sums cannot saturate on this layer.
-
-    Such kernels (``vpmaddubsw``: fbgemm, onnxruntime's MLAS on x86 without VNNI) add two
-    products ``x_a·w_a + x_b·w_b`` of uint8 activations ``x ≤ 255`` and int8 codes ``w`` in a
-    saturating int16. Whichever two codes of a channel are paired, the sum is at most
-    ``255 · (|w|₁ + |w|₂)`` with ``|w|₁, |w|₂`` the channel's two largest code magnitudes, so
-    ``|w|₁ + |w|₂ ≤ 128`` (``255 · 128 = 32640 ≤ 32767``) makes the kernel exact.
-
-    Parameters
-    ----------
-    layer : deployment layer
-    name : str
-
-    Returns
-    -------
-    bool
-    """
-    codes, _ = int8_codes(layer, name)
-    flat = codes.to(torch.int32).abs().reshape(codes.shape[0], -1)
-    if flat.shape[1] < 2:
-        return int(flat.max()) <= 128 if flat.numel() else True
-    top = flat.topk(2, dim=1).values.sum(dim=1)
-    return bool((top <= 128).all())
+        diff, tol, spread = _compare(model, path, inputs, activations, quantized, activation_range)
+    return ExportedOnnx(str(path), quantized, floats, diff, tol, activations, spread, ranges, formats)
 
 
 def _per_tensor(ranges: ActivationRanges, name: str):
@@ -456,7 +457,9 @@ def _bias_to_int32(g, values: dict, producers: dict) -> None:
         node.input[2] = f"{base}_dq"
 
 
-def _compare(model, path, inputs, activations, quantized) -> tuple[float | None, float, float | None]:
+def _compare(
+    model, path, inputs, activations, quantized, activation_range="auto"
+) -> tuple[float | None, float, float | None]:
     """onnxruntime against ``fake-int8`` on ``inputs``: (max |difference|, tolerance, spread)."""
     try:
         import onnxruntime as ort
@@ -464,7 +467,7 @@ def _compare(model, path, inputs, activations, quantized) -> tuple[float | None,
         return None, 0.0, None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = runtime(model, "fake-int8", activations=activations)
+        reference = runtime(model, "fake-int8", activations=activations, activation_range=activation_range)
     with torch.no_grad():
         expected = reference(*inputs)
         exact = _swap(reference, _exact_layer)(*inputs)  # the same grids, integer sums exact
@@ -512,7 +515,7 @@ class _ExactInt8(nn.Module):
             bias = layer.bias.double()
             y = y + (bias if isinstance(layer, nn.Linear) else bias.view(-1, *([1] * (acc.dim() - 2))))
         s_out, zp = float(grid_out.scale), int(grid_out.zero_point)
-        q = torch.clamp(torch.round(y / s_out) + zp, 0, 2**grid_out.bits - 1)
+        q = torch.clamp(torch.round(y / s_out) + zp, 0, grid_out.qmax)
         return ((q - zp) * s_out).to(x.dtype)
 
 

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+import cetopt
 from cetopt.deploy import calibrate_activations, export_onnx, runtime
 
 onnx = pytest.importorskip("onnx")
@@ -85,8 +86,8 @@ def test_llama_style_model_exports_and_matches(tmp_path):
         assert np.abs(got - expected_fake).max() <= result.tolerance
 
 
-def test_qdq_weights_are_u8u8_so_onnxruntime_accumulates_exactly(tmp_path):
-    """Extreme codes times large uint8 activations: int16 pair sums (U8S8 on AVX2) would saturate."""
+def _saturating_layer():
+    """Every code ±127/−128 and large uint8 inputs: full-range U8S8 int16 pair sums would saturate."""
     from cetopt.deploy.runtime import deployment_model
     from tests.deploy.conftest import quantize_all
 
@@ -97,16 +98,55 @@ def test_qdq_weights_are_u8u8_so_onnxruntime_accumulates_exactly(tmp_path):
     q = quantize_all(model, 8)
     codes = deployment_model(q)[0].codes
     assert int(codes.abs().min()) >= 127  # every code at the end of the int8 range
-    x = torch.rand(4, 16, 64) * 4  # a positive range: uint8 codes up to 255
+    x = torch.rand(4, 16, 64) * 4  # a positive range: uint8 codes up to 255 on a full grid
+    return q, x
+
+
+def test_saturating_layer_is_exact_in_u8s8_with_the_reduced_input_range(tmp_path):
+    q, x = _saturating_layer()
     result = export_onnx(q, tmp_path / "m.onnx", x, calibration=[x])
+    assert result.activation_range == {"0": "reduced"}
+    assert result.weight_format == {"0": "u8s8"}
     step = float(result.activation_ranges.outputs["0"].scale)
     # the int32 accumulator is exact; the requantization can differ at a rounding tie (1 step)
     assert result.max_abs_diff <= step * 1.001
     graph = onnx.load(result.path)
     weight = next(t for t in graph.graph.initializer if len(t.dims) == 2)
-    assert weight.data_type == onnx.TensorProto.UINT8
+    assert weight.data_type == onnx.TensorProto.INT8
+    assert any(n.op_type == "Clip" for n in graph.graph.node)  # the inputs' top code is 127
+    # inputs beyond the calibrated range are clamped to code 127 by onnxruntime as by fake-int8
+    from cetopt.deploy.onnx_export import onnx_session
+
+    fake = cetopt.runtime(q, "fake-int8", activations=result.activation_ranges)
+    big = x * 3
+    got = onnx_session(result.path).run(None, {"input0": big.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - fake(big).numpy()).max() <= step * 1.001
+    # the full 8-bit input range falls back to U8U8, which is exact too
+    full = export_onnx(q, tmp_path / "f.onnx", x, calibration=[x], activation_range="full")
+    assert full.weight_format == {"0": "u8u8"} and full.activation_range == {"0": "full"}
+    assert full.max_abs_diff <= step * 1.001
     with pytest.raises(ValueError, match="weight_format"):
         export_onnx(q, tmp_path / "n.onnx", x, calibration=[x], weight_format="s8s8")
+    with pytest.raises(ValueError, match="activation_range"):
+        export_onnx(q, tmp_path / "n.onnx", x, calibration=[x], activation_range="half")
+
+
+@torch.no_grad()
+def test_saturating_layer_is_exact_in_torch_int8_mode():
+    q, x = _saturating_layer()
+    ranges = calibrate_activations(q, [x])
+    fake = cetopt.runtime(q, "fake-int8", activations=ranges)
+    kernel = cetopt.runtime(q, "int8", activations=ranges)
+    assert kernel.activation_range == {"0": "reduced"} == fake.activation_range
+    assert kernel[0].act_in.reduced_range and kernel[0].act_in.qmax == 127
+    step = float(ranges.outputs["0"].scale)
+    for inputs in (x, x * 3):  # also beyond the calibrated range: clamped to code 127
+        assert (kernel(inputs) - fake(inputs)).abs().max() <= step * 1.001
+    # dynamic: linear_dynamic(reduce_range=True) against its fake-quant definition
+    dyn, dyn_fake = cetopt.runtime(q, "int8"), cetopt.runtime(q, "fake-int8")
+    ref = dyn_fake(x)
+    assert (dyn(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
 def test_u8u8_convolutions_match_exactly(tiny, tmp_path):
@@ -130,7 +170,7 @@ def test_missing_onnx_is_a_named_error(tiny, tmp_path, monkeypatch):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_auto_format_keeps_u8s8_only_where_no_pair_can_saturate(tiny, tmp_path):
+def test_auto_range_reduces_only_the_inputs_of_layers_that_could_saturate(tiny, tmp_path):
     from cetopt.deploy.onnx_export import u8s8_is_exact
     from cetopt.deploy.runtime import deployment_model
     from tests.deploy.conftest import quantize_all
@@ -139,7 +179,19 @@ def test_auto_format_keeps_u8s8_only_where_no_pair_can_saturate(tiny, tmp_path):
     assert all(u8s8_is_exact(m) for m in deployment_model(q4).modules() if hasattr(m, "codes"))
     q8 = quantize_all(model, 8)
     assert not any(u8s8_is_exact(m) for m in deployment_model(q8).modules() if hasattr(m, "codes"))
-    for q, kind in ((q4, onnx.TensorProto.INT8), (q8, onnx.TensorProto.UINT8)):
-        result = export_onnx(q, tmp_path / "m.onnx", x[:4], calibration=[x])
+    cases = (
+        (q4, "auto", onnx.TensorProto.INT8, "full"),
+        (q8, "auto", onnx.TensorProto.INT8, "reduced"),
+        (q8, "full", onnx.TensorProto.UINT8, "full"),
+    )
+    for q, activation_range, kind, applied in cases:
+        result = export_onnx(
+            q, tmp_path / "m.onnx", x[:4], calibration=[x], activation_range=activation_range
+        )
         types = {t.data_type for t in onnx.load(result.path).graph.initializer if len(t.dims) >= 2}
         assert types == {kind}
+        assert set(result.activation_range.values()) == {applied}
+        assert result.max_abs_diff <= result.tolerance
+        ranges = result.activation_ranges
+        fake = cetopt.runtime(q, "fake-int8", activations=ranges, activation_range=activation_range)
+        assert set(fake.activation_range.values()) == {applied}
