@@ -201,3 +201,21 @@ def test_negative_scales_reach_the_kernels_exactly():
     # small inputs (u8 codes near the zero point) keep fbgemm's int16 pair sums from saturating
     step = float(ranges.outputs["2"].scale)
     assert (kernel(x[:64] * 0.1) - fake(x[:64] * 0.1)).abs().max() <= step + 1e-6
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["digits-resnet", "mnist1d-cnn"])
+def test_int8_kernels_on_8_bit_zoo_conv_nets_match_their_definition(name):
+    """8-bit weights: every layer's input is on the reduced range, so fbgemm cannot saturate."""
+    from cetopt.zoo import load_dataset, load_model
+    from tests.deploy.conftest import EVERY_ZOO_MODEL, quantize_all
+
+    q = quantize_all(load_model(name).eval(), 8)
+    data = load_dataset(EVERY_ZOO_MODEL[name])
+    ranges = calibrate_activations(q, data.loader("val"))
+    x = data.x_test[:128]
+    fake = runtime(q, "fake-int8", activations=ranges)
+    kernel = runtime(q, "int8", activations=ranges)
+    assert set(kernel.activation_range.values()) == {"reduced"} == set(fake.activation_range.values())
+    last = list(ranges.outputs)[-1]
+    assert (kernel(x) - fake(x)).abs().max() <= 3 * float(ranges.outputs[last].scale) + 1e-5
