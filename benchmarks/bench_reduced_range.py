@@ -100,4 +100,10 @@ if __name__ == "__main__":
     parser.add_argument("--models", default="resnet18")
     args = parser.parse_args()
     result = run(args.runs, tuple(args.models.split(",")))
-    atomic_write_json(RESULTS / "latency_reduced_range.json", result)
+    path = RESULTS / "latency_reduced_range.json"
+    if path.exists():  # other models measured before stay
+        import json
+
+        old = json.loads(path.read_text())
+        result["models"] = {**old.get("models", {}), **result["models"]}
+    atomic_write_json(path, result)
