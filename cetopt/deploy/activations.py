@@ -29,13 +29,16 @@ _SMALL_SCALE = 6.1e-5  # torch's SMALL_SCALE_THRESHOLD
 _MAX_SAMPLES = 1 << 18  # values kept per tensor (or per channel) for percentile / MSE
 
 
-def choose_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int = 8, reduced_range: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of the unsigned ``bits``-bit grid covering ``[min(lo, 0), max(hi, 0)]``.
 
     Elementwise over per-channel ranges; at 8 bits this equals torch's
-    ``_choose_qparams_per_tensor`` (the rule behind ``quantized::linear_dynamic``).
+    ``_choose_qparams_per_tensor`` (the rule behind ``quantized::linear_dynamic``), also with
+    ``reduced_range`` (codes ``0 … 2^(bits−1) − 1``: torch's ``reduce_range``).
     """
-    qmax = float(2**bits - 1)
+    qmax = float(_qmax(bits, reduced_range))
     lo = torch.clamp(lo.double(), max=0.0)
     hi = torch.clamp(hi.double(), min=0.0)
     scale = (hi - lo) / qmax
@@ -44,6 +47,10 @@ def choose_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int = 8) -> tuple[t
     # with qmin = 0 torch's nudge (the end with the smaller rounding error) is the min end
     zp = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.int64)
     return scale.float(), zp
+
+
+def _qmax(bits: int, reduced_range: bool) -> int:
+    return 2 ** (bits - 1) - 1 if reduced_range else 2**bits - 1
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,10 @@ class ActivationQuant:
         The channel axis of a per-channel range (1: channels of NC… tensors).
     lo, hi : Tensor
         The calibrated range the grid was chosen from.
+    reduced_range : bool
+        The codes span ``0 … 2^(bits−1) − 1`` (0 … 127 at 8 bits) instead of ``0 … 2^bits − 1``:
+        the input of a layer whose 8-bit weights could saturate the int16 pair sums of the
+        uint8 × int8 kernels (``activation_range="reduced"``, see :func:`cetopt.deploy.runtime`).
     """
 
     scale: torch.Tensor
@@ -68,20 +79,44 @@ class ActivationQuant:
     axis: int | None = None
     lo: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
     hi: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
+    reduced_range: bool = False
 
     @classmethod
-    def from_range(cls, lo: torch.Tensor, hi: torch.Tensor, bits: int = 8, axis: int | None = None):
-        """The grid of ``bits`` bits over ``[lo, hi]``."""
-        scale, zp = choose_qparams(lo, hi, bits)
-        return cls(scale, zp, bits, axis, lo.detach().clone(), hi.detach().clone())
+    def from_range(
+        cls,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        bits: int = 8,
+        axis: int | None = None,
+        reduced_range: bool = False,
+    ):
+        """The grid of ``bits`` bits over ``[lo, hi]`` (one bit fewer of codes when ``reduced_range``)."""
+        scale, zp = choose_qparams(lo, hi, bits, reduced_range)
+        return cls(scale, zp, bits, axis, lo.detach().clone(), hi.detach().clone(), reduced_range)
+
+    def with_range(self, reduced_range: bool) -> ActivationQuant:
+        """The same calibrated range on the full or the reduced grid."""
+        if reduced_range == self.reduced_range:
+            return self
+        return ActivationQuant.from_range(self.lo, self.hi, self.bits, self.axis, reduced_range)
 
     @property
     def per_channel(self) -> bool:
         return self.axis is not None
 
+    @property
+    def qmax(self) -> int:
+        """The largest code: ``2^bits − 1``, or ``2^(bits−1) − 1`` on a reduced range."""
+        return _qmax(self.bits, self.reduced_range)
+
+    @property
+    def activation_range(self) -> str:
+        """``"reduced"`` or ``"full"``."""
+        return "reduced" if self.reduced_range else "full"
+
     def fake(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` quantized and dequantized on this grid (float in, float out)."""
-        qmax = 2**self.bits - 1
+        qmax = self.qmax
         if self.axis is None:
             return torch.fake_quantize_per_tensor_affine(x, float(self.scale), int(self.zero_point), 0, qmax)
         return torch.fake_quantize_per_channel_affine(
@@ -95,18 +130,25 @@ class ActivationQuant:
             "axis": self.axis,
             "lo": self.lo.tolist(),
             "hi": self.hi.tolist(),
+            "activation_range": self.activation_range,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ActivationQuant:
         """Inverse of :meth:`to_dict`."""
-        return cls.from_range(torch.tensor(d["lo"]), torch.tensor(d["hi"]), int(d["bits"]), d["axis"])
+        reduced = d.get("activation_range", "full") == "reduced"
+        return cls.from_range(
+            torch.tensor(d["lo"]), torch.tensor(d["hi"]), int(d["bits"]), d["axis"], reduced
+        )
 
 
-def fake_quantize_dynamic(x: torch.Tensor) -> torch.Tensor:
-    """8-bit per-tensor fake-quant on ``x``'s own range: what the dynamic int8 kernels do."""
-    scale, zp = torch._choose_qparams_per_tensor(x.detach(), False)
-    return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
+def fake_quantize_dynamic(x: torch.Tensor, reduced_range: bool = False) -> torch.Tensor:
+    """8-bit per-tensor fake-quant on ``x``'s own range: what the dynamic int8 kernels do.
+
+    With ``reduced_range`` the codes span 0 … 127 (``linear_dynamic(..., reduce_range=True)``).
+    """
+    scale, zp = torch._choose_qparams_per_tensor(x.detach(), reduced_range)
+    return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 127 if reduced_range else 255)
 
 
 @dataclass

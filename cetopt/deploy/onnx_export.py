@@ -2,10 +2,12 @@
 
 The graph is the ``int8`` runtime mode's: BatchNorms folded, then around every quantized layer a
 QuantizeLinear/DequantizeLinear pair on its input and on its output (uint8, the calibrated static
-grids), its weight stored as int8 codes with per-channel scales behind a DequantizeLinear, and its
+grids), its weight stored as its int8 codes with the signed per-channel scales behind a
+DequantizeLinear (a Linear's as uint8 codes + 128 at zero point 128, see ``weight_format``), and its
 bias as int32 on the ``input scale × weight scale`` grid behind another. onnxruntime fuses each such
-group into one int8 operator (QLinearConv, QLinearMatMul, ...). onnx and onnxruntime are optional
-(``pip install cetopt[onnx]``); ``import cetopt`` never needs them.
+group into one int8 operator (QLinearConv, QLinearMatMul, ...). Token-id inputs get a dynamic
+sequence axis. onnx and onnxruntime are optional (``pip install cetopt[onnx]``); ``import cetopt``
+never needs them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import importlib
 import io
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,12 +34,21 @@ from cetopt.deploy.runtime import (
     _swap,
     deployment_model,
     int8_codes,
+    needs_reduced_range,
     runtime,
+    u8s8_is_exact,
 )
 from cetopt.errors import MissingDependencyError
 from cetopt.graph.trace import as_input_tuple
 
-__all__ = ["ExportedOnnx", "export_onnx"]
+__all__ = ["ExportedOnnx", "export_onnx", "u8s8_is_exact"]
+
+WEIGHT_FORMATS = ("auto", "u8u8", "u8s8")
+# A U8U8 weight is the int8 code c stored as the uint8 c + 128 at zero point 128: onnxruntime's
+# U8S8 kernels (uint8 activations × int8 weights) add pairs of products in int16 with saturation
+# on x86 CPUs without VNNI (vpmaddubsw), which is not the QDQ graph's definition; its U8U8 kernels
+# accumulate in int32 exactly, but ran ResNet-18 at 8 bits about 25 % slower (u8s8_is_exact).
+_WEIGHT_ZERO_POINT = 128
 
 
 @dataclass(frozen=True)
@@ -55,10 +66,21 @@ class ExportedOnnx:
         Largest difference between onnxruntime's outputs and the PyTorch ``fake-int8`` model's on
         the example inputs (None when onnxruntime is not installed).
     tolerance : float
-        The bound it is checked against: 2 output quantization steps of the widest final grid
-        plus 1e-4 relative; onnxruntime and PyTorch may round a tie the other way and
-        requantize the bias differently.
+        The bound it is checked against: ``2 · step + 1e-4 · max|output| + rounding_spread``,
+        ``step`` the widest output grid's. Two steps: the last requantizations may round a tie
+        the other way (onnxruntime requantizes an exact int32 sum with one float32 multiplier,
+        PyTorch a float32 sum) and the bias is rounded to int32 on the ``input scale × weight
+        scale`` grid. ``rounding_spread``: such one-step flips in early layers move every later
+        layer's input, and a deep model carries them to its output; how far it carries them on
+        these inputs is measured, not assumed (below).
     activation_ranges : ActivationRanges
+        The calibrated grids (each layer's input then runs on its ``activation_range``).
+    rounding_spread : float or None
+        Largest difference, on the example inputs, between ``fake-int8`` (float32 sums of the
+        dequantized values) and the same definition with its integer sums exact (float64): two
+        computations of one definition that differ only by float rounding. 0 on the zoo models;
+        about 5 output steps on the 8-layer Llama of the latency benchmark, which onnxruntime's
+        difference matched.
     """
 
     path: str
@@ -67,13 +89,19 @@ class ExportedOnnx:
     max_abs_diff: float | None
     tolerance: float
     activation_ranges: ActivationRanges
+    rounding_spread: float | None = None
+    activation_range: dict | None = None
+    """Layer name to ``"reduced"`` (input codes 0 … 127) or ``"full"``."""
+    weight_format: dict | None = None
+    """Layer name to ``"u8s8"`` or ``"u8u8"``."""
 
 
 class _QDQLayer(nn.Module):
     """Emits, when traced for ONNX, fake-quant ops that the exporter writes as Q/DQ pairs."""
 
-    def __init__(self, layer: _CodesMixin, name: str, act_in, act_out):
+    def __init__(self, layer: _CodesMixin, name: str, act_in, act_out, unsigned: bool):
         super().__init__()
+        self.unsigned = unsigned
         codes, scale = int8_codes(layer, name)
         self.layer = copy.deepcopy(layer)
         shape = (-1,) + (1,) * (codes.dim() - 1)
@@ -83,11 +111,17 @@ class _QDQLayer(nn.Module):
         self.act_in, self.act_out = act_in, act_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.fake_quantize_per_tensor_affine(
-            x, float(self.act_in.scale), int(self.act_in.zero_point), 0, 255
-        )
-        zeros = torch.zeros(self.w_scale.shape[0], dtype=torch.int32)
-        w = torch.fake_quantize_per_channel_affine(self.layer.weight, self.w_scale, zeros, 0, -128, 127)
+        scale, zp = float(self.act_in.scale), int(self.act_in.zero_point)
+        if self.act_in.reduced_range:  # codes 0..127 on a uint8 QuantizeLinear: a Clip before it
+            x = torch.clamp(x, max=(self.act_in.qmax - zp) * scale)
+        x = torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
+        channels = self.w_scale.shape[0]
+        if self.unsigned:  # U8U8: the int8 codes stored as uint8 at zero point 128
+            zeros = torch.full((channels,), _WEIGHT_ZERO_POINT, dtype=torch.int32)
+            w = torch.fake_quantize_per_channel_affine(self.layer.weight, self.w_scale, zeros, 0, 0, 255)
+        else:
+            zeros = torch.zeros(channels, dtype=torch.int32)
+            w = torch.fake_quantize_per_channel_affine(self.layer.weight, self.w_scale, zeros, 0, -128, 127)
         if isinstance(self.layer, DeployLinear):
             y = F.linear(x, w, self.layer.bias)
         else:
@@ -109,6 +143,9 @@ def export_onnx(
     method: str = "minmax",
     opset: int = 17,
     check: bool = True,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    weight_format: str = "auto",
+    activation_range: str = "auto",
 ) -> ExportedOnnx:
     """Write ``model`` as a QDQ ONNX graph to ``path`` (atomically).
 
@@ -118,7 +155,8 @@ def export_onnx(
         A model with quantized layers; not modified.
     path : str or PathLike
     example_inputs : Tensor or tuple of Tensors
-        Traced with; the batch dimension is exported as dynamic.
+        Traced with. The batch dimension is exported as dynamic, and so is the sequence
+        dimension of token-id inputs (see ``dynamic_axes``).
     activations : ActivationRanges, optional
         Static activation grids (from :func:`cetopt.deploy.calibrate_activations` of this model).
     calibration : iterable, optional
@@ -130,12 +168,35 @@ def export_onnx(
     check : bool
         Run the file in onnxruntime (when installed) and compare it with the PyTorch ``fake-int8``
         model on the example inputs.
+    dynamic_axes : dict, optional
+        ``torch.onnx.export``'s ``dynamic_axes`` for the inputs ``input0``, ``input1``, ... and
+        ``output``. Default (:func:`default_dynamic_axes`): axis 0 of every input and the output;
+        axis 1 of integer inputs of two or more dimensions (token ids) and of an output of three
+        or more dimensions with that length (logits).
+    weight_format : {"auto", "u8u8", "u8s8"}
+        How the int8 weight codes are stored. ``"u8u8"``: as uint8 at zero point 128, so
+        onnxruntime runs its uint8 × uint8 kernels, which accumulate in int32 exactly.
+        ``"u8s8"``: as int8, onnxruntime's faster uint8 × int8 kernels, which on x86 CPUs without
+        VNNI add pairs of products in int16 with saturation (an output can then be many steps
+        off the graph's definition). ``"auto"``: U8S8 for the layers where no pair can saturate
+        (:func:`u8s8_is_exact`: every channel's two largest codes sum to at most 128 in
+        magnitude, which codes of up to 7 bits always do), U8U8 for the others (8-bit codes;
+        U8S8 put the 8-layer Llama's logits 12 steps off and cost mnist1d-cnn 5 points of
+        accuracy, its first convolution's outputs up to 82 steps off). A layer whose input is on
+        the reduced range cannot saturate (``127 · 256 ≤ 32767``), so ``"auto"`` stores it U8S8.
+    activation_range : {"auto", "full", "reduced"}
+        The grid of each quantized layer's input, as in :func:`cetopt.runtime`: ``"auto"``
+        (default) puts the input of each layer with 8-bit weights (``u8s8_is_exact`` false) on
+        codes 0 … 127 (a Clip, then the uint8 QuantizeLinear), so every layer runs U8S8 exactly;
+        ``"full"`` keeps 0 … 255 everywhere (then ``"auto"`` weights fall back to U8U8).
 
     Returns
     -------
     ExportedOnnx
     """
     onnx = _require("onnx")
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
 
     inputs = as_input_tuple(example_inputs)
     deploy = deployment_model(model).eval()
@@ -143,6 +204,12 @@ def export_onnx(
         data = list(calibration) if calibration is not None else [inputs]
         activations = calibrate_activations(deploy, data, method=method)
     quantized, floats = [], []
+    ranges: dict[str, str] = {}
+    formats: dict[str, str] = {}
+    if activation_range not in ("auto", "full", "reduced"):
+        raise ValueError(
+            f"activation_range must be one of ('auto', 'full', 'reduced'), got {activation_range!r}"
+        )
 
     def make(name: str, m: nn.Module):
         if not isinstance(m, _CodesMixin):
@@ -151,17 +218,24 @@ def export_onnx(
             floats.append(name)
             return m
         quantized.append(name)
-        return _QDQLayer(m, name, *_per_tensor(activations, name))
+        reduced = needs_reduced_range(m, name, activation_range)
+        ranges[name] = "reduced" if reduced else "full"
+        unsigned = weight_format == "u8u8" or (
+            weight_format == "auto" and not reduced and not u8s8_is_exact(m, name)
+        )
+        formats[name] = "u8u8" if unsigned else "u8s8"
+        act_in, act_out = _per_tensor(activations, name)
+        return _QDQLayer(m, name, act_in.with_range(reduced), act_out, unsigned=unsigned)
 
     export_model = _swap(copy.deepcopy(deploy), make).eval()
-    graph = _to_onnx(export_model, inputs, opset)
+    graph = _to_onnx(export_model, inputs, opset, dynamic_axes)
     graph = _int8_initializers(graph)
     onnx.checker.check_model(graph)
     atomic_write_bytes(path, graph.SerializeToString())
-    diff, tol = None, 0.0
+    diff, tol, spread = None, 0.0, None
     if check:
-        diff, tol = _compare(model, path, inputs, activations, quantized)
-    return ExportedOnnx(str(path), quantized, floats, diff, tol, activations)
+        diff, tol, spread = _compare(model, path, inputs, activations, quantized, activation_range)
+    return ExportedOnnx(str(path), quantized, floats, diff, tol, activations, spread, ranges, formats)
 
 
 def _per_tensor(ranges: ActivationRanges, name: str):
@@ -223,10 +297,31 @@ def _extra_symbolics(opset: int):
             torch.onnx.unregister_custom_op_symbolic(name, opset)
 
 
-def _to_onnx(model: nn.Module, inputs: tuple, opset: int):
+def default_dynamic_axes(model: nn.Module, inputs: tuple) -> dict[str, dict[int, str]]:
+    """The axes exported as dynamic: the batch (axis 0) of every input and of the output, and
+    the sequence (axis 1) of token-id inputs (integer tensors of two or more dimensions) and of an
+    output of three or more dimensions whose axis 1 has their length (an LM's logits)."""
+    axes = {f"input{i}": {0: "batch"} for i in range(len(inputs))}
+    lengths = set()
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and not x.is_floating_point():
+            axes[f"input{i}"][1] = "sequence"
+            lengths.add(x.shape[1])
+    axes["output"] = {0: "batch"}
+    if lengths:
+        with torch.no_grad():
+            out = model(*inputs)
+        if isinstance(out, torch.Tensor) and out.dim() >= 3 and out.shape[1] in lengths:
+            axes["output"][1] = "sequence"
+    return axes
+
+
+def _to_onnx(model: nn.Module, inputs: tuple, opset: int, dynamic_axes=None):
     onnx = _require("onnx")
 
     names = [f"input{i}" for i in range(len(inputs))]
+    if dynamic_axes is None:
+        dynamic_axes = default_dynamic_axes(model, inputs)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), _extra_symbolics(opset):
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
@@ -238,7 +333,7 @@ def _to_onnx(model: nn.Module, inputs: tuple, opset: int):
             opset_version=opset,
             input_names=names,
             output_names=["output"],
-            dynamic_axes={n: {0: "batch"} for n in [*names, "output"]},
+            dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
             do_constant_folding=True,
         )
     return _cast_bool_cumsum(onnx.load_from_string(buffer.getvalue()))
@@ -362,23 +457,77 @@ def _bias_to_int32(g, values: dict, producers: dict) -> None:
         node.input[2] = f"{base}_dq"
 
 
-def _compare(model, path, inputs, activations, quantized) -> tuple[float | None, float]:
+def _compare(
+    model, path, inputs, activations, quantized, activation_range="auto"
+) -> tuple[float | None, float, float | None]:
+    """onnxruntime against ``fake-int8`` on ``inputs``: (max |difference|, tolerance, spread)."""
     try:
         import onnxruntime as ort
     except ImportError:
-        return None, 0.0
+        return None, 0.0, None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = runtime(model, "fake-int8", activations=activations)
+        reference = runtime(model, "fake-int8", activations=activations, activation_range=activation_range)
     with torch.no_grad():
         expected = reference(*inputs)
+        exact = _swap(reference, _exact_layer)(*inputs)  # the same grids, integer sums exact
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {f"input{i}": x.numpy() for i, x in enumerate(inputs)}
     got = session.run(None, feed)[0]
     diff = float(np.abs(got - expected.numpy()).max())
+    spread = float((expected - exact).abs().max())
     step = max((float(activations.outputs[n].scale) for n in quantized), default=0.0)
-    tol = 2 * step + 1e-4 * float(expected.abs().max())
-    return diff, tol
+    tol = 2 * step + 1e-4 * float(expected.abs().max()) + spread
+    return diff, tol, spread
+
+
+class _ExactInt8(nn.Module):
+    """A ``fake-int8`` layer computed as the integer kernels define it, without float rounding.
+
+    The input is quantized as ``fake-int8`` does; the products of its codes with the weight codes
+    are summed in float64, which holds every such int32 sum exactly; the sum times
+    ``input scale · weight scale`` plus the bias is requantized in float64. ``fake-int8`` sums the
+    dequantized values in float32 instead, so the two differ only by float rounding, which can
+    put a value on the other side of a rounding boundary.
+    """
+
+    def __init__(self, fake: nn.Module):
+        super().__init__()
+        self.fake = fake
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.fake
+        layer, grid_in, grid_out = f.layer, f.act_in, f.act_out
+        s_in = float(grid_in.scale)
+        codes_in = torch.round(grid_in.fake(x).double() / s_in)  # (q − zero point), exactly
+        w = layer.weight.double()
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        w_scale = f.w_scale.double()
+        codes_w = torch.round(w / w_scale.view(shape))
+        if isinstance(layer, nn.Linear):
+            acc = F.linear(codes_in, codes_w)
+            y = acc * (s_in * w_scale)
+        else:
+            conv = (F.conv1d, F.conv2d, F.conv3d)[layer.dims - 1]
+            acc = conv(codes_in, codes_w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+            y = acc * (s_in * w_scale).view(-1, *([1] * (acc.dim() - 2)))
+        if layer.bias is not None:
+            bias = layer.bias.double()
+            y = y + (bias if isinstance(layer, nn.Linear) else bias.view(-1, *([1] * (acc.dim() - 2))))
+        s_out, zp = float(grid_out.scale), int(grid_out.zero_point)
+        q = torch.clamp(torch.round(y / s_out) + zp, 0, grid_out.qmax)
+        return ((q - zp) * s_out).to(x.dtype)
+
+
+def _exact_layer(name: str, m: nn.Module) -> nn.Module | None:
+    from cetopt.deploy.runtime import FakeInt8
+
+    if not isinstance(m, FakeInt8) or m.act_in is None:
+        return None
+    if m.act_in.per_channel or m.act_out.per_channel:
+        return None  # the export quantizes per tensor; this reference is for per-tensor grids
+    m.w_scale = int8_codes(m.layer, name)[1]
+    return _ExactInt8(m)
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
@@ -395,10 +544,32 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def export_float_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, opset: int = 17) -> str:
-    """The float graph of ``model`` (dequant-cached) as ONNX: the onnxruntime fp32 baseline."""
+def export_float_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_inputs,
+    opset: int = 17,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+) -> str:
+    """The float graph of ``model`` (dequant-cached) as ONNX: the onnxruntime fp32 baseline.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified.
+    path : str or PathLike
+    example_inputs : Tensor or tuple of Tensors
+    opset : int
+    dynamic_axes : dict, optional
+        As in :func:`export_onnx`.
+
+    Returns
+    -------
+    str
+        ``path``.
+    """
     from cetopt.deploy.runtime import dequant_cached
 
-    graph = _to_onnx(dequant_cached(model).eval(), as_input_tuple(example_inputs), opset)
+    graph = _to_onnx(dequant_cached(model).eval(), as_input_tuple(example_inputs), opset, dynamic_axes)
     atomic_write_bytes(path, graph.SerializeToString())
     return str(path)

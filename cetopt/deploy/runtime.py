@@ -16,6 +16,13 @@ Modes (the input model and any file it came from are never changed):
     without, Linear layers are dynamic: the input grid is chosen per call from the input's own
     range and the output stays float (``quantized::linear_dynamic``); convolutions then stay float
     with a warning (torch's ``quantized::conv2d_dynamic`` gave wrong outputs on torch 2.13).
+    Activation range: torch's uint8 × int8 kernels (fbgemm, like onnxruntime's on x86 CPUs without
+    VNNI) add pairs of products in a saturating int16, which 8-bit weights with full-range uint8
+    inputs can overflow (``255 · 2 · 128 > 32767``). So the input of each layer whose weights
+    could (:func:`u8s8_is_exact` false) is quantized on a reduced grid, codes 0 … 127
+    (``activation_range="reduced"``, torch's ``reduce_range``): ``127 · 2 · 128 ≤ 32767``, no
+    sum saturates, and the kernels are exact to the definition. ``fake-int8`` and the ONNX export
+    use the same grids; every other layer keeps the full 8-bit grid.
 ``"fake-int8"``
     The ``int8`` mode's definition simulated in float (fake-quant): the reference the int8 kernels
     are checked against, and the way to measure accuracy with activations quantized, also per
@@ -57,7 +64,10 @@ __all__ = [
     "deployment_model",
     "is_deploy_layer",
     "runtime",
+    "u8s8_is_exact",
 ]
+
+ACTIVATION_RANGES = ("auto", "full", "reduced")
 
 MODES = ("reference", "dequant-cached", "int8", "fake-int8", "weight-only")
 _INT4_GROUP = 32  # group size passed to the int4 kernel (every group of a row shares its scale)
@@ -231,33 +241,78 @@ def _set_module(root: nn.Module, target: str, module: nn.Module) -> None:
 
 
 def int8_codes(layer: _CodesMixin, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's codes as int8 with positive per-channel scales (what qint8 kernels take).
+    """The layer's codes as int8 and its per-channel scales, exactly as stored.
 
-    A negative scale flips its channel's codes; a code of −128 then becomes +128, which int8
-    cannot hold: it is rounded to 127 with a warning naming the layer.
+    A scale may be negative: the quantizer mirrors a channel's grid when that fits it better, so
+    the code −128 at a negative scale stands for the weight ``+128 · |scale|``. Flipping such a
+    channel to a positive scale would need the code +128, which int8 cannot hold, so the signed
+    scales go to the kernels as they are (``quantized::linear`` / ``conv*d`` and onnxruntime's
+    QLinear kernels compute ``scale · code`` exactly for either sign; the tests check both). A zero
+    scale (an all-zero channel) becomes 1 with zero codes.
+
+    Parameters
+    ----------
+    layer : deployment layer
+        A layer of :func:`deployment_model` (it keeps its codes).
+    name : str
+        Its name (unused; kept for the callers' error messages).
+
+    Returns
+    -------
+    codes : Tensor of int8
+    scale : Tensor of float32, one per output channel
     """
-    sign = torch.where(layer.code_scale < 0, -1, 1).to(torch.int32)
-    q = layer.codes.to(torch.int32) * sign.view(-1, *([1] * (layer.codes.dim() - 1)))
-    if q.numel() and int(q.max()) > 127:
-        warnings.warn(
-            f"layer {name!r}: {int((q > 127).sum())} code(s) of −128 at a negative scale become +128, "
-            "which int8 cannot hold; rounded to 127 (one step off)",
-            KernelFallbackWarning,
-            stacklevel=3,
-        )
-    scale = layer.code_scale.abs()
+    q = layer.codes.to(torch.int32)
+    scale = layer.code_scale.clone()
     zero = scale == 0
-    q[zero] = 0  # a zero scale means zero weights; any positive scale represents them
+    q[zero] = 0  # a zero scale means zero weights; any nonzero scale represents them
     scale = torch.where(zero, torch.ones_like(scale), scale)
     return q.clamp(-128, 127).to(torch.int8), scale
+
+
+def u8s8_is_exact(layer: _CodesMixin, name: str = "") -> bool:
+    """True when uint8 × int8 kernels with int16 pair sums cannot saturate on this layer.
+
+    Such kernels (``vpmaddubsw``: fbgemm, onnxruntime's MLAS on x86 without VNNI) add two
+    products ``x_a·w_a + x_b·w_b`` of uint8 activations ``x ≤ 255`` and int8 codes ``w`` in a
+    saturating int16. Whichever two codes of a channel are paired, the sum is at most
+    ``255 · (|w|₁ + |w|₂)`` with ``|w|₁, |w|₂`` the channel's two largest code magnitudes, so
+    ``|w|₁ + |w|₂ ≤ 128`` (``255 · 128 = 32640 ≤ 32767``) makes the kernel exact. With the
+    input on the reduced range (``x ≤ 127``) every layer is: ``127 · 256 = 32512``.
+
+    Parameters
+    ----------
+    layer : deployment layer
+    name : str
+
+    Returns
+    -------
+    bool
+    """
+    codes, _ = int8_codes(layer, name)
+    flat = codes.to(torch.int32).abs().reshape(codes.shape[0], -1)
+    if flat.shape[1] < 2:
+        return int(flat.max()) <= 128 if flat.numel() else True
+    top = flat.topk(2, dim=1).values.sum(dim=1)
+    return bool((top <= 128).all())
+
+
+def needs_reduced_range(layer: _CodesMixin, name: str, activation_range: str) -> bool:
+    """Whether ``layer``'s input goes on the reduced grid under ``activation_range``."""
+    if activation_range not in ACTIVATION_RANGES:
+        raise ValueError(f"activation_range must be one of {ACTIVATION_RANGES}, got {activation_range!r}")
+    if activation_range == "auto":
+        return not u8s8_is_exact(layer, name)
+    return activation_range == "reduced"
 
 
 class _Int8Base(nn.Module):
     """Shared state of the int8 layers: packed weights, the activation grids, the float fallback."""
 
-    def __init__(self, layer: _CodesMixin, name: str, act_in, act_out):
+    def __init__(self, layer: _CodesMixin, name: str, act_in, act_out, reduced_range: bool = False):
         super().__init__()
         self.name = name
+        self.reduced_range = reduced_range  # dynamic: linear_dynamic's reduce_range
         codes, scale = int8_codes(layer, name)
         self.register_buffer("weight_int8", codes)
         self.register_buffer("weight_scale", scale)
@@ -278,9 +333,11 @@ class _Int8Base(nn.Module):
         return self.act_in is not None
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.quantize_per_tensor(
-            x.float(), float(self.act_in.scale), int(self.act_in.zero_point), torch.quint8
-        )
+        scale, zp = float(self.act_in.scale), int(self.act_in.zero_point)
+        x = x.float()
+        if self.act_in.reduced_range:  # quint8 holds 0..255: clamp to the grid's top code first
+            x = torch.clamp(x, max=(self.act_in.qmax - zp) * scale)
+        return torch.quantize_per_tensor(x, scale, zp, torch.quint8)
 
 
 def _kernel_grid(grid: ActivationQuant | None, name: str, where: str) -> ActivationQuant | None:
@@ -293,19 +350,19 @@ def _kernel_grid(grid: ActivationQuant | None, name: str, where: str) -> Activat
         KernelFallbackWarning,
         stacklevel=4,
     )
-    return ActivationQuant.from_range(grid.lo.min(), grid.hi.max(), 8, None)
+    return ActivationQuant.from_range(grid.lo.min(), grid.hi.max(), 8, None, grid.reduced_range)
 
 
 class Int8Linear(_Int8Base):
     """Linear on ``quantized::linear`` (static) or ``quantized::linear_dynamic`` (dynamic)."""
 
-    def __init__(self, layer: DeployLinear, name: str, act_in=None, act_out=None):
-        super().__init__(layer, name, act_in, act_out)
+    def __init__(self, layer: DeployLinear, name: str, act_in=None, act_out=None, reduced_range=False):
+        super().__init__(layer, name, act_in, act_out, reduced_range)
         self._packed = torch.ops.quantized.linear_prepack(self.int8_weight(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.static:
-            return torch.ops.quantized.linear_dynamic(x.float(), self._packed, False)
+            return torch.ops.quantized.linear_dynamic(x.float(), self._packed, self.reduced_range)
         y = torch.ops.quantized.linear(
             self._quantize_input(x), self._packed, float(self.act_out.scale), int(self.act_out.zero_point)
         )
@@ -315,8 +372,10 @@ class Int8Linear(_Int8Base):
 class Int8Conv(_Int8Base):
     """Conv1d/2d/3d on ``quantized::convNd``: static input and output grids."""
 
-    def __init__(self, layer: nn.modules.conv._ConvNd, name: str, act_in=None, act_out=None):
-        super().__init__(layer, name, act_in, act_out)
+    def __init__(
+        self, layer: nn.modules.conv._ConvNd, name: str, act_in=None, act_out=None, reduced_range=False
+    ):
+        super().__init__(layer, name, act_in, act_out, reduced_range)
         self.dims = layer.dims
         ops = torch.ops.quantized
         prepack = (ops.conv1d_prepack, ops.conv2d_prepack, ops.conv3d_prepack)[self.dims - 1]
@@ -340,8 +399,9 @@ class Int8Conv(_Int8Base):
 class FakeInt8(nn.Module):
     """The int8 layers' definition in float: fake-quant input, float layer, fake-quant output."""
 
-    def __init__(self, layer: _CodesMixin, name: str, act_in=None, act_out=None):
+    def __init__(self, layer: _CodesMixin, name: str, act_in=None, act_out=None, reduced_range=False):
         super().__init__()
+        self.reduced_range = reduced_range  # dynamic inputs: 0..127
         self.layer = copy.deepcopy(layer)
         codes, scale = int8_codes(layer, name)
         with torch.no_grad():
@@ -351,7 +411,7 @@ class FakeInt8(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_in is None:
-            return self.layer(fake_quantize_dynamic(x))
+            return self.layer(fake_quantize_dynamic(x, self.reduced_range))
         return self.act_out.fake(self.layer(self.act_in.fake(x)))
 
 
@@ -458,7 +518,7 @@ def _weight_only(name: str, m: nn.Module) -> nn.Module | None:
     return Int8WeightLinear(m, name)
 
 
-def _int8_layers(ranges: ActivationRanges | None, fake: bool):
+def _int8_layers(ranges: ActivationRanges | None, fake: bool, activation_range: str, record: dict):
     def make(name: str, m: nn.Module) -> nn.Module | None:
         if not isinstance(m, _CodesMixin):
             return None
@@ -478,9 +538,13 @@ def _int8_layers(ranges: ActivationRanges | None, fake: bool):
                 name, "dynamic int8 convolutions need calibrated ranges (pass calibration=)", "in float32"
             )
             return m
+        reduced = needs_reduced_range(m, name, activation_range)
+        record[name] = "reduced" if reduced else "full"
+        if act_in is not None:
+            act_in = act_in.with_range(reduced)
         if fake:
-            return FakeInt8(m, name, act_in, act_out)
-        return (Int8Linear if isinstance(m, DeployLinear) else Int8Conv)(m, name, act_in, act_out)
+            return FakeInt8(m, name, act_in, act_out, reduced)
+        return (Int8Linear if isinstance(m, DeployLinear) else Int8Conv)(m, name, act_in, act_out, reduced)
 
     return make
 
@@ -492,6 +556,7 @@ def runtime(
     activations: ActivationRanges | None = None,
     calibration: Iterable | None = None,
     method: str = "minmax",
+    activation_range: str = "auto",
 ) -> nn.Module:
     """A new model running ``model``'s quantized layers in execution mode ``mode``.
 
@@ -508,11 +573,17 @@ def runtime(
         Batches to calibrate the activation grids on (with ``method``) when ``activations`` is not
         given. With neither, ``int8`` quantizes activations dynamically.
     method : {"minmax", "percentile", "mse"}
+    activation_range : {"auto", "full", "reduced"}
+        ``int8`` / ``fake-int8``: the grid of each layer's input. ``"reduced"``: codes 0 … 127
+        (the same calibrated range at half the resolution), ``"full"``: 0 … 255, ``"auto"``:
+        reduced exactly for the layers whose weights could saturate the kernels' int16 pair sums
+        (:func:`u8s8_is_exact` false: 8-bit codes), full elsewhere.
 
     Returns
     -------
     nn.Module
-        In eval mode; ``.activation_ranges`` holds the grids used (None when dynamic).
+        In eval mode; ``.activation_ranges`` holds the calibrated grids (None when dynamic) and
+        ``.activation_range`` maps each int8 layer to ``"reduced"`` or ``"full"``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -525,6 +596,11 @@ def runtime(
     deploy = deployment_model(model).eval()
     if activations is None and calibration is not None:
         activations = calibrate_activations(deploy, calibration, method=method)
-    result = _swap(deploy, _int8_layers(activations, fake=mode == "fake-int8")).eval()
+    if activation_range not in ACTIVATION_RANGES:
+        raise ValueError(f"activation_range must be one of {ACTIVATION_RANGES}, got {activation_range!r}")
+    record: dict[str, str] = {}
+    make = _int8_layers(activations, mode == "fake-int8", activation_range, record)
+    result = _swap(deploy, make).eval()
     result.activation_ranges = activations
+    result.activation_range = record
     return result

@@ -171,3 +171,51 @@ def test_weight_only_widths_the_int8_kernel_cannot_take_run_in_float(tiny):
     x = torch.randn(5, 32)
     with torch.no_grad():
         assert (fast(x) - q(x)).abs().max() <= 1e-2 * q(x).abs().max()
+
+
+@torch.no_grad()
+def test_negative_scales_reach_the_kernels_exactly():
+    """A code −128 at a negative scale is the weight +128·|scale|: int8 and fake-int8 keep it."""
+    from cetopt.deploy.runtime import FakeInt8, Int8Linear, deployment_model
+    from tests.deploy.conftest import quantize_all
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
+    with torch.no_grad():  # a positive outlier per row: the mirrored grid gives it the extra level
+        model[0].weight[:, 0] = model[0].weight.abs().max(dim=1).values * 1.5
+    q = quantize_all(model, 8)
+    layer = deployment_model(q)[0]
+    flipped = (layer.code_scale < 0)[:, None] & (layer.codes == -128)
+    assert int(flipped.sum()) > 0  # the case this test is about occurs
+    x = torch.randn(256, 32)
+    ranges = calibrate_activations(q, [x])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)  # nothing is rounded any more
+        fake = runtime(q, "fake-int8", activations=ranges)
+        kernel = runtime(q, "int8", activations=ranges)
+        dynamic = runtime(q, "int8")
+    assert isinstance(fake[0], FakeInt8) and isinstance(kernel[0], Int8Linear)
+    assert torch.equal(fake[0].layer.weight, layer.weight)  # the stored weights, bit for bit
+    assert torch.equal(kernel[0].dequantized_weight(), layer.weight)
+    assert torch.equal(dynamic[0].dequantized_weight(), layer.weight)
+    # small inputs (u8 codes near the zero point) keep fbgemm's int16 pair sums from saturating
+    step = float(ranges.outputs["2"].scale)
+    assert (kernel(x[:64] * 0.1) - fake(x[:64] * 0.1)).abs().max() <= step + 1e-6
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["digits-resnet", "mnist1d-cnn"])
+def test_int8_kernels_on_8_bit_zoo_conv_nets_match_their_definition(name):
+    """8-bit weights: every layer's input is on the reduced range, so fbgemm cannot saturate."""
+    from cetopt.zoo import load_dataset, load_model
+    from tests.deploy.conftest import EVERY_ZOO_MODEL, quantize_all
+
+    q = quantize_all(load_model(name).eval(), 8)
+    data = load_dataset(EVERY_ZOO_MODEL[name])
+    ranges = calibrate_activations(q, data.loader("val"))
+    x = data.x_test[:128]
+    fake = runtime(q, "fake-int8", activations=ranges)
+    kernel = runtime(q, "int8", activations=ranges)
+    assert set(kernel.activation_range.values()) == {"reduced"} == set(fake.activation_range.values())
+    last = list(ranges.outputs)[-1]
+    assert (kernel(x) - fake(x)).abs().max() <= 3 * float(ranges.outputs[last].scale) + 1e-5
