@@ -448,6 +448,23 @@ def _targets(latency: dict, acc: dict) -> dict:
     }
 
 
+def _rerun_record(load_before: tuple[float, float, float], t0: float, why: str) -> dict:
+    """When, at which commit and under what load a case was re-measured, and why."""
+    import os
+    import time
+
+    from benchmarks.harness import machine_info
+
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        "git_commit": machine_info()["git_commit"],
+        "wall_s": time.time() - t0,
+        "loadavg_1_5_15_before": list(load_before),
+        "loadavg_1_5_15_after": list(os.getloadavg()),
+        "why": why,
+    }
+
+
 def rerun(names: list[str], path: Path | None = None, accuracy_names: list[str] = ()) -> dict:
     """Re-measure the latency cases ``names`` (and the accuracy cases ``accuracy_names``) and
     merge them into the committed ``latency.json``.
@@ -458,7 +475,7 @@ def rerun(names: list[str], path: Path | None = None, accuracy_names: list[str] 
     import os
     import time
 
-    from benchmarks.harness import RESULTS, machine_info
+    from benchmarks.harness import RESULTS
 
     path = path or RESULTS / "latency.json"
     data = json.loads(Path(path).read_text())
@@ -474,14 +491,9 @@ def rerun(names: list[str], path: Path | None = None, accuracy_names: list[str] 
             print(f"latency {name} (re-run)", flush=True)
             load_before, t0 = os.getloadavg(), time.time()
             entry = _latency_case(name, model, make_input, calibration, lm, runs, Path(tmp))
-            entry["rerun"] = {
-                "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-                "git_commit": machine_info()["git_commit"],
-                "wall_s": time.time() - t0,
-                "loadavg_1_5_15_before": list(load_before),
-                "loadavg_1_5_15_after": list(os.getloadavg()),
-                "why": "reduced activation range where 8-bit weights could saturate: exact U8S8",
-            }
+            entry["rerun"] = _rerun_record(
+                load_before, t0, "reduced activation range where 8-bit weights could saturate: exact U8S8"
+            )
             data["latency"][name] = entry
     missing = sorted(set(names) - found)
     if missing:
@@ -490,14 +502,11 @@ def rerun(names: list[str], path: Path | None = None, accuracy_names: list[str] 
         print(f"accuracy {name} (re-run)", flush=True)
         load_before, t0 = os.getloadavg(), time.time()
         entry = _accuracy_case(name, False)
-        entry["rerun"] = {
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-            "git_commit": machine_info()["git_commit"],
-            "wall_s": time.time() - t0,
-            "loadavg_1_5_15_before": list(load_before),
-            "loadavg_1_5_15_after": list(os.getloadavg()),
-            "why": "reduced activation range (codes 0..127) on the inputs of layers with 8-bit weights",
-        }
+        entry["rerun"] = _rerun_record(
+            load_before,
+            t0,
+            "reduced activation range (codes 0..127) on the inputs of layers with 8-bit weights",
+        )
         data.setdefault("accuracy_10x", {})[name] = entry
     data["targets"] = _targets(data["latency"], data.get("accuracy_10x", {}))
     atomic_write_json(path, data)

@@ -424,6 +424,12 @@ def group_options(
     return out
 
 
+def _lacks_forward_ad(exc: Exception) -> bool:
+    """Whether ``exc`` says a kernel has no forward-mode AD (what ``cet``'s HVPs need): torch raises
+    ``NotImplementedError``, or a ``RuntimeError`` naming forward AD."""
+    return isinstance(exc, NotImplementedError) or "forward AD" in str(exc)
+
+
 def _run(method: str, obj: LossObjective, deltas: Deltas, opts: dict, choice: dict | None):
     """``METHODS[method]``'s result and the method that produced it; under ``auto`` a ``cet`` that
     the model's kernels cannot run (no forward-mode AD) gives way to ``measured``."""
@@ -432,7 +438,7 @@ def _run(method: str, obj: LossObjective, deltas: Deltas, opts: dict, choice: di
     try:
         values, stderr, meta = METHODS[method](obj, deltas, opts)
     except (NotImplementedError, RuntimeError) as exc:
-        if method != "cet" or ("forward AD" not in str(exc) and not isinstance(exc, NotImplementedError)):
+        if method != "cet" or not _lacks_forward_ad(exc):
             raise
         first_line = str(exc).splitlines()[0][:120] if str(exc) else ""
         why = f"{choice['reason']}; but cet cannot run here ({type(exc).__name__}: {first_line}), so measured"
