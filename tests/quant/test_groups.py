@@ -196,7 +196,9 @@ def test_a_file_written_before_groups_still_loads():
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
     back = cetopt.load(DATA / "pre_groups.safetensors", model=model)
     io = load_file(str(DATA / "pre_groups_io.safetensors"))
-    assert torch.equal(back(io["x"]), io["y"])
+    # The stored output was computed on another CPU: float matmul kernels may differ by an ulp,
+    # while a wrong decode moves the output by at least a quantization step.
+    torch.testing.assert_close(back(io["x"]).detach(), io["y"], rtol=1e-6, atol=1e-6)
     assert back[0].weight_group is None and back[0].weight_scale.shape == (6,)
 
 
