@@ -646,8 +646,29 @@ def fuse_qdq(graph):
     keep = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
+    _topological_sort(g)
     del g.value_info[:]  # tensors changed type (codes now flow where floats did): infer again
     return onnx.shape_inference.infer_shapes(graph)
+
+
+def _topological_sort(g) -> None:
+    """Reorder ``g.node`` so every node comes after the producers of its inputs (stable)."""
+    known = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    pending = [copy.deepcopy(n) for n in g.node]
+    ordered = []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in known for i in n.input):
+                ordered.append(n)
+                known.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise RuntimeError(f"fuse_qdq left a cycle at {rest[0].name!r}")  # a bug, not bad input
+        pending = rest
+    del g.node[:]
+    g.node.extend(ordered)
 
 
 def _grid_of(node, values):
