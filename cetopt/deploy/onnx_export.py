@@ -642,7 +642,13 @@ def fuse_qdq(graph):
         values.update(_constant_nodes(g))
         if not _fuse_once(g, values, numpy_helper):
             break
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    while True:  # the Constant nodes (scales, zero points, bounds) of the nodes that went
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.op_type == "Constant" and n.output[0] not in used]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
     keep = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
