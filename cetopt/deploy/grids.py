@@ -36,7 +36,16 @@ from cetopt.deploy.activations import ActivationQuant, ActivationRanges
 __all__ = ["TensorQuant", "insert_tensor_quantizers", "resolve_grids"]
 
 _RELU_MODULES = (nn.ReLU, nn.ReLU6)
-_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Dropout, nn.Identity)
+_PRESERVING_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.Flatten,
+    nn.Dropout,
+    nn.Identity,
+)
 _RELU_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6}
 _PRESERVING_FUNCTIONS = {
     *_RELU_FUNCTIONS,
@@ -128,7 +137,7 @@ def insert_tensor_quantizers(gm: fx.GraphModule) -> list[str]:
         gm.add_submodule(name, TensorQuant())
         with gm.graph.inserting_after(after):
             quant = gm.graph.call_module(name, (after,))
-        after.replace_all_uses_with(quant, delete_user_cb=lambda user: user is not quant)
+        after.replace_all_uses_with(quant, delete_user_cb=lambda user, quant=quant: user is not quant)
         names.append(name)
     if names:
         gm.graph.lint()

@@ -28,6 +28,7 @@ from torch import nn
 
 from cetopt._io import atomic_write_bytes
 from cetopt.deploy.activations import ActivationRanges, calibrate_activations
+from cetopt.deploy.grids import TensorQuant
 from cetopt.deploy.runtime import (
     DeployLinear,
     _CodesMixin,
@@ -36,9 +37,9 @@ from cetopt.deploy.runtime import (
     int8_codes,
     resolve_ranges,
     runtime,
+    saved_ranges,
     u8s8_is_exact,
 )
-from cetopt.deploy.grids import TensorQuant
 from cetopt.errors import MissingDependencyError
 from cetopt.graph.trace import as_input_tuple
 
@@ -163,7 +164,8 @@ def export_onnx(
         Static activation grids (from :func:`cetopt.deploy.calibrate_activations` of this model).
     calibration : iterable, optional
         Batches to calibrate them on with ``method`` when ``activations`` is not given; with
-        neither, the example inputs are the calibration data.
+        neither, the ranges saved in the model's file (``cetopt.save(..., activations=)``), else
+        the example inputs are the calibration data.
     method : {"minmax", "percentile", "mse"}
     opset : int
         ONNX opset (13 or later: per-channel DequantizeLinear).
@@ -214,6 +216,8 @@ def export_onnx(
 
     inputs = as_input_tuple(example_inputs)
     deploy = deployment_model(model).eval()
+    if activations is None and calibration is None:
+        activations = saved_ranges(model)  # saved in the model's file, if it was loaded from one
     if activations is None:
         data = list(calibration) if calibration is not None else [inputs]
         activations = calibrate_activations(deploy, data, method=method)
@@ -224,7 +228,9 @@ def export_onnx(
 
     def make(name: str, m: nn.Module):
         if isinstance(m, TensorQuant):
-            grid = _kernel_grid(activations.outputs[name], name, "add") if name in activations.inputs else None
+            grid = (
+                _kernel_grid(activations.outputs[name], name, "add") if name in activations.inputs else None
+            )
             return TensorQuant(grid)
         if not isinstance(m, _CodesMixin):
             return None
@@ -815,7 +821,11 @@ def _fuse_once(g, values, numpy_helper) -> bool:
             src = producers.get(node.input[0])
             while src is not None and src.op_type in ("MaxPool", "Relu", *_SHAPE_OPS):
                 src = producers.get(src.input[0])
-            if src is not None and src.op_type == "DequantizeLinear" and _same_grid(grid, _grid_of(src, values)):
+            if (
+                src is not None
+                and src.op_type == "DequantizeLinear"
+                and _same_grid(grid, _grid_of(src, values))
+            ):
                 top = top_of(src.input[0])
                 codes = _codes(grid, top)
                 after = consumers.get(node.output[0], [])
@@ -823,9 +833,18 @@ def _fuse_once(g, values, numpy_helper) -> bool:
                 if clip is not None and (top is None or _clip_top(clip, values) < top):
                     clip = None  # the Clip would change codes X holds: not the same values
                 dq_of = consumers.get((clip or node).output[0], [])
-                dq = next((d for d in dq_of if d.op_type == "DequantizeLinear" and _same_grid(grid, _grid_of(d, values))), None)
-                if (clip is not None or len(after) >= 1) and dq is not None and np.array_equal(
-                    _q(grid, _dq(grid, codes)), codes
+                dq = next(
+                    (
+                        d
+                        for d in dq_of
+                        if d.op_type == "DequantizeLinear" and _same_grid(grid, _grid_of(d, values))
+                    ),
+                    None,
+                )
+                if (
+                    (clip is not None or len(after) >= 1)
+                    and dq is not None
+                    and np.array_equal(_q(grid, _dq(grid, codes)), codes)
                 ):
                     others = [c for c in consumers[node.input[0]] if c is not node]
                     x = node.input[0]

@@ -203,10 +203,9 @@ def deployment_model(model: nn.Module) -> nn.Module:
     gets a :class:`cetopt.deploy.grids.TensorQuant` (identity until calibrated) after every
     residual add of two quantized tensors.
     """
+    from cetopt.deploy.grids import TensorQuant, insert_tensor_quantizers
     from cetopt.graph.rules.fold_batchnorm import fold_batchnorm
     from cetopt.graph.trace import symbolic_trace
-
-    from cetopt.deploy.grids import TensorQuant, insert_tensor_quantizers
 
     cached = dequant_cached(model)
     try:
@@ -308,6 +307,12 @@ def needs_reduced_range(layer: _CodesMixin, name: str, activation_range: str) ->
     if activation_range == "auto":
         return not u8s8_is_exact(layer, name)
     return activation_range == "reduced"
+
+
+def saved_ranges(model: nn.Module) -> ActivationRanges | None:
+    """The activation ranges :func:`cetopt.load` found in the file (``model.activation_ranges``)."""
+    ranges = getattr(model, "activation_ranges", None)
+    return ranges if isinstance(ranges, ActivationRanges) else None
 
 
 def resolve_ranges(
@@ -621,7 +626,9 @@ def runtime(
         ``fake-int8``; a layer without one keeps float activations.
     calibration : iterable, optional
         Batches to calibrate the activation grids on (with ``method``) when ``activations`` is not
-        given. With neither, ``int8`` quantizes activations dynamically.
+        given. With neither, the ranges saved in the model's file (``cetopt.save(...,
+        activations=)``, found on the loaded model as ``.activation_ranges``) are used, and
+        without those ``int8`` quantizes activations dynamically.
     method : {"minmax", "percentile", "mse"}
     activation_range : {"auto", "full", "reduced"}
         ``int8`` / ``fake-int8``: the grid of each layer's input. ``"reduced"``: codes 0 … 127
@@ -652,6 +659,8 @@ def runtime(
     deploy = deployment_model(model).eval()
     if activations is None and calibration is not None:
         activations = calibrate_activations(deploy, calibration, method=method)
+    if activations is None:
+        activations = saved_ranges(model)
     if activation_range not in ACTIVATION_RANGES:
         raise ValueError(f"activation_range must be one of {ACTIVATION_RANGES}, got {activation_range!r}")
     if activations is not None:

@@ -120,9 +120,7 @@ def test_resnet_export_runs_every_op_on_int8_codes(tmp_path):
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1
     assert not {"Conv", "Add", "Relu", "MaxPool", "GlobalAveragePool", "Gemm", "MatMul"} & set(ops)
     # the per-layer grids of before: a requantization and float ops on every edge
-    old = export_onnx(
-        q, tmp_path / "old.onnx", x[:4], activations=ranges, shared_grids=False, fuse=False
-    )
+    old = export_onnx(q, tmp_path / "old.onnx", x[:4], activations=ranges, shared_grids=False, fuse=False)
     assert old.max_abs_diff <= old.tolerance
     old_ops = _optimized_ops(old.path, tmp_path)
     assert old_ops["QuantizeLinear"] > 1 and old_ops["Add"] + old_ops["Relu"] > 0
@@ -192,3 +190,23 @@ def test_saved_ranges_reproduce_the_export(activation_range, tmp_path):
     assert np.array_equal(_run(first.path, x), _run(again.path, x))
     fake = runtime(q, "fake-int8", activations=loaded)
     assert fake.activation_range == first.activation_range
+
+
+def test_save_load_export_reproduces_the_graph(tmp_path):
+    """Ranges saved in the model file: load, then export without ranges, gives the same graph."""
+    import cetopt
+
+    q, x, ranges = _case(TinyResNet)
+    first = export_onnx(q, tmp_path / "a.onnx", x[:4], activations=ranges, activation_range="full")
+    cetopt.save(q, tmp_path / "m.safetensors", activations=first.activation_ranges)
+    loaded = cetopt.load(tmp_path / "m.safetensors", model=TinyResNet())
+    assert loaded.activation_ranges.to_dict() == first.activation_ranges.to_dict()
+    again = export_onnx(loaded, tmp_path / "b.onnx", x[:4])  # no ranges given: the saved ones
+    assert again.activation_range == first.activation_range and set(again.activation_range.values()) == {
+        "full"
+    }
+    assert np.array_equal(_run(first.path, x), _run(again.path, x))
+    int8 = cetopt.load(tmp_path / "m.safetensors", model=TinyResNet(), mode="int8")
+    assert int8.activation_range == first.activation_range  # static, on the saved grids
+    with pytest.raises(TypeError, match="ActivationRanges"):
+        cetopt.save(q, tmp_path / "n.safetensors", activations={"inputs": {}})
