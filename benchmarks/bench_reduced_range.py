@@ -73,7 +73,8 @@ def _ort_quantized(fp32: Path, tmp: Path, calibration: list) -> dict[str, Path]:
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{"input0": x[i : i + 1].numpy()} for x in calibration for i in range(len(x))])
+            rows = [x[i : i + 1].numpy() for x in calibration for i in range(len(x))]
+            self.batches = iter([{"input0": r} for r in rows])
 
         def get_next(self):
             return next(self.batches, None)
@@ -183,8 +184,9 @@ def run(quick: bool = False, runs: int | None = None, names: tuple = ("resnet18"
                     q,
                     tmp / "per-layer.onnx",
                     make_input(2),
-                    activations=runtime(q, "fake-int8", calibration=calibration, shared_grids=False)
-                    .activation_ranges,
+                    activations=runtime(
+                        q, "fake-int8", calibration=calibration, shared_grids=False
+                    ).activation_ranges,
                     shared_grids=False,
                     fuse=False,
                 ),
@@ -201,7 +203,8 @@ def run(quick: bool = False, runs: int | None = None, names: tuple = ("resnet18"
             paths = {"ort-fp32": fp32, **{k: Path(r.path) for k, r in exports.items()}}
             paths.update(_ort_quantized(fp32, tmp, calibration))
             entry["checks"] = {k: _check(r) for k, r in exports.items()}
-            entry["activation_range"] = dict(collections.Counter(exports["ort-qdq"].activation_range.values()))
+            chosen = exports["ort-qdq"].activation_range.values()
+            entry["activation_range"] = dict(collections.Counter(chosen))
             entry["optimized_graph_ops"] = {
                 k: _optimized_ops(paths[k], tmp)
                 for k in ("ort-fp32", "ort-qdq", "ort-qdq-per-layer", "ortq-per-channel-u8s8")
@@ -214,7 +217,7 @@ def run(quick: bool = False, runs: int | None = None, names: tuple = ("resnet18"
                 calls = {
                     "torch-fp32": lambda m=model, x=x: m(x),
                     "torch-int8": lambda m=int8, x=x: m(x),
-                    **{k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()},
+                    **{k: (lambda s=s, feed=feed: s.run(None, feed)) for k, s in sessions.items()},
                 }
                 timed = _time(calls, runs)
                 ratios = {
@@ -245,7 +248,9 @@ def run(quick: bool = False, runs: int | None = None, names: tuple = ("resnet18"
         out["models"][name] = entry
     out["targets"] = {
         "ort_qdq_vs_ort_fp32_resnet18_batch1": {
-            f"threads{t}": out["models"].get("resnet18", {}).get(f"threads{t}", {})
+            f"threads{t}": out["models"]
+            .get("resnet18", {})
+            .get(f"threads{t}", {})
             .get("speedup_vs_ort_fp32", {})
             .get("ort-qdq")
             for t in THREADS

@@ -175,7 +175,8 @@ def resolve_grids(
     reduced : dict of str to bool
         Per quantized layer, whether its input goes on the reduced range (codes 0 … 127).
     shared : bool
-        Share grids along edges (module docstring); False: each layer's calibrated grids as they are.
+        Share grids along edges and quantize residual adds (module docstring); False: each
+        layer's calibrated grids as they are, adds in float (the add quantizers' grids dropped).
 
     Returns
     -------
@@ -185,6 +186,10 @@ def resolve_grids(
     """
     inputs = {n: (g.with_range(reduced[n]) if n in reduced else g) for n, g in ranges.inputs.items()}
     outputs = dict(ranges.outputs)
+    if not shared:  # each layer's own grids and float adds: the add quantizers stay identities
+        adds = {n for n, m in model.named_modules() if isinstance(m, TensorQuant)}
+        inputs = {n: g for n, g in inputs.items() if n not in adds}
+        outputs = {n: g for n, g in outputs.items() if n not in adds}
     record = {n: ("reduced" if r else "full") for n, r in reduced.items()}
     result = ActivationRanges(inputs, outputs, ranges.method, record, shared)
     if not shared or not isinstance(model, fx.GraphModule):

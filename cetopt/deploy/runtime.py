@@ -234,8 +234,8 @@ def deployment_model(model: nn.Module) -> nn.Module:
         gm.graph.lint()
         gm.delete_all_unused_submodules()
         gm.recompile()
-    added = insert_tensor_quantizers(gm)  # identity until calibrated (cetopt.deploy.grids)
-    return gm if folded or added else cached
+    insert_tensor_quantizers(gm)  # identity until calibrated (cetopt.deploy.grids)
+    return gm  # traced: resolve_grids shares grids along its edges
 
 
 def _set_module(root: nn.Module, target: str, module: nn.Module) -> None:

@@ -171,6 +171,7 @@ def test_shared_grids_chain_layers_and_int8_matches_fake_int8():
         assert float((int8(x) - fake(x)).abs().max()) <= 2 * step
     unshared = runtime(q, "fake-int8", activations=ranges, shared_grids=False).activation_ranges
     assert unshared.outputs["conv1"].to_dict() != unshared.inputs["layer1.conv1"].to_dict()
+    assert not [k for k in unshared.inputs if k.startswith("tensor_quant")]  # adds in float
 
 
 @pytest.mark.parametrize("activation_range", ["auto", "full"])
