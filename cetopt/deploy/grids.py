@@ -15,6 +15,9 @@ the grids are chosen so that the int8 operators chain:
   same grid: re-quantizing a grid value on its own grid returns it, so nothing requantizes. A
   ReLU after a grid with zero point 0 changes nothing, and the export drops it (onnxruntime
   would otherwise run it in float); a ReLU6 likewise when it maps every code to itself.
+* **Activations before other ops.** A producer read only by non-layer ops, all through the same
+  ReLU / ReLU6 (a last convolution before global pooling), gets its range clamped likewise, so
+  the ReLU is the grid's own clamp and the pooling runs on its codes.
 * **Residual adds.** An ``Add`` of two quantized tensors gets a :class:`TensorQuant` on its output
   (after its ReLU when that is the only user), calibrated like a layer's input: onnxruntime runs
   it as ``QLinearAdd`` and the next layers read its codes.
@@ -206,6 +209,16 @@ def resolve_grids(
         found: list = []
         _consumers(gm, node, (-float("inf"), float("inf")), found)
         layers = [u.target for u, _, is_layer in found if is_layer and u.target in inputs]
+        if not layers and found and kernel(own) and all(lo >= 0 for _, (lo, _), _ in found):
+            # only non-layer ops read it, all through a ReLU / ReLU6: its grid covers what they
+            # read (zero point 0, top at most the clamp), so the ReLU becomes the grid's own clamp
+            lo_c = max(lo for _, (lo, _), _ in found)
+            hi_c = max(hi for _, (_, hi), _ in found)
+            if all(c == (lo_c, hi_c) for _, c, _ in found):
+                lo = torch.clamp(own.lo, min=lo_c, max=hi_c)
+                hi = torch.clamp(own.hi, min=lo_c, max=hi_c)
+                outputs[node.target] = ActivationQuant.from_range(lo, hi, 8, None, own.reduced_range)
+            continue
         if not layers or not kernel(own) or not all(kernel(inputs[n]) for n in layers):
             continue
         if any(is_layer and u.target not in inputs for u, _, is_layer in found):

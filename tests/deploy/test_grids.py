@@ -138,8 +138,9 @@ def test_relu6_net_drops_its_clips_and_quantizes_its_adds(tmp_path):
         kind = inits[top].data_type if top in inits else consts[top].attribute[0].t.data_type
         assert kind == onnx.TensorProto.UINT8
     ops = _optimized_ops(result.path, tmp_path)
-    assert ops["QLinearConv"] == 7 and ops["QLinearAdd"] == 2
-    assert not {"Conv", "Add"} & set(ops)
+    assert ops["QLinearConv"] == 7 and ops["QLinearAdd"] == 2 and ops["QLinearGlobalAveragePool"] == 1
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1  # no float op in between
+    assert not {"Conv", "Add", "GlobalAveragePool"} & set(ops)
 
 
 @pytest.mark.parametrize("cls", [TinyResNet, TinyMobile])
