@@ -5,8 +5,10 @@ QuantizeLinear/DequantizeLinear pair on its input and on its output (uint8, the 
 grids), its weight stored as its int8 codes with the signed per-channel scales behind a
 DequantizeLinear (a Linear's as uint8 codes + 128 at zero point 128, see ``weight_format``), and its
 bias as int32 on the ``input scale × weight scale`` grid behind another. onnxruntime fuses each such
-group into one int8 operator (QLinearConv, QLinearMatMul, ...). Token-id inputs get a dynamic
-sequence axis. onnx and onnxruntime are optional (``pip install cetopt[onnx]``); ``import cetopt``
+group into one int8 operator (QLinearConv, QLinearMatMul, ...). With shared grids
+(:mod:`cetopt.deploy.grids`, the default) consecutive layers and residual adds share their grids,
+and :func:`fuse_qdq` drops the pairs and ReLUs that change no code, so onnxruntime chains its int8
+operators without float ops between them. Token-id inputs get a dynamic sequence axis. onnx and onnxruntime are optional (``pip install cetopt[onnx]``); ``import cetopt``
 never needs them.
 """
 
@@ -76,7 +78,9 @@ class ExportedOnnx:
         layer's input, and a deep model carries them to its output; how far it carries them on
         these inputs is measured, not assumed (below).
     activation_ranges : ActivationRanges
-        The calibrated grids (each layer's input then runs on its ``activation_range``).
+        The resolved grids the graph runs (each layer's input on its ``activation_range``, shared
+        edges, the add quantizers): save them (``to_dict``, or ``cetopt.save(..., activations=)``)
+        and a later export with them writes the same graph.
     rounding_spread : float or None
         Largest difference, on the example inputs, between ``fake-int8`` (float32 sums of the
         dequantized values) and the same definition with its integer sums exact (float64): two
