@@ -8,8 +8,8 @@ bias as int32 on the ``input scale × weight scale`` grid behind another. onnxru
 group into one int8 operator (QLinearConv, QLinearMatMul, ...). With shared grids
 (:mod:`cetopt.deploy.grids`, the default) consecutive layers and residual adds share their grids,
 and :func:`fuse_qdq` drops the pairs and ReLUs that change no code, so onnxruntime chains its int8
-operators without float ops between them. Token-id inputs get a dynamic sequence axis. onnx and onnxruntime are optional (``pip install cetopt[onnx]``); ``import cetopt``
-never needs them.
+operators without float ops between them. Token-id inputs get a dynamic sequence axis. onnx and
+onnxruntime are optional (``pip install cetopt[onnx]``); ``import cetopt`` never needs them.
 """
 
 from __future__ import annotations
