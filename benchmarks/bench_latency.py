@@ -4,7 +4,9 @@ quantized.
 * Latency: ResNet-18 and MobileNetV2 at 224×224 (random init, BatchNorm statistics perturbed), a
   Llama-style 58M LM from a ``transformers`` config (random init, 64 tokens) and every zoo model,
   every weight at 8 bits. fp32 vs each mode (``reference``, ``dequant-cached``, ``int8``,
-  ``fake-int8``, ``weight-only`` for LMs) vs onnxruntime fp32 / QDQ, batch 1 and 8, 20 rounds timed
+  ``fake-int8``, ``weight-only`` for LMs) vs onnxruntime fp32 / QDQ (the default export: shared
+  grids, quantized adds, reduced input ranges; for image models also the per-layer graph of
+  before and the inexact full-range U8S8 one), batch 1 and 8, 20 rounds timed
   interleaved in one process (each round calls every candidate once, the order rotated), one
   intra-op thread per engine. Per candidate: wall-clock and CPU-time medians and quartiles,
   speed-ups as medians (and quartiles) of per-round ratios against fp32, the peak RSS during one
@@ -152,7 +154,28 @@ def _onnx(model, q, x, calibration, activations, tmp: Path, name: str) -> dict:
         }
         out["qdq-check"]["activation_range"] = dict(res.activation_range)
         out["qdq-check"]["weight_format"] = dict(res.weight_format)
-        if x.is_floating_point():  # U8S8 on the full input range: can saturate (no VNNI here)
+        out["qdq-check"]["shared_grids"] = res.activation_ranges.shared_grids
+        out["qdq-check"]["quantized_adds"] = sum(
+            k.startswith("tensor_quant") for k in res.activation_ranges.inputs
+        )
+        if x.is_floating_point():  # the graph of before: each layer's own grids, float adds
+            per_layer = export_onnx(
+                q,
+                tmp / f"{name}-qdq-per-layer.onnx",
+                x,
+                activations=activations,
+                calibration=calibration,
+                shared_grids=False,
+                fuse=False,
+            )
+            out["ort-qdq-per-layer"] = onnx_session(per_layer.path, threads=THREADS)
+            out["qdq-check-per-layer"] = {
+                "max_abs_diff": per_layer.max_abs_diff,
+                "tolerance": per_layer.tolerance,
+                "within": per_layer.max_abs_diff is not None
+                and per_layer.max_abs_diff <= per_layer.tolerance,
+            }
+        if x.is_floating_point():  # U8S8 on the full input range: can saturate without VNNI
             fast = export_onnx(
                 q,
                 tmp / f"{name}-qdq-u8s8.onnx",
@@ -240,7 +263,7 @@ def _latency_case(name, model, make_input, calibration, lm, runs, tmp) -> dict:
         cands = {"fp32": (lambda m=model, x=x: m(x))}
         cands.update({k: (lambda m=m, x=x: m(x)) for k, m in modes.items()})
         feed = x.numpy()
-        for key in ("ort-fp32", "ort-qdq", "ort-qdq-u8s8"):
+        for key in ("ort-fp32", "ort-qdq", "ort-qdq-per-layer", "ort-qdq-u8s8"):
             if key in ort:
                 cands[key] = lambda s=ort[key], f=feed: s.run(None, {"input0": f})
         # at batch 8 the two simulation modes (reference: dequantize per call; fake-int8:
@@ -250,7 +273,7 @@ def _latency_case(name, model, make_input, calibration, lm, runs, tmp) -> dict:
         stats = measure_latency(cands, runs=runs, baseline="fp32", runs_for=slow, warmup=2, min_sample_s=0.01)
         for key, fn in cands.items():
             stats[key]["rss_during_call"] = peak_rss_of_call(fn)
-        for qdq in ("ort-qdq", "ort-qdq-u8s8"):  # ratios of medians (both timed every round)
+        for qdq in ("ort-qdq", "ort-qdq-per-layer", "ort-qdq-u8s8"):  # ratios of medians (timed every round)
             if "ort-fp32" in stats and qdq in stats:
                 for key in ("median_s", "cpu_median_s"):
                     stats[qdq][f"speedup_vs_ort_fp32_{key.removesuffix('_s')}"] = (
@@ -442,6 +465,9 @@ def _targets(latency: dict, acc: dict) -> dict:
         "ort_qdq_vs_ort_fp32_resnet18_batch1": judged(ort_ratio("resnet18", 1), 2.0),
         "ort_qdq_vs_ort_fp32_resnet18_batch8": judged(ort_ratio("resnet18", 8), 2.0),
         "ort_qdq_vs_ort_fp32_resnet18_batch1_wall": judged(ort_ratio("resnet18", 1, False), 2.0),
+        "ort_qdq_per_layer_vs_ort_fp32_resnet18_batch1": judged(
+            ort_ratio("resnet18", 1, qdq="ort-qdq-per-layer"), 2.0
+        ),
         "ort_qdq_u8s8_vs_ort_fp32_resnet18_batch1": judged(ort_ratio("resnet18", 1, qdq="ort-qdq-u8s8"), 2.0),
         "ort_qdq_u8s8_vs_ort_fp32_resnet18_batch8": judged(ort_ratio("resnet18", 8, qdq="ort-qdq-u8s8"), 2.0),
         "a8_within_1pp_of_weights_only": {m: v["target_within_1pp"] for m, v in acc.items()},

@@ -493,7 +493,9 @@ def _deploy_outputs(args: argparse.Namespace, model, data, out) -> dict:
     ranges = calibrate_activations(model, calibration, method=args.activation_method, bits=bits)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fake = accuracy(runtime(model, "fake-int8", activations=ranges), data.x_test, data.y_test)
+        fake_model = runtime(model, "fake-int8", activations=ranges)
+        fake = accuracy(fake_model, data.x_test, data.y_test)
+    ranges = fake_model.activation_ranges  # resolved: each layer's reduced / full range, shared grids
     atomic_write_json(out / "activations.json", ranges.to_dict())
     print(f"activations at {bits} bits ({args.activation_method}): test accuracy {100 * fake:.2f}%")
     report = {

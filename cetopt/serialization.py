@@ -91,7 +91,9 @@ def _quantized_layers(model: nn.Module) -> dict[str, QuantizedMixin]:
 
 
 @in_eval_mode("model")
-def save(model: nn.Module, path: str | os.PathLike, *, source: str | None = None) -> SavedModel:
+def save(
+    model: nn.Module, path: str | os.PathLike, *, source: str | None = None, activations=None
+) -> SavedModel:
     """Write ``model`` to ``path`` atomically.
 
     Parameters
@@ -102,8 +104,16 @@ def save(model: nn.Module, path: str | os.PathLike, *, source: str | None = None
     source : str, optional
         Architecture source for :func:`load` (``"zoo:<name>"`` or ``"module:attr"``); defaults to
         the one recorded on the model (:func:`mark_source`, set by the zoo).
+    activations : cetopt.deploy.ActivationRanges, optional
+        Activation grids to keep in the file's metadata, best the resolved ones (the
+        ``.activation_ranges`` of a ``cetopt.runtime(model, "fake-int8", ...)`` model or of
+        ``export_onnx``'s result: they record each layer's reduced / full input range and the
+        shared grids). :func:`load` puts them on the model as ``.activation_ranges``, where
+        ``runtime`` and ``export_onnx`` find them, so load + export reproduces the same graph.
     """
-    blob, layers = _serialize(model, source)
+    if activations is not None and not hasattr(activations, "to_dict"):
+        raise TypeError(f"activations must be an ActivationRanges, got {type(activations).__name__}")
+    blob, layers = _serialize(model, source, activations)
     atomic_write_bytes(path, blob)
     header = 8 + struct.unpack("<Q", blob[:8])[0]
     quantized_bytes = sum(v["packed"] + v["scale"] + v["bits"] for v in layers.values())
@@ -123,7 +133,7 @@ def saved_size(model: nn.Module, *, source: str | None = None) -> int:
     return len(_serialize(model, source)[0])
 
 
-def _serialize(model: nn.Module, source: str | None) -> tuple[bytes, dict]:
+def _serialize(model: nn.Module, source: str | None, activations=None) -> tuple[bytes, dict]:
     """The file's bytes, and per quantized layer its packed, scale and bit-width sizes."""
     record = history(model)
     source = source or record["source"]
@@ -175,6 +185,8 @@ def _serialize(model: nn.Module, source: str | None) -> tuple[bytes, dict]:
         "quantized": json.dumps(layers),
         "tied": json.dumps({"layers": tied_layers, "tensors": tied}),
     }
+    if activations is not None:
+        metadata["activation_ranges"] = json.dumps(activations.to_dict())
     return st_save(tensors, metadata=metadata), layers
 
 
@@ -407,7 +419,7 @@ def load(
         return rebuilt
     from cetopt.deploy.runtime import runtime
 
-    return runtime(rebuilt, mode)
+    return runtime(rebuilt, mode)  # finds the saved activation ranges on the model, if any
 
 
 def _load(path, model: nn.Module | None, allow_import: bool) -> nn.Module:
@@ -447,6 +459,14 @@ def _load(path, model: nn.Module | None, allow_import: bool) -> nn.Module:
     rebuilt.eval()
     if source is not None:
         setattr(rebuilt, _SOURCE, source)
+    ranges = _field(meta, "activation_ranges", path, "null")
+    if ranges is not None:
+        from cetopt.deploy.activations import ActivationRanges
+
+        try:
+            rebuilt.activation_ranges = ActivationRanges.from_dict(ranges)
+        except Exception as exc:
+            raise ModelFileError(f"{path}: the saved activation ranges are malformed ({exc})") from exc
     return rebuilt
 
 

@@ -158,21 +158,42 @@ class ActivationRanges:
     Attributes
     ----------
     inputs, outputs : dict of str to ActivationQuant
-        Keyed by layer name; a layer missing from ``inputs`` keeps float activations.
+        Keyed by layer name (and by the name of each :class:`cetopt.deploy.grids.TensorQuant`
+        after a residual add); a layer missing from ``inputs`` keeps float activations.
     method : str
+    activation_range : dict of str to str
+        Empty as calibrated. Once resolved (the ``.activation_ranges`` of a model from
+        :func:`cetopt.runtime` in ``int8`` / ``fake-int8``, or ``ExportedOnnx.activation_ranges``):
+        each quantized layer's input range, ``"reduced"`` (codes 0 … 127) or ``"full"``, which
+        ``runtime`` and ``export_onnx`` reuse with ``activation_range="auto"``, so ranges saved with
+        :meth:`to_dict` and read back reproduce the same model and the same ONNX graph.
+    shared_grids : bool or None
+        None as calibrated; once resolved, whether the grids are shared along edges
+        (:mod:`cetopt.deploy.grids`).
     """
 
     inputs: dict[str, ActivationQuant]
     outputs: dict[str, ActivationQuant]
     method: str = "minmax"
+    activation_range: dict[str, str] = field(default_factory=dict)
+    shared_grids: bool | None = None
+
+    @property
+    def resolved(self) -> bool:
+        """True once the per-layer ranges and the shared grids were chosen (see the attributes)."""
+        return self.shared_grids is not None
 
     def to_dict(self) -> dict:
-        """Plain JSON (``from_dict`` reads it back)."""
-        return {
+        """Plain JSON (``from_dict`` reads it back), with the per-layer range choice once resolved."""
+        out = {
             "method": self.method,
             "inputs": {k: v.to_dict() for k, v in self.inputs.items()},
             "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
         }
+        if self.resolved:
+            out["activation_range"] = dict(self.activation_range)
+            out["shared_grids"] = self.shared_grids
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ActivationRanges:
@@ -181,6 +202,8 @@ class ActivationRanges:
             {k: ActivationQuant.from_dict(v) for k, v in d["inputs"].items()},
             {k: ActivationQuant.from_dict(v) for k, v in d["outputs"].items()},
             d.get("method", "minmax"),
+            dict(d.get("activation_range", {})),
+            d.get("shared_grids"),
         )
 
 
@@ -330,6 +353,7 @@ def calibrate_activations(
 
 def quantizable_layers(model: nn.Module) -> list[str]:
     """Names of the layers whose activations the deployment modes quantize."""
+    from cetopt.deploy.grids import TensorQuant
     from cetopt.deploy.runtime import is_deploy_layer
 
-    return [n for n, m in model.named_modules() if is_deploy_layer(m)]
+    return [n for n, m in model.named_modules() if is_deploy_layer(m) or isinstance(m, TensorQuant)]

@@ -63,7 +63,14 @@ def activation_sensitivity(
     batches = [(x, y) for x, y in data]
     deploy = deployment_model(model).eval()
     base = _mean_loss(deploy, batches, loss_fn)
-    names = list(layers) if layers is not None else quantizable_layers(deploy)
+    from cetopt.deploy.runtime import is_deploy_layer
+
+    modules = dict(deploy.named_modules())
+    names = (
+        list(layers)
+        if layers is not None
+        else [n for n in quantizable_layers(deploy) if is_deploy_layer(modules[n])]
+    )
     out = np.zeros((len(names), len(bits)))
     for j, b in enumerate(bits):
         ranges = calibrate_activations(deploy, batches, method=method, bits=b)

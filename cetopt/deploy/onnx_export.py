@@ -5,9 +5,11 @@ QuantizeLinear/DequantizeLinear pair on its input and on its output (uint8, the 
 grids), its weight stored as its int8 codes with the signed per-channel scales behind a
 DequantizeLinear (a Linear's as uint8 codes + 128 at zero point 128, see ``weight_format``), and its
 bias as int32 on the ``input scale × weight scale`` grid behind another. onnxruntime fuses each such
-group into one int8 operator (QLinearConv, QLinearMatMul, ...). Token-id inputs get a dynamic
-sequence axis. onnx and onnxruntime are optional (``pip install cetopt[onnx]``); ``import cetopt``
-never needs them.
+group into one int8 operator (QLinearConv, QLinearMatMul, ...). With shared grids
+(:mod:`cetopt.deploy.grids`, the default) consecutive layers and residual adds share their grids,
+and :func:`fuse_qdq` drops the pairs and ReLUs that change no code, so onnxruntime chains its int8
+operators without float ops between them. Token-id inputs get a dynamic sequence axis. onnx and
+onnxruntime are optional (``pip install cetopt[onnx]``); ``import cetopt`` never needs them.
 """
 
 from __future__ import annotations
@@ -28,20 +30,22 @@ from torch import nn
 
 from cetopt._io import atomic_write_bytes
 from cetopt.deploy.activations import ActivationRanges, calibrate_activations
+from cetopt.deploy.grids import TensorQuant
 from cetopt.deploy.runtime import (
     DeployLinear,
     _CodesMixin,
     _swap,
     deployment_model,
     int8_codes,
-    needs_reduced_range,
+    resolve_ranges,
     runtime,
+    saved_ranges,
     u8s8_is_exact,
 )
 from cetopt.errors import MissingDependencyError
 from cetopt.graph.trace import as_input_tuple
 
-__all__ = ["ExportedOnnx", "export_onnx", "u8s8_is_exact"]
+__all__ = ["ExportedOnnx", "export_onnx", "fuse_qdq", "u8s8_is_exact"]
 
 WEIGHT_FORMATS = ("auto", "u8u8", "u8s8")
 # A U8U8 weight is the int8 code c stored as the uint8 c + 128 at zero point 128: onnxruntime's
@@ -74,7 +78,9 @@ class ExportedOnnx:
         layer's input, and a deep model carries them to its output; how far it carries them on
         these inputs is measured, not assumed (below).
     activation_ranges : ActivationRanges
-        The calibrated grids (each layer's input then runs on its ``activation_range``).
+        The resolved grids the graph runs (each layer's input on its ``activation_range``, shared
+        edges, the add quantizers): save them (``to_dict``, or ``cetopt.save(..., activations=)``)
+        and a later export with them writes the same graph.
     rounding_spread : float or None
         Largest difference, on the example inputs, between ``fake-int8`` (float32 sums of the
         dequantized values) and the same definition with its integer sums exact (float64): two
@@ -112,9 +118,8 @@ class _QDQLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, zp = float(self.act_in.scale), int(self.act_in.zero_point)
-        if self.act_in.reduced_range:  # codes 0..127 on a uint8 QuantizeLinear: a Clip before it
-            x = torch.clamp(x, max=(self.act_in.qmax - zp) * scale)
-        x = torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
+        # codes 0..127 (reduced range): exported as QuantizeLinear, then a uint8 Clip to 127
+        x = torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, self.act_in.qmax)
         channels = self.w_scale.shape[0]
         if self.unsigned:  # U8U8: the int8 codes stored as uint8 at zero point 128
             zeros = torch.full((channels,), _WEIGHT_ZERO_POINT, dtype=torch.int32)
@@ -129,7 +134,7 @@ class _QDQLayer(nn.Module):
             m = self.layer
             y = conv(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)
         return torch.fake_quantize_per_tensor_affine(
-            y, float(self.act_out.scale), int(self.act_out.zero_point), 0, 255
+            y, float(self.act_out.scale), int(self.act_out.zero_point), 0, self.act_out.qmax
         )
 
 
@@ -146,6 +151,8 @@ def export_onnx(
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     weight_format: str = "auto",
     activation_range: str = "auto",
+    shared_grids: bool = True,
+    fuse: bool = True,
 ) -> ExportedOnnx:
     """Write ``model`` as a QDQ ONNX graph to ``path`` (atomically).
 
@@ -161,7 +168,8 @@ def export_onnx(
         Static activation grids (from :func:`cetopt.deploy.calibrate_activations` of this model).
     calibration : iterable, optional
         Batches to calibrate them on with ``method`` when ``activations`` is not given; with
-        neither, the example inputs are the calibration data.
+        neither, the ranges saved in the model's file (``cetopt.save(..., activations=)``), else
+        the example inputs are the calibration data.
     method : {"minmax", "percentile", "mse"}
     opset : int
         ONNX opset (13 or later: per-channel DequantizeLinear).
@@ -181,14 +189,26 @@ def export_onnx(
         off the graph's definition). ``"auto"``: U8S8 for the layers where no pair can saturate
         (:func:`u8s8_is_exact`: every channel's two largest codes sum to at most 128 in
         magnitude, which codes of up to 7 bits always do), U8U8 for the others (8-bit codes;
-        U8S8 put the 8-layer Llama's logits 12 steps off and cost mnist1d-cnn 5 points of
+        U8S8 (on an AVX2 CPU) put the 8-layer Llama's logits 12 steps off and cost mnist1d-cnn 5 points of
         accuracy, its first convolution's outputs up to 82 steps off). A layer whose input is on
         the reduced range cannot saturate (``127 · 256 ≤ 32767``), so ``"auto"`` stores it U8S8.
     activation_range : {"auto", "full", "reduced"}
         The grid of each quantized layer's input, as in :func:`cetopt.runtime`: ``"auto"``
         (default) puts the input of each layer with 8-bit weights (``u8s8_is_exact`` false) on
         codes 0 … 127 (a Clip, then the uint8 QuantizeLinear), so every layer runs U8S8 exactly;
-        ``"full"`` keeps 0 … 255 everywhere (then ``"auto"`` weights fall back to U8U8).
+        ``"full"`` keeps 0 … 255 everywhere (then ``"auto"`` weights fall back to U8U8). Ranges
+        that record a choice (resolved ranges, e.g. saved from an earlier export or ``runtime``)
+        keep it under ``"auto"``.
+    shared_grids : bool
+        One grid per edge between quantized layers and a quantizer after each residual add of
+        two quantized tensors (:mod:`cetopt.deploy.grids`), so onnxruntime chains its int8
+        operators (QLinearConv, QLinearAdd, uint8 MaxPool, QLinearGlobalAveragePool, QGemm);
+        False: each layer's own grids, requantized in float between layers, adds in float.
+    fuse : bool
+        Rewrite the QDQ graph where that provably changes no value (:func:`fuse_qdq`): drop a
+        DequantizeLinear → QuantizeLinear pair on one grid, a ReLU / ReLU6 that maps every
+        code of its grid to itself, a Clip to 127 of codes already clipped; move a Flatten /
+        Reshape after the QuantizeLinear it feeds.
 
     Returns
     -------
@@ -200,42 +220,56 @@ def export_onnx(
 
     inputs = as_input_tuple(example_inputs)
     deploy = deployment_model(model).eval()
+    if activations is None and calibration is None:
+        activations = saved_ranges(model)  # saved in the model's file, if it was loaded from one
     if activations is None:
         data = list(calibration) if calibration is not None else [inputs]
         activations = calibrate_activations(deploy, data, method=method)
     quantized, floats = [], []
     ranges: dict[str, str] = {}
     formats: dict[str, str] = {}
-    if activation_range not in ("auto", "full", "reduced"):
-        raise ValueError(
-            f"activation_range must be one of ('auto', 'full', 'reduced'), got {activation_range!r}"
-        )
+    activations = resolve_ranges(deploy, activations, activation_range, shared_grids)
 
     def make(name: str, m: nn.Module):
+        if isinstance(m, TensorQuant):
+            grid = (
+                _kernel_grid(activations.outputs[name], name, "add") if name in activations.inputs else None
+            )
+            return TensorQuant(grid)
         if not isinstance(m, _CodesMixin):
             return None
         if name not in activations.inputs or m.max_bits > 8:
             floats.append(name)
             return m
         quantized.append(name)
-        reduced = needs_reduced_range(m, name, activation_range)
+        act_in, act_out = _per_tensor(activations, name)
+        reduced = act_in.reduced_range
         ranges[name] = "reduced" if reduced else "full"
         unsigned = weight_format == "u8u8" or (
             weight_format == "auto" and not reduced and not u8s8_is_exact(m, name)
         )
         formats[name] = "u8u8" if unsigned else "u8s8"
-        act_in, act_out = _per_tensor(activations, name)
-        return _QDQLayer(m, name, act_in.with_range(reduced), act_out, unsigned=unsigned)
+        return _QDQLayer(m, name, act_in, act_out, unsigned=unsigned)
 
     export_model = _swap(copy.deepcopy(deploy), make).eval()
     graph = _to_onnx(export_model, inputs, opset, dynamic_axes)
     graph = _int8_initializers(graph)
+    if fuse:
+        graph = fuse_qdq(graph)
     onnx.checker.check_model(graph)
     atomic_write_bytes(path, graph.SerializeToString())
     diff, tol, spread = None, 0.0, None
     if check:
-        diff, tol, spread = _compare(model, path, inputs, activations, quantized, activation_range)
+        diff, tol, spread = _compare(
+            model, path, inputs, activations, quantized, activation_range, shared_grids
+        )
     return ExportedOnnx(str(path), quantized, floats, diff, tol, activations, spread, ranges, formats)
+
+
+def _kernel_grid(grid, name: str, where: str):
+    from cetopt.deploy.runtime import _kernel_grid as grid_of
+
+    return grid_of(grid, name, where)
 
 
 def _per_tensor(ranges: ActivationRanges, name: str):
@@ -458,7 +492,7 @@ def _bias_to_int32(g, values: dict, producers: dict) -> None:
 
 
 def _compare(
-    model, path, inputs, activations, quantized, activation_range="auto"
+    model, path, inputs, activations, quantized, activation_range="auto", shared_grids=True
 ) -> tuple[float | None, float, float | None]:
     """onnxruntime against ``fake-int8`` on ``inputs``: (max |difference|, tolerance, spread)."""
     try:
@@ -467,7 +501,13 @@ def _compare(
         return None, 0.0, None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = runtime(model, "fake-int8", activations=activations, activation_range=activation_range)
+        reference = runtime(
+            model,
+            "fake-int8",
+            activations=activations,
+            activation_range=activation_range,
+            shared_grids=shared_grids,
+        )
     with torch.no_grad():
         expected = reference(*inputs)
         exact = _swap(reference, _exact_layer)(*inputs)  # the same grids, integer sums exact
@@ -573,3 +613,269 @@ def export_float_onnx(
     graph = _to_onnx(dequant_cached(model).eval(), as_input_tuple(example_inputs), opset, dynamic_axes)
     atomic_write_bytes(path, graph.SerializeToString())
     return str(path)
+
+
+_SHAPE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+
+
+def fuse_qdq(graph):
+    """Rewrite a QDQ graph where that provably changes no value, so onnxruntime fuses more of it.
+
+    Each rule is checked on every code of the grid involved (float32, as onnxruntime computes):
+
+    * ``DequantizeLinear(g) → QuantizeLinear(g)`` (one per-tensor grid ``g``): ``Q(DQ(c)) = c``
+      for every code, so the pair goes and the codes flow on;
+    * a ``Relu`` or ``Clip`` right after ``DequantizeLinear(g)`` that returns every value of the
+      grid unchanged (a ReLU after zero point 0), or whose only reader is ``QuantizeLinear(g)``
+      and ``Q(op(DQ(c))) = c`` for every code (a ReLU6 whose grid tops out at 6): it goes;
+    * a ``Clip`` to 127 of uint8 codes that are already at most 127 (a max-pool of clipped codes
+      on one grid): it goes;
+    * ``Flatten`` / ``Reshape`` / ``Squeeze`` / ``Unsqueeze`` feeding only a per-tensor
+      ``QuantizeLinear``: the quantization moves before it (elementwise; the shape op then
+      moves uint8 codes), so ``DequantizeLinear → GlobalAveragePool → QuantizeLinear`` can fuse.
+
+    Parameters
+    ----------
+    graph : onnx.ModelProto
+        Changed in place.
+
+    Returns
+    -------
+    onnx.ModelProto
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    g = graph.graph
+    while True:
+        values = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        values.update(_constant_nodes(g))
+        if not _fuse_once(g, values, numpy_helper):
+            break
+    while True:  # the Constant nodes (scales, zero points, bounds) of the nodes that went
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.op_type == "Constant" and n.output[0] not in used]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    _topological_sort(g)
+    del g.value_info[:]  # tensors changed type (codes now flow where floats did): infer again
+    return onnx.shape_inference.infer_shapes(graph)
+
+
+def _topological_sort(g) -> None:
+    """Reorder ``g.node`` so every node comes after the producers of its inputs (stable)."""
+    known = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    pending = [copy.deepcopy(n) for n in g.node]
+    ordered = []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in known for i in n.input):
+                ordered.append(n)
+                known.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise RuntimeError(f"fuse_qdq left a cycle at {rest[0].name!r}")  # a bug, not bad input
+        pending = rest
+    del g.node[:]
+    g.node.extend(ordered)
+
+
+def _grid_of(node, values):
+    """(scale, zero point) of a per-tensor Q/DQ node as numpy scalars, or None."""
+    if len(node.input) < 3 or node.input[1] not in values or node.input[2] not in values:
+        return None
+    scale, zp = values[node.input[1]], values[node.input[2]]
+    if scale.ndim or zp.ndim or zp.dtype not in (np.uint8, np.int8):
+        return None
+    if any(a.name == "axis" for a in node.attribute) and scale.ndim:
+        return None
+    return np.float32(scale), zp
+
+
+def _same_grid(a, b) -> bool:
+    return a is not None and b is not None and a[0] == b[0] and a[1] == b[1] and a[1].dtype == b[1].dtype
+
+
+def _codes(grid, top: int | None = None) -> np.ndarray:
+    info = np.iinfo(grid[1].dtype)
+    return np.arange(info.min, (info.max if top is None else top) + 1, dtype=np.int64)
+
+
+def _dq(grid, codes):
+    return ((codes - int(grid[1])).astype(np.float32) * grid[0]).astype(np.float32)
+
+
+def _q(grid, x):
+    info = np.iinfo(grid[1].dtype)
+    return np.clip(np.rint(x / grid[0]) + int(grid[1]), info.min, info.max).astype(np.int64)
+
+
+def _unary(node, values, x):
+    """``node`` (Relu or Clip with constant bounds) applied to ``x``, or None."""
+    if node.op_type == "Relu":
+        return np.maximum(x, np.float32(0))
+    if node.op_type == "Clip":
+        bounds = [node.input[i] if len(node.input) > i else "" for i in (1, 2)]
+        if any(b and b not in values for b in bounds):
+            return None
+        lo = values[bounds[0]] if bounds[0] else -np.inf
+        hi = values[bounds[1]] if bounds[1] else np.inf
+        return np.clip(x, np.float32(lo), np.float32(hi)).astype(np.float32)
+    return None
+
+
+def _clip_top(node, values) -> int | None:
+    """127 (or another top) for a uint8 ``Clip(x, none/0, top)``, else None."""
+    if node.op_type != "Clip" or len(node.input) < 3 or node.input[2] not in values:
+        return None
+    if node.input[1] and (node.input[1] not in values or int(values[node.input[1]]) != 0):
+        return None
+    top = values[node.input[2]]
+    return int(top) if top.dtype == np.uint8 else None
+
+
+def _fuse_once(g, values, numpy_helper) -> bool:
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+
+    def rewire(old: str, new: str) -> None:
+        for n in g.node:
+            for k, i in enumerate(n.input):
+                if i == old:
+                    n.input[k] = new
+
+    def top_of(name: str) -> int | None:
+        """The largest code a uint8 tensor can hold when a Clip bounds it (through max-pools)."""
+        node = producers.get(name)
+        while node is not None and node.op_type in ("MaxPool", *_SHAPE_OPS):
+            node = producers.get(node.input[0])
+        return _clip_top(node, values) if node is not None else None
+
+    for node in g.node:
+        # DQ(g) → Q(g)
+        if node.op_type == "QuantizeLinear" and node.output[0] not in outputs:
+            dq = producers.get(node.input[0])
+            if dq is not None and dq.op_type == "DequantizeLinear":
+                grid = _grid_of(node, values)
+                if _same_grid(grid, _grid_of(dq, values)):
+                    codes = _codes(grid)
+                    if np.array_equal(_q(grid, _dq(grid, codes)), codes):
+                        rewire(node.output[0], dq.input[0])
+                        g.node.remove(node)
+                        if len(consumers.get(dq.output[0], [])) == 1 and dq.output[0] not in outputs:
+                            g.node.remove(dq)
+                        return True
+        # DQ(g) → Relu / Clip that changes no code
+        if node.op_type in ("Relu", "Clip") and node.output[0] not in outputs:
+            dq = producers.get(node.input[0])
+            grid = _grid_of(dq, values) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if grid is not None:
+                codes = _codes(grid, top_of(dq.input[0]))
+                x = _dq(grid, codes)
+                y = _unary(node, values, x)
+                readers = consumers.get(node.output[0], [])
+                identity = y is not None and np.array_equal(y, x)
+                requantized = (
+                    y is not None
+                    and len(readers) == 1
+                    and readers[0].op_type == "QuantizeLinear"
+                    and _same_grid(_grid_of(readers[0], values), grid)
+                    and np.array_equal(_q(grid, y), codes)
+                )
+                if identity or requantized:
+                    rewire(node.output[0], node.input[0])
+                    g.node.remove(node)
+                    return True
+        # Clip to 127 of codes at most 127
+        top = _clip_top(node, values)
+        if top is not None and node.output[0] not in outputs and (top_of(node.input[0]) or 10**9) <= top:
+            rewire(node.output[0], node.input[0])
+            g.node.remove(node)
+            return True
+        if top is not None and node.output[0] not in outputs:
+            q = producers.get(node.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                src = producers.get(q.input[0])
+                while src is not None and src.op_type in ("MaxPool", *_SHAPE_OPS):
+                    src = producers.get(src.input[0])
+                if (
+                    src is not None
+                    and src.op_type == "DequantizeLinear"
+                    and _same_grid(_grid_of(src, values), _grid_of(q, values))
+                    and (top_of(src.input[0]) or 10**9) <= top
+                ):
+                    rewire(node.output[0], node.input[0])
+                    g.node.remove(node)
+                    return True
+        # X on grid g read by Q(g) → DQ(g) and by others: the others read DQ(g) (= X), so that
+        # onnxruntime can run the op making X on the codes (its output has one reader, the Q)
+        if node.op_type == "QuantizeLinear" and len(consumers.get(node.input[0], [])) > 1:
+            grid = _grid_of(node, values)
+            src = producers.get(node.input[0])
+            while src is not None and src.op_type in ("MaxPool", "Relu", *_SHAPE_OPS):
+                src = producers.get(src.input[0])
+            if (
+                src is not None
+                and src.op_type == "DequantizeLinear"
+                and _same_grid(grid, _grid_of(src, values))
+            ):
+                top = top_of(src.input[0])
+                codes = _codes(grid, top)
+                after = consumers.get(node.output[0], [])
+                clip = after[0] if len(after) == 1 and _clip_top(after[0], values) is not None else None
+                if clip is not None and (top is None or _clip_top(clip, values) < top):
+                    clip = None  # the Clip would change codes X holds: not the same values
+                dq_of = consumers.get((clip or node).output[0], [])
+                dq = next(
+                    (
+                        d
+                        for d in dq_of
+                        if d.op_type == "DequantizeLinear" and _same_grid(grid, _grid_of(d, values))
+                    ),
+                    None,
+                )
+                if (
+                    (clip is not None or len(after) >= 1)
+                    and dq is not None
+                    and np.array_equal(_q(grid, _dq(grid, codes)), codes)
+                ):
+                    others = [c for c in consumers[node.input[0]] if c is not node]
+                    x = node.input[0]
+                    for c in others:
+                        for k, i in enumerate(c.input):
+                            if i == x:
+                                c.input[k] = dq.output[0]
+                    if others:
+                        return True
+        # shape op → Q (per tensor): quantize first
+        if node.op_type == "QuantizeLinear" and _grid_of(node, values) is not None:
+            shape = producers.get(node.input[0])
+            if (
+                shape is not None
+                and shape.op_type in _SHAPE_OPS
+                and len(consumers.get(shape.output[0], [])) == 1
+                and shape.output[0] not in outputs
+            ):
+                q_out, shape_out = node.output[0], shape.output[0]
+                node.input[0] = shape.input[0]
+                node.output[0] = shape_out  # now the codes before the shape op
+                shape.input[0] = shape_out
+                shape.output[0] = q_out
+                nodes = [copy.deepcopy(n) for n in g.node]
+                i, j = list(g.node).index(shape), list(g.node).index(node)
+                nodes.insert(j + 1, nodes.pop(i))  # the shape op right after the Q, which stays
+                del g.node[:]
+                g.node.extend(nodes)
+                return True
+    return False

@@ -199,14 +199,17 @@ def deployment_model(model: nn.Module) -> nn.Module:
 
     BatchNorms (eval statistics) that directly follow a quantized layer whose output feeds nothing
     else are folded into it when torch.fx can trace the model; the codes stay and the per-channel
-    scales absorb the BatchNorm. Otherwise the BatchNorms stay as they are.
+    scales absorb the BatchNorm. Otherwise the BatchNorms stay as they are. A traced model also
+    gets a :class:`cetopt.deploy.grids.TensorQuant` (identity until calibrated) after every
+    residual add of two quantized tensors.
     """
+    from cetopt.deploy.grids import TensorQuant, insert_tensor_quantizers
     from cetopt.graph.rules.fold_batchnorm import fold_batchnorm
     from cetopt.graph.trace import symbolic_trace
 
     cached = dequant_cached(model)
     try:
-        gm = symbolic_trace(cached, leaf_types=(DeployLinear, *DeployConv))
+        gm = symbolic_trace(cached, leaf_types=(DeployLinear, *DeployConv, TensorQuant))
     except Exception:  # untraceable (data-dependent control flow, ...): keep the BatchNorms
         return cached
     modules = dict(gm.named_modules())
@@ -227,12 +230,12 @@ def deployment_model(model: nn.Module) -> nn.Module:
             node.replace_all_uses_with(src)
             gm.graph.erase_node(node)
             folded = True
-    if not folded:
-        return cached
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
+    if folded:
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    insert_tensor_quantizers(gm)  # identity until calibrated (cetopt.deploy.grids)
+    return gm  # traced: resolve_grids shares grids along its edges
 
 
 def _set_module(root: nn.Module, target: str, module: nn.Module) -> None:
@@ -304,6 +307,49 @@ def needs_reduced_range(layer: _CodesMixin, name: str, activation_range: str) ->
     if activation_range == "auto":
         return not u8s8_is_exact(layer, name)
     return activation_range == "reduced"
+
+
+def saved_ranges(model: nn.Module) -> ActivationRanges | None:
+    """The activation ranges :func:`cetopt.load` found in the file (``model.activation_ranges``)."""
+    ranges = getattr(model, "activation_ranges", None)
+    return ranges if isinstance(ranges, ActivationRanges) else None
+
+
+def resolve_ranges(
+    deploy: nn.Module, ranges: ActivationRanges, activation_range: str = "auto", shared_grids: bool = True
+) -> ActivationRanges:
+    """The grids the ``int8`` modes and the ONNX export run on ``deploy`` (resolved ranges).
+
+    Each quantized layer's input goes on the reduced or the full range (``activation_range``; under
+    ``"auto"`` a choice ``ranges`` already records is kept), then edges share grids
+    (:func:`cetopt.deploy.grids.resolve_grids`). Resolving resolved ranges again returns the same.
+
+    Parameters
+    ----------
+    deploy : nn.Module
+        :func:`deployment_model` of the model.
+    ranges : ActivationRanges
+    activation_range : {"auto", "full", "reduced"}
+    shared_grids : bool
+
+    Returns
+    -------
+    ActivationRanges
+    """
+    from cetopt.deploy.grids import resolve_grids
+
+    if activation_range not in ACTIVATION_RANGES:
+        raise ValueError(f"activation_range must be one of {ACTIVATION_RANGES}, got {activation_range!r}")
+    reduced = {}
+    for name, m in deploy.named_modules():
+        if not isinstance(m, _CodesMixin) or name not in ranges.inputs:
+            continue
+        recorded = ranges.activation_range.get(name)
+        if activation_range == "auto" and recorded is not None:
+            reduced[name] = recorded == "reduced"
+        else:
+            reduced[name] = needs_reduced_range(m, name, activation_range)
+    return resolve_grids(deploy, ranges, reduced, shared_grids)
 
 
 class _Int8Base(nn.Module):
@@ -519,7 +565,12 @@ def _weight_only(name: str, m: nn.Module) -> nn.Module | None:
 
 
 def _int8_layers(ranges: ActivationRanges | None, fake: bool, activation_range: str, record: dict):
+    from cetopt.deploy.grids import TensorQuant
+
     def make(name: str, m: nn.Module) -> nn.Module | None:
+        if isinstance(m, TensorQuant):
+            grid = ranges.outputs.get(name) if ranges is not None and name in ranges.inputs else None
+            return TensorQuant(grid)
         if not isinstance(m, _CodesMixin):
             return None
         act_in = act_out = None
@@ -538,10 +589,13 @@ def _int8_layers(ranges: ActivationRanges | None, fake: bool, activation_range: 
                 name, "dynamic int8 convolutions need calibrated ranges (pass calibration=)", "in float32"
             )
             return m
-        reduced = needs_reduced_range(m, name, activation_range)
+        if act_in is not None and ranges.resolved:
+            reduced = act_in.reduced_range  # chosen by resolve_ranges
+        else:
+            reduced = needs_reduced_range(m, name, activation_range)
+            if act_in is not None:
+                act_in = act_in.with_range(reduced)
         record[name] = "reduced" if reduced else "full"
-        if act_in is not None:
-            act_in = act_in.with_range(reduced)
         if fake:
             return FakeInt8(m, name, act_in, act_out, reduced)
         return (Int8Linear if isinstance(m, DeployLinear) else Int8Conv)(m, name, act_in, act_out, reduced)
@@ -557,6 +611,7 @@ def runtime(
     calibration: Iterable | None = None,
     method: str = "minmax",
     activation_range: str = "auto",
+    shared_grids: bool = True,
 ) -> nn.Module:
     """A new model running ``model``'s quantized layers in execution mode ``mode``.
 
@@ -571,19 +626,27 @@ def runtime(
         ``fake-int8``; a layer without one keeps float activations.
     calibration : iterable, optional
         Batches to calibrate the activation grids on (with ``method``) when ``activations`` is not
-        given. With neither, ``int8`` quantizes activations dynamically.
+        given. With neither, the ranges saved in the model's file (``cetopt.save(...,
+        activations=)``, found on the loaded model as ``.activation_ranges``) are used, and
+        without those ``int8`` quantizes activations dynamically.
     method : {"minmax", "percentile", "mse"}
     activation_range : {"auto", "full", "reduced"}
         ``int8`` / ``fake-int8``: the grid of each layer's input. ``"reduced"``: codes 0 … 127
         (the same calibrated range at half the resolution), ``"full"``: 0 … 255, ``"auto"``:
         reduced exactly for the layers whose weights could saturate the kernels' int16 pair sums
-        (:func:`u8s8_is_exact` false: 8-bit codes), full elsewhere.
+        (:func:`u8s8_is_exact` false: 8-bit codes), full elsewhere; ranges that record a choice
+        (resolved ranges, saved and read back) keep it under ``"auto"``.
+    shared_grids : bool
+        ``int8`` / ``fake-int8`` with calibrated ranges: one grid per edge between quantized
+        layers and quantized residual adds (:mod:`cetopt.deploy.grids`, the layout onnxruntime
+        fuses), else each layer's own input and output grids and float adds.
 
     Returns
     -------
     nn.Module
-        In eval mode; ``.activation_ranges`` holds the calibrated grids (None when dynamic) and
-        ``.activation_range`` maps each int8 layer to ``"reduced"`` or ``"full"``.
+        In eval mode; ``.activation_ranges`` holds the resolved grids (None when dynamic; save
+        them with ``to_dict``) and ``.activation_range`` maps each int8 layer to ``"reduced"`` or
+        ``"full"``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -596,8 +659,12 @@ def runtime(
     deploy = deployment_model(model).eval()
     if activations is None and calibration is not None:
         activations = calibrate_activations(deploy, calibration, method=method)
+    if activations is None:
+        activations = saved_ranges(model)
     if activation_range not in ACTIVATION_RANGES:
         raise ValueError(f"activation_range must be one of {ACTIVATION_RANGES}, got {activation_range!r}")
+    if activations is not None:
+        activations = resolve_ranges(deploy, activations, activation_range, shared_grids)
     record: dict[str, str] = {}
     make = _int8_layers(activations, mode == "fake-int8", activation_range, record)
     result = _swap(deploy, make).eval()

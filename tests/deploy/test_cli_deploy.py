@@ -14,6 +14,10 @@ def test_compress_with_activations_and_onnx_then_bench_latency(tmp_path, capsys)
     assert report["activation_bits"] == 8
     assert abs(report["accuracy_activations"] - report["accuracy_compressed"]) < 0.02
     assert (tmp_path / "model.onnx").exists() and (tmp_path / "activations.json").exists()
+    saved = json.loads((tmp_path / "activations.json").read_text())  # resolved: the range choice too
+    assert saved["shared_grids"] is True
+    assert set(saved["activation_range"]) == {"layers.1", "layers.3", "layers.5"}
+    assert set(saved["activation_range"].values()) <= {"reduced", "full"}
     capsys.readouterr()
     assert main(["bench-latency", str(tmp_path / "model.safetensors"), "--runs", "3", "--batch", "1"]) == 0
     out = capsys.readouterr().out

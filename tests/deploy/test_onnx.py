@@ -96,7 +96,7 @@ def _saturating_layer():
     with torch.no_grad():
         model[0].weight.copy_(torch.where(torch.rand(32, 64) < 0.5, 1.0, -1.0))
     q = quantize_all(model, 8)
-    codes = deployment_model(q)[0].codes
+    codes = deployment_model(q).get_submodule("0").codes
     assert int(codes.abs().min()) >= 127  # every code at the end of the int8 range
     x = torch.rand(4, 16, 64) * 4  # a positive range: uint8 codes up to 255 on a full grid
     return q, x
@@ -139,7 +139,7 @@ def test_saturating_layer_is_exact_in_torch_int8_mode():
     fake = cetopt.runtime(q, "fake-int8", activations=ranges)
     kernel = cetopt.runtime(q, "int8", activations=ranges)
     assert kernel.activation_range == {"0": "reduced"} == fake.activation_range
-    assert kernel[0].act_in.reduced_range and kernel[0].act_in.qmax == 127
+    assert kernel.get_submodule("0").act_in.reduced_range and kernel.get_submodule("0").act_in.qmax == 127
     step = float(ranges.outputs["0"].scale)
     for inputs in (x, x * 3):  # also beyond the calibrated range: clamped to code 127
         assert (kernel(inputs) - fake(inputs)).abs().max() <= step * 1.001

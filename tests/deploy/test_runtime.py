@@ -184,7 +184,7 @@ def test_negative_scales_reach_the_kernels_exactly():
     with torch.no_grad():  # a positive outlier per row: the mirrored grid gives it the extra level
         model[0].weight[:, 0] = model[0].weight.abs().max(dim=1).values * 1.5
     q = quantize_all(model, 8)
-    layer = deployment_model(q)[0]
+    layer = deployment_model(q).get_submodule("0")
     flipped = (layer.code_scale < 0)[:, None] & (layer.codes == -128)
     assert int(flipped.sum()) > 0  # the case this test is about occurs
     x = torch.randn(256, 32)
@@ -194,10 +194,10 @@ def test_negative_scales_reach_the_kernels_exactly():
         fake = runtime(q, "fake-int8", activations=ranges)
         kernel = runtime(q, "int8", activations=ranges)
         dynamic = runtime(q, "int8")
-    assert isinstance(fake[0], FakeInt8) and isinstance(kernel[0], Int8Linear)
-    assert torch.equal(fake[0].layer.weight, layer.weight)  # the stored weights, bit for bit
-    assert torch.equal(kernel[0].dequantized_weight(), layer.weight)
-    assert torch.equal(dynamic[0].dequantized_weight(), layer.weight)
+    assert isinstance(fake.get_submodule("0"), FakeInt8) and isinstance(kernel.get_submodule("0"), Int8Linear)
+    assert torch.equal(fake.get_submodule("0").layer.weight, layer.weight)  # the stored weights, bit for bit
+    assert torch.equal(kernel.get_submodule("0").dequantized_weight(), layer.weight)
+    assert torch.equal(dynamic.get_submodule("0").dequantized_weight(), layer.weight)
     # small inputs (u8 codes near the zero point) keep fbgemm's int16 pair sums from saturating
     step = float(ranges.outputs["2"].scale)
     assert (kernel(x[:64] * 0.1) - fake(x[:64] * 0.1)).abs().max() <= step + 1e-6
