@@ -177,6 +177,7 @@ def compress(
             gptq=gptq,
             bias_correction=bias_correction,
             sequential=sequential,
+            act_order=act_order,
             seed=seed,
             progress=progress,
             **{

@@ -431,13 +431,15 @@ def score_menu(
 
 
 @in_eval_mode("model")
-def gptq_quant_options(model: nn.Module, menu: Menu, data, *, progress: bool = False) -> Menu:
+def gptq_quant_options(
+    model: nn.Module, menu: Menu, data, *, act_order: bool = True, progress: bool = False
+) -> Menu:
     """A copy of ``menu`` whose ``quant`` options carry (``approx``) their GPTQ-rounded weights.
 
     :func:`cetopt.quant.gptq_option_weights` per (bit width, group size): one
     :func:`cetopt.quantize` call with ``gptq=data``, every menu layer with that option, each rounded
     on the float model's inputs; the options' ``loss`` is reset (NaN) so that :func:`score_menu`
-    measures them on those weights.
+    measures them on those weights. ``act_order`` as in :func:`cetopt.quantize`.
     """
     from cetopt.quant.apply import gptq_option_weights
 
@@ -451,7 +453,7 @@ def gptq_quant_options(model: nn.Module, menu: Menu, data, *, progress: bool = F
                 for n in menu.layers
                 if any(o.kind == "quant" and _key(o) == (b, g) for o in menu.options[n])
             ]
-            weights = gptq_option_weights(model, layers, [(b, g)], data)[(b, g)]
+            weights = gptq_option_weights(model, layers, [(b, g)], data, act_order=act_order)[(b, g)]
             for n in layers:
                 rounded[(n, (b, g))] = weights[n].reshape(weights[n].shape[0], -1).to(torch.float64)
             bar.update(1)
@@ -518,6 +520,7 @@ def apply_options(
     gptq: bool = True,
     bias_correction: bool = True,
     sequential: bool = True,
+    act_order: bool = True,
     progress: bool = False,
 ) -> nn.Module:
     """Write the chosen options into a copy of ``model`` as :func:`cetopt.compress` writes a bit plan.
@@ -536,7 +539,7 @@ def apply_options(
         Layer name → :class:`MenuOption` (layers not named stay as they are).
     data : iterable of (inputs, targets), optional
         Calibration batches; needed when ``gptq`` or ``bias_correction``.
-    gptq, bias_correction, sequential, progress
+    gptq, bias_correction, sequential, act_order, progress
         As in :func:`cetopt.compress`.
     """
     from cetopt.quant.apply import quantize
@@ -566,6 +569,7 @@ def apply_options(
         gptq=data if gptq and data is not None else None,
         bias_correction=data if bias_correction and data is not None else None,
         sequential=sequential and calibrate,
+        act_order=act_order,
         progress=progress,
     )
 
@@ -668,6 +672,7 @@ def joint_compress(
     gptq: bool = True,
     bias_correction: bool = True,
     sequential: bool = True,
+    act_order: bool = True,
     seed: int = 0,
     progress: bool = True,
     menu: Menu | None = None,
@@ -719,8 +724,9 @@ def joint_compress(
         The sensitivities on the fit split already (a previous result's ``fit_table``).
     solver, time_limit
         For the knapsacks (:func:`cetopt.allocation.choose_options`).
-    gptq, bias_correction, sequential
-        How plans are applied (:func:`apply_options`), as in :func:`cetopt.compress`.
+    gptq, bias_correction, sequential, act_order
+        How plans are applied (:func:`apply_options`) and the ``quant`` options rounded
+        (:func:`gptq_quant_options`), as in :func:`cetopt.compress`.
     seed : int
         The check split and the calibration-column sampling of the menu fits.
     progress : bool
@@ -791,7 +797,7 @@ def joint_compress(
     _check_menu(menu, table)
     if any(np.isnan(o.loss) for n in menu.layers for o in menu.options[n]):
         if gptq:
-            menu = gptq_quant_options(model, menu, fit, progress=progress)
+            menu = gptq_quant_options(model, menu, fit, act_order=act_order, progress=progress)
         menu = score_menu(model, menu, fit, None if gptq else fit_table, loss_fn=loss_fn, progress=progress)
     base_loss = _dataset_loss(model, fit, loss_fn)
     check_base = None if check is None else _example_losses(model, check, loss_fn)
@@ -809,7 +815,13 @@ def joint_compress(
 
     def apply(options, batches):
         return apply_options(
-            model, options, batches, gptq=gptq, bias_correction=bias_correction, sequential=sequential
+            model,
+            options,
+            batches,
+            gptq=gptq,
+            bias_correction=bias_correction,
+            sequential=sequential,
+            act_order=act_order,
         )
 
     candidates: list[JointCandidate] = []

@@ -316,3 +316,42 @@ def test_without_refit_the_returned_model_is_the_validated_one(cases):
         else:
             assert _loss(new, check) - _loss(model, check) == pytest.approx(res.best.check_loss, abs=1e-6)
         assert stored_bytes(new, table.layers) == plan.bytes <= budget
+
+
+def test_act_order_is_forwarded(cases):
+    """compress(act_order=False, joint=True): GPTQ rounds the menu's codes and the plans as compress does."""
+    from cetopt.quant.apply import gptq_option_weights
+
+    model, data, _ = cases[0]
+    x = data[0][0]
+    plain = {
+        order: cetopt.compress(
+            model, data, "7x", method="measured", bits=BITS, progress=False, act_order=order
+        )
+        for order in (True, False)
+    }
+    with torch.no_grad():  # the option matters on this model
+        assert not torch.equal(plain[True].model(x), plain[False].model(x))
+    joint = cetopt.compress(
+        model,
+        data,
+        "7x",
+        method="measured",
+        bits=BITS,
+        progress=False,
+        act_order=False,
+        joint=True,
+        joint_options={"menu_options": SMALL_MENU, "refine": 0, "kinds": ("quant",), "confidence": 1 - 1e-9},
+    )
+    assert joint.joint.fell_back
+    with torch.no_grad():  # the fallback is compress(act_order=False)'s model, not act_order=True's
+        assert torch.equal(joint.model(x), plain[False].model(x))
+    # the menu's quant options carry the codes GPTQ gives without act-order (on the fit split)
+    fit, _ = split_calibration(data, 0.25, seed=0)
+    menu = joint.joint.menu
+    name = menu.layers[1]
+    option = next(o for o in menu.options[name] if o.kind == "quant" and o.bits == 3)
+    for order in (False, True):
+        w = gptq_option_weights(model, [name], [(3, None)], fit, act_order=order)[(3, None)][name]
+        same = torch.equal(option.approx.float(), w.reshape(w.shape[0], -1))
+        assert same == (not order)
