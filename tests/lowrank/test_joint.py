@@ -80,6 +80,9 @@ def test_joint_check_loss_is_never_above_bits_only(cases, ratio):
         assert _loss(new, data) - full_base == pytest.approx(res.final_loss, abs=1e-6)
         assert stored_bytes(new, table.layers) == plan.bytes <= budget
         assert {c.name for c in res.candidates} >= {"bits", "joint"}
+        # without a BOPs budget activation bits stay off the menu
+        assert "wa" not in {c.name for c in res.candidates} and res.activation_bits == {}
+        assert not any(o.act_bits for n in res.menu.layers for o in res.menu.options[n])
 
 
 @pytest.mark.parametrize("ratio", [5.0, 8.0])
@@ -355,3 +358,98 @@ def test_act_order_is_forwarded(cases):
         w = gptq_option_weights(model, [name], [(3, None)], fit, act_order=order)[(3, None)][name]
         same = torch.equal(option.approx.float(), w.reshape(w.shape[0], -1))
         assert same == (not order)
+
+
+def _bops(table, weight_bits, act_bits) -> float:
+    return float((np.asarray(table.macs, dtype=np.float64) * weight_bits * act_bits).sum())
+
+
+def test_activation_bits_join_the_menu_under_a_bops_budget(cases):
+    """(w, a) options in the same knapsack: within both budgets, activations really quantized."""
+    from cetopt.deploy.runtime import FakeInt8
+    from cetopt.lowrank import apply_options, option_bops
+
+    model, data, table = cases[0]
+    budget = 4 * float(table.params.sum()) / 6
+    bops_budget = 0.9 * _bops(table, 2, 32)  # below every float-activation plan: bits only cannot
+    new, plan, res = joint_compress(
+        model,
+        data,
+        table,
+        budget,
+        progress=False,
+        menu_options=SMALL_MENU,
+        refine=0,
+        holdout=0,
+        kinds=("quant",),
+        bops_budget=bops_budget,
+        activation_bits=(4, 8),
+    )
+    assert "bits" in res.infeasible and res.bops_budget == bops_budget
+    menu = res.menu
+    for name in menu.layers:  # every per-channel quant option also at 4 and 8 activation bits
+        plain = [o for o in menu.options[name] if o.kind == "quant" and not o.act_bits]
+        acts = [o for o in menu.options[name] if o.act_bits]
+        assert sorted((o.bits, o.act_bits) for o in acts) == sorted(
+            (o.bits, a) for o in plain for a in (4, 8)
+        )
+    chosen = res.best.options
+    assert res.activation_bits == {n: o.act_bits for n, o in chosen.items() if o.act_bits} != {}
+    macs = dict(zip(table.layers, table.macs))
+    modules = dict(model.named_modules())
+    expected = sum(macs[n] * o.bits * (o.act_bits or 32) for n, o in chosen.items())
+    assert plan.bops == pytest.approx(expected) and plan.bops <= bops_budget
+    shape = {n: (modules[n].weight.shape[0], modules[n].weight[0].numel()) for n in table.layers}
+    assert plan.bops == pytest.approx(sum(option_bops(o, macs[n], shape[n]) for n, o in chosen.items()))
+    assert all(c.bops <= bops_budget * (1 + 1e-9) for c in res.candidates)
+    assert plan.bytes <= budget
+    # the returned model runs exactly those layers' inputs on the calibrated a-bit grid
+    fake = {n: m for n, m in new.named_modules() if isinstance(m, FakeInt8)}
+    assert set(fake) == set(res.activation_bits)
+    assert all(fake[n].act_in.bits == a for n, a in res.activation_bits.items())
+    x = data[0][0]
+    weights_only = apply_options(model, {n: replace(o, act_bits=None) for n, o in chosen.items()}, data)
+    with torch.no_grad():
+        assert torch.equal(new(x), apply_options(model, chosen, data)(x))
+        assert not torch.allclose(new(x), weights_only(x))
+    assert _loss(new, data) - res.base_loss == pytest.approx(res.best.measured_loss, abs=1e-6)
+
+
+def test_bits_only_under_a_bops_budget_is_compress_plan(cases):
+    model, data, table = cases[0]
+    bops_budget = 0.5 * _bops(table, 8, 32)  # float activations: bits only is feasible
+    plain = cetopt.compress(
+        model, data, "6x", method="measured", bits=BITS, progress=False, bops_budget=bops_budget
+    )
+    held = cetopt.compress(
+        model,
+        data,
+        "6x",
+        method="measured",
+        bits=BITS,
+        progress=False,
+        joint=True,
+        bops_budget=bops_budget,
+        joint_options={
+            "menu_options": SMALL_MENU,
+            "refine": 0,
+            "kinds": ("quant",),
+            "activation_bits": (4, 8),
+            "confidence": 1 - 1e-9,  # nothing passes: the fallback
+        },
+    )
+    assert {c.name for c in held.joint.candidates} >= {"bits", "wa", "joint"}
+    assert any(o.act_bits for o in held.joint.candidate("wa").options.values())
+    assert not any(o.act_bits for o in held.joint.candidate("bits").options.values())
+    assert all(c.bops <= bops_budget * (1 + 1e-9) for c in held.joint.candidates)
+    # the fallback is compress's plan under both budgets (float activations), and its model
+    assert held.joint.fell_back and held.joint.activation_bits == {}
+    assert dict(held.plan.bits) == dict(plain.plan.bits) and held.plan.bops == pytest.approx(plain.plan.bops)
+    with torch.no_grad():
+        assert torch.equal(held.model(data[0][0]), plain.model(data[0][0]))
+    with pytest.raises(JointMenuError, match="activation_bits"):
+        joint_compress(
+            model, data, table, "6x", bops_budget=bops_budget, activation_bits=(16,), progress=False
+        )
+    with pytest.raises(JointMenuError, match="macs"):
+        joint_compress(model, data, replace(table, macs=None), "6x", bops_budget=bops_budget, progress=False)
