@@ -1158,14 +1158,43 @@ def joint_compress(
     return returned, plan, result
 
 
+def _refinement_chain(
+    others: list[JointCandidate], confidence: float
+) -> tuple[list[JointCandidate], list[dict]]:
+    """The candidates that compete with bits only: each refined joint plan must earn its place.
+
+    ``joint_refined_k`` replaces the plan it refines (``joint``, then the last refinement kept) only
+    when it beats it on the check split past the margin (:func:`prefer_candidate`,
+    Bonferroni-corrected over the refinements); otherwise the earlier, less searched plan stays
+    (ties go to the plan with fewer free choices, as they go to bits only). Refinements are
+    close variants of one plan, so the lowest check loss among them is mostly the check split's
+    noise: picking it would fit the check split as the fit split was fitted.
+    """
+    chain = [c for c in others if c.name == "joint" or c.name.startswith("joint_refined_")]
+    if len(chain) < 2:
+        return others, []
+    current, steps = chain[0], []
+    for c in chain[1:]:
+        test = prefer_candidate(
+            current.check_losses, c.check_losses, comparisons=len(chain) - 1, confidence=confidence
+        )
+        steps.append({"candidate": c.name, "against": current.name, **test})
+        if test["prefer"]:
+            current = c
+    return [c for c in others if c not in chain] + [current], steps
+
+
 def _select(candidates: list[JointCandidate], confidence: float) -> tuple[JointCandidate, dict]:
     """The returned candidate by the check split: bits only unless another beats it past the noise."""
     bits = next((c for c in candidates if c.name == "bits"), None)
     others = [c for c in candidates if c.name != "bits"]
-    champion = min(others, key=lambda c: c.check_loss)
+    pool, steps = _refinement_chain(others, confidence)
+    champion = min(pool, key=lambda c: c.check_loss)
+    chain = {"refinements": steps} if steps else {}
     if bits is None:
         return champion, {
             "champion": champion.name,
+            **chain,
             "decision": "bits only is infeasible: best on the check split",
         }
     test = prefer_candidate(
@@ -1181,6 +1210,7 @@ def _select(candidates: list[JointCandidate], confidence: float) -> tuple[JointC
         "comparisons": len(others),
         "confidence": confidence,
         **test,
+        **chain,
         "decision": decision,
     }
 

@@ -69,7 +69,19 @@ def test_joint_check_loss_is_never_above_bits_only(cases, ratio):
         assert res.best.check_loss <= bits.check_loss
         champion = res.candidate(sel["champion"])
         others = [c for c in res.candidates if c.name != "bits"]
-        assert champion.check_loss == min(c.check_loss for c in others)
+        # a refined joint plan competes only if it beat the plan it refines past the margin
+        kept = "joint"
+        for step in sel.get("refinements", []):
+            assert step["against"] == kept
+            again = prefer_candidate(
+                res.candidate(kept).check_losses,
+                res.candidate(step["candidate"]).check_losses,
+                comparisons=len(sel["refinements"]),
+            )
+            assert again["prefer"] == step["prefer"]
+            kept = step["candidate"] if step["prefer"] else kept
+        pool = [c for c in others if not c.name.startswith("joint")] + [res.candidate(kept)]
+        assert champion.check_loss == min(c.check_loss for c in pool)
         again = prefer_candidate(bits.check_losses, champion.check_losses, comparisons=len(others))
         assert again["prefer"] == sel["prefer"] == (not res.fell_back)
         if not res.fell_back:
@@ -453,3 +465,39 @@ def test_bits_only_under_a_bops_budget_is_compress_plan(cases):
         )
     with pytest.raises(JointMenuError, match="macs"):
         joint_compress(model, data, replace(table, macs=None), "6x", bops_budget=bops_budget, progress=False)
+
+
+def test_a_refined_plan_must_beat_the_plan_it_refines():
+    """Refinements are close variants: the lowest check loss among them alone does not pick one."""
+    from cetopt.lowrank.joint import JointCandidate, _select
+
+    gen = np.random.default_rng(1)
+    bits = gen.exponential(1.0, 300) + 0.5
+
+    def cand(name, losses):
+        return JointCandidate(
+            name,
+            {},
+            0.0,
+            0.0,
+            0.0,
+            0,
+            "optimal",
+            "highs",
+            check_loss=float(losses.mean()),
+            check_losses=losses,
+        )
+
+    joint = bits - 0.3 + gen.normal(0, 0.05, 300)  # clearly better than bits
+    noisy = joint - 0.002 + gen.normal(0, 0.2, 300)  # lower on average, within the noise
+    clear = joint - 0.1 + gen.normal(0, 0.01, 300)  # better than joint past the margin
+    cands = [cand("bits", bits), cand("joint", joint), cand("joint_refined_1", noisy)]
+    assert cands[2].check_loss < cands[1].check_loss
+    chosen, sel = _select(cands, 0.95)
+    assert chosen.name == "joint" and sel["champion"] == "joint"
+    assert [s["prefer"] for s in sel["refinements"]] == [False]
+    chosen, sel = _select([*cands, cand("joint_refined_2", clear)], 0.95)
+    assert chosen.name == "joint_refined_2" and sel["refinements"][1]["against"] == "joint"
+    # the same without bits only (an infeasible budget)
+    chosen, _ = _select(cands[1:], 0.95)
+    assert chosen.name == "joint"
