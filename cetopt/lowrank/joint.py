@@ -1159,16 +1159,17 @@ def joint_compress(
 
 
 def _refinement_chain(
-    others: list[JointCandidate], confidence: float
+    others: list[JointCandidate], confidence: float, comparisons: int
 ) -> tuple[list[JointCandidate], list[dict]]:
     """The candidates that compete with bits only: each refined joint plan must earn its place.
 
     ``joint_refined_k`` replaces the plan it refines (``joint``, then the last refinement kept) only
-    when it beats it on the check split past the margin (:func:`prefer_candidate`,
-    Bonferroni-corrected over the refinements); otherwise the earlier, less searched plan stays
-    (ties go to the plan with fewer free choices, as they go to bits only). Refinements are
-    close variants of one plan, so the lowest check loss among them is mostly the check split's
-    noise: picking it would fit the check split as the fit split was fitted.
+    when it beats it on the check split past the margin (:func:`prefer_candidate`), at the same
+    Bonferroni-corrected level as the test against bits only (``comparisons``: the candidates
+    other than bits); otherwise the earlier, less searched plan stays (ties go to the plan with
+    fewer free choices, as they go to bits only). Refinements are close variants of one plan, so
+    the lowest check loss among them is mostly the check split's noise: picking it would fit the
+    check split as the fit split was fitted.
     """
     chain = [c for c in others if c.name == "joint" or c.name.startswith("joint_refined_")]
     if len(chain) < 2:
@@ -1176,7 +1177,7 @@ def _refinement_chain(
     current, steps = chain[0], []
     for c in chain[1:]:
         test = prefer_candidate(
-            current.check_losses, c.check_losses, comparisons=len(chain) - 1, confidence=confidence
+            current.check_losses, c.check_losses, comparisons=comparisons, confidence=confidence
         )
         steps.append({"candidate": c.name, "against": current.name, **test})
         if test["prefer"]:
@@ -1188,7 +1189,7 @@ def _select(candidates: list[JointCandidate], confidence: float) -> tuple[JointC
     """The returned candidate by the check split: bits only unless another beats it past the noise."""
     bits = next((c for c in candidates if c.name == "bits"), None)
     others = [c for c in candidates if c.name != "bits"]
-    pool, steps = _refinement_chain(others, confidence)
+    pool, steps = _refinement_chain(others, confidence, len(others))
     champion = min(pool, key=lambda c: c.check_loss)
     chain = {"refinements": steps} if steps else {}
     if bits is None:

@@ -76,7 +76,7 @@ def test_joint_check_loss_is_never_above_bits_only(cases, ratio):
             again = prefer_candidate(
                 res.candidate(kept).check_losses,
                 res.candidate(step["candidate"]).check_losses,
-                comparisons=len(sel["refinements"]),
+                comparisons=len(others),
             )
             assert again["prefer"] == step["prefer"]
             kept = step["candidate"] if step["prefer"] else kept
