@@ -148,9 +148,12 @@ def _select_schedule(menu, model, data, seed: int) -> dict:
 
 
 def _evaluate(model, data, reference) -> dict:
+    with torch.no_grad():
+        test_loss = float(F.cross_entropy(model(data.x_test), data.y_test))
     return {
         "accuracy": accuracy(model, data.x_test, data.y_test),
         "output_error": _output_error(model, reference, data.x_test),
+        "test_loss": test_loss,
     }
 
 
@@ -509,6 +512,11 @@ def _joint_summary(rows: list[dict]) -> dict:
                     {
                         "accuracy": _stat([o["accuracy"] for o in ok]),
                         "output_error": _stat([o["output_error"] for o in ok]),
+                        **(
+                            {"test_loss": _stat([o["test_loss"] for o in ok])}
+                            if all("test_loss" in o for o in ok)
+                            else {}
+                        ),
                         "calibration_loss_increase": _stat([o["calibration_loss_increase"] for o in ok]),
                         "ratio": _stat(
                             [m[ratio]["budget_bytes"] * float(ratio) / o["bytes"] for m, o in zip(mine, ok)]
