@@ -25,15 +25,19 @@ plan, the bits-only plan and the single-kind plans (low rank only, sparsity only
 budget are all applied and their calibration loss measured; the joint plan is then refined — every
 option re-scored on the network whose earlier layers carry the current plan's choices (the
 measured interaction, layer by layer as sequential calibration goes), the knapsack solved again,
-the new plan applied and measured. The plan with the lowest measured calibration loss is
-returned; the bits-only plan is always among the candidates, so the returned plan's calibration
-loss is never above it (when it wins, the result says it fell back to it). Where the budget is
-below every bits-only plan (2-bit codes plus the per-channel scales exceed it), the other
-candidates still compete and the result lists bits-only as infeasible.
+the new plan applied and measured. Everything is fitted on a fit split of the calibration data;
+the plans are compared on the held-out check split (:func:`prefer_candidate`): a refined plan
+replaces the plan it refines, and the best remaining plan replaces bits only, only past a paired,
+Bonferroni-corrected noise margin. Otherwise bits only — ``compress``'s plan and model — is
+returned. Where the budget is below every bits-only plan (2-bit codes plus the per-channel
+scales exceed it), the other candidates still compete and the result lists bits-only as
+infeasible.
 
-Options are plain data records (:class:`cetopt.lowrank.MenuOption`): a new kind (group size,
-activation bits) joins by adding its options, with their bytes and loss, to each layer's list;
-the search stays one multiple-choice knapsack.
+Options are plain data records (:class:`cetopt.lowrank.MenuOption`): a new kind joins by adding
+its options, with their bytes and loss, to each layer's list; the search stays one
+multiple-choice knapsack. Group sizes are ``quant`` options at ``(bits, group)``; under a BOPs
+budget (``bops_budget=``) activation bits are ``quant`` options at ``(bits, act_bits)``
+(:func:`activation_options`), with a BOPs row (:func:`option_bops`) beside the byte row.
 """
 
 from __future__ import annotations
