@@ -37,14 +37,16 @@ menu, every option's measured loss increase (quantized options on their GPTQ-rou
 each candidate plan applied as ``compress`` applies one. Rows ``bits_fit`` (bits only on the fit
 split), ``lowrank`` (SVD, float factors), ``sparse`` (pruning) and ``joint_first`` (the joint
 knapsack's first plan) are those fit-split models; ``refined`` the sequentially re-scored joint
-plans. ``joint`` is the returned model: the best non-bits candidate on the check split if its
-paired per-example loss difference to bits only is below zero by more than
-``z · stderr`` (one-sided 95 %, Bonferroni over the candidates; ``selection`` holds the numbers),
-else bits only; the chosen plan is then calibrated again on all 512 examples, so a fallback is
-exactly ``compress``'s model (``bits_equals_compress``). Bits only cannot reach 16× (2-bit codes
-plus a float32 scale and a bit width per channel exceed it); there the best candidate on the check
-split is returned. ``rank_correlation`` is Spearman's between each plan's predicted loss increase
-(summed per-layer scores) and its measured fit-split loss increase, over every plan of a row.
+plans. ``joint`` is the returned model: a refined plan first replaces the plan it refines only if
+its paired per-example check loss difference to it is below zero by more than ``z · stderr``;
+then the best remaining non-bits candidate on the check split is returned if its paired
+difference to bits only passes the same test (one-sided 95 %, Bonferroni over the non-bits
+candidates for every test; ``selection`` holds the numbers), else bits only; the chosen plan
+is then calibrated again on all 512 examples, so a fallback is exactly ``compress``'s model
+(``bits_equals_compress``). Bits only cannot reach 16× (2-bit codes plus a float32 scale and a
+bit width per channel exceed it); there the best candidate on the check split is returned.
+``rank_correlation`` is Spearman's between each plan's predicted loss increase (summed per-layer
+scores) and its measured fit-split loss increase, over every plan of a row.
 
 Per layer, the activation-aware and weight-space fits at the same (rank, nnz) are also compared on
 the layer's post-activation calibration error (the geometric mean of their ratio).
@@ -148,9 +150,12 @@ def _select_schedule(menu, model, data, seed: int) -> dict:
 
 
 def _evaluate(model, data, reference) -> dict:
+    with torch.no_grad():
+        test_loss = float(F.cross_entropy(model(data.x_test), data.y_test))
     return {
         "accuracy": accuracy(model, data.x_test, data.y_test),
         "output_error": _output_error(model, reference, data.x_test),
+        "test_loss": test_loss,
     }
 
 
@@ -509,6 +514,11 @@ def _joint_summary(rows: list[dict]) -> dict:
                     {
                         "accuracy": _stat([o["accuracy"] for o in ok]),
                         "output_error": _stat([o["output_error"] for o in ok]),
+                        **(
+                            {"test_loss": _stat([o["test_loss"] for o in ok])}
+                            if all("test_loss" in o for o in ok)
+                            else {}
+                        ),
                         "calibration_loss_increase": _stat([o["calibration_loss_increase"] for o in ok]),
                         "ratio": _stat(
                             [m[ratio]["budget_bytes"] * float(ratio) / o["bytes"] for m, o in zip(mine, ok)]
@@ -667,8 +677,9 @@ def _joint_section(rows: list[dict], quick: bool) -> dict:
         "selection": {
             "holdout": 0.25,
             "confidence": 0.95,
-            "rule": "bits only unless the best other candidate on the check split has a paired "
-            "per-example loss difference mean + z * stderr < 0 (one-sided, Bonferroni over the candidates)",
+            "rule": "a refined joint plan replaces the plan it refines, and then the best other candidate "
+            "on the check split replaces bits only, only if its paired per-example loss difference has "
+            "mean + z * stderr < 0 (one-sided, Bonferroni over the non-bits candidates for every test)",
             "joint": "the returned model: the chosen plan calibrated again on all 512 examples (refit=True)",
             "joint_validated": "derived from the same run: the chosen candidate's own fit-split model "
             "(what refit=False returns), compress's model on a fallback",

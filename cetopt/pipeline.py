@@ -125,7 +125,9 @@ def compress(
         plans applied as here (GPTQ, bias correction) and compared on a check split of ``data``
         that nothing was fitted on; the bits-only plan — the plan and model this call makes with
         ``joint=False`` — is returned unless another beats it there past the noise margin. Per
-        layer only (not with ``per_channel``); of ``allocate_options`` it takes none.
+        layer only (not with ``per_channel``); of ``allocate_options`` it takes ``bops_budget``
+        alone, which makes activation bits menu options too (``joint_options={"activation_bits":
+        (4, 8)}``; the returned model then runs those layers in ``fake-int8``).
     joint_options : dict, optional
         Other keywords of :func:`cetopt.lowrank.joint_compress` (``kinds``, ``factor_bits``,
         ``refine``, ``menu_options`` ...).
@@ -141,8 +143,13 @@ def compress(
     **allocate_options
         Any other keyword of :func:`cetopt.allocate` (``bops_budget``, ``ties``, ``min_bits`` ...).
     """
-    if joint and (per_channel or allocate_options):
-        why = "per_channel=True" if per_channel else f"allocate options {sorted(allocate_options)}"
+    joint_takes = {"bops_budget"}  # a second row of the joint knapsack (activation bits join the menu)
+    if joint and (per_channel or set(allocate_options) - joint_takes):
+        why = (
+            "per_channel=True"
+            if per_channel
+            else f"allocate options {sorted(set(allocate_options) - joint_takes)}"
+        )
         raise JointMenuError(
             f"joint=True chooses per layer under a byte budget alone; it does not take {why}"
         )
@@ -177,8 +184,10 @@ def compress(
             gptq=gptq,
             bias_correction=bias_correction,
             sequential=sequential,
+            act_order=act_order,
             seed=seed,
             progress=progress,
+            bops_budget=allocate_options.get("bops_budget"),
             **{
                 # the same estimator on the fit split (the check split never seen by it)
                 "sensitivity_fn": lambda batches: estimate(

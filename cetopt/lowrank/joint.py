@@ -25,15 +25,19 @@ plan, the bits-only plan and the single-kind plans (low rank only, sparsity only
 budget are all applied and their calibration loss measured; the joint plan is then refined — every
 option re-scored on the network whose earlier layers carry the current plan's choices (the
 measured interaction, layer by layer as sequential calibration goes), the knapsack solved again,
-the new plan applied and measured. The plan with the lowest measured calibration loss is
-returned; the bits-only plan is always among the candidates, so the returned plan's calibration
-loss is never above it (when it wins, the result says it fell back to it). Where the budget is
-below every bits-only plan (2-bit codes plus the per-channel scales exceed it), the other
-candidates still compete and the result lists bits-only as infeasible.
+the new plan applied and measured. Everything is fitted on a fit split of the calibration data;
+the plans are compared on the held-out check split (:func:`prefer_candidate`): a refined plan
+replaces the plan it refines, and the best remaining plan replaces bits only, only past a paired,
+Bonferroni-corrected noise margin. Otherwise bits only — ``compress``'s plan and model — is
+returned. Where the budget is below every bits-only plan (2-bit codes plus the per-channel
+scales exceed it), the other candidates still compete and the result lists bits-only as
+infeasible.
 
-Options are plain data records (:class:`cetopt.lowrank.MenuOption`): a new kind (group size,
-activation bits) joins by adding its options, with their bytes and loss, to each layer's list;
-the search stays one multiple-choice knapsack.
+Options are plain data records (:class:`cetopt.lowrank.MenuOption`): a new kind joins by adding
+its options, with their bytes and loss, to each layer's list; the search stays one
+multiple-choice knapsack. Group sizes are ``quant`` options at ``(bits, group)``; under a BOPs
+budget (``bops_budget=``) activation bits are ``quant`` options at ``(bits, act_bits)``
+(:func:`activation_options`), with a BOPs row (:func:`option_bops`) beside the byte row.
 """
 
 from __future__ import annotations
@@ -65,9 +69,11 @@ __all__ = [
     "SINGLE_KINDS",
     "JointCandidate",
     "JointResult",
+    "activation_options",
     "apply_options",
     "gptq_quant_options",
     "joint_compress",
+    "option_bops",
     "prefer_candidate",
     "rescore_sequential",
     "score_menu",
@@ -77,10 +83,13 @@ __all__ = [
 Keep = Callable[[MenuOption], bool]
 
 #: The single-kind plans the joint plan is checked against: name → which options it may use.
+#: ``wa`` (weight × activation bits, :func:`cetopt.deploy.allocate_wa`'s plan) is only planned
+#: under a BOPs budget, when the menu has options with activation bits.
 SINGLE_KINDS: dict[str, Keep] = {
-    "bits": lambda o: o.kind == "quant",  # exactly compress's options (no dense)
+    "bits": lambda o: o.kind == "quant" and not o.act_bits,  # exactly compress's options (no dense)
     "lowrank": lambda o: o.kind == "dense" or (o.kind == "svd" and o.bits is None),
     "sparse": lambda o: o.kind in ("dense", "prune"),
+    "wa": lambda o: o.kind == "quant",
 }
 
 
@@ -127,6 +136,9 @@ class JointCandidate:
     status, solver : str
         What the knapsack reported.
     bound : float or None
+    bops : float or None
+        Σ MACs × weight bits × activation bits of the plan (:func:`option_bops`), under a BOPs
+        budget; None otherwise.
     check_loss : float or None
         Loss increase on the held-out check split (never seen by the fits, GPTQ, bias correction
         or the sensitivities); None without a check split.
@@ -144,10 +156,12 @@ class JointCandidate:
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     check_loss: float | None = None
     check_losses: np.ndarray | None = field(default=None, repr=False, compare=False)
+    bops: float | None = None
 
     def to_dict(self) -> dict:
         return {
             "name": self.name,
+            "bops": self.bops,
             "predicted_loss": self.predicted_loss,
             "solved_loss": self.solved_loss,
             "measured_loss": self.measured_loss,
@@ -193,6 +207,11 @@ class JointResult:
     fit_table : SensitivityTable or None
         The sensitivities on the fit split (what the candidates were solved on); pass it back with
         ``menu`` to reuse both across budgets.
+    bops_budget : float or None
+        The BOPs budget the plans were solved under (None: bytes alone).
+    activation_bits : dict
+        Layer → activation bits of the returned plan's layers whose inputs are quantized (the
+        returned model runs them in ``fake-int8``); empty when every activation stays float.
     """
 
     chosen: str
@@ -206,6 +225,8 @@ class JointResult:
     selection: dict = field(default_factory=dict)
     final_loss: float | None = None
     fit_table: SensitivityTable | None = field(default=None, repr=False)
+    bops_budget: float | None = None
+    activation_bits: dict = field(default_factory=dict)
 
     @property
     def best(self) -> JointCandidate:
@@ -255,6 +276,8 @@ class JointResult:
             "infeasible": dict(self.infeasible),
             "selection": dict(self.selection),
             "final_loss": self.final_loss,
+            "bops_budget": self.bops_budget,
+            "activation_bits": dict(self.activation_bits),
         }
 
 
@@ -431,13 +454,15 @@ def score_menu(
 
 
 @in_eval_mode("model")
-def gptq_quant_options(model: nn.Module, menu: Menu, data, *, progress: bool = False) -> Menu:
+def gptq_quant_options(
+    model: nn.Module, menu: Menu, data, *, act_order: bool = True, progress: bool = False
+) -> Menu:
     """A copy of ``menu`` whose ``quant`` options carry (``approx``) their GPTQ-rounded weights.
 
     :func:`cetopt.quant.gptq_option_weights` per (bit width, group size): one
     :func:`cetopt.quantize` call with ``gptq=data``, every menu layer with that option, each rounded
     on the float model's inputs; the options' ``loss`` is reset (NaN) so that :func:`score_menu`
-    measures them on those weights.
+    measures them on those weights. ``act_order`` as in :func:`cetopt.quantize`.
     """
     from cetopt.quant.apply import gptq_option_weights
 
@@ -451,7 +476,7 @@ def gptq_quant_options(model: nn.Module, menu: Menu, data, *, progress: bool = F
                 for n in menu.layers
                 if any(o.kind == "quant" and _key(o) == (b, g) for o in menu.options[n])
             ]
-            weights = gptq_option_weights(model, layers, [(b, g)], data)[(b, g)]
+            weights = gptq_option_weights(model, layers, [(b, g)], data, act_order=act_order)[(b, g)]
             for n in layers:
                 rounded[(n, (b, g))] = weights[n].reshape(weights[n].shape[0], -1).to(torch.float64)
             bar.update(1)
@@ -518,6 +543,8 @@ def apply_options(
     gptq: bool = True,
     bias_correction: bool = True,
     sequential: bool = True,
+    act_order: bool = True,
+    activation_method: str = "minmax",
     progress: bool = False,
 ) -> nn.Module:
     """Write the chosen options into a copy of ``model`` as :func:`cetopt.compress` writes a bit plan.
@@ -528,6 +555,12 @@ def apply_options(
     correction on ``data`` (layer by layer when ``sequential``), exactly the call ``compress`` makes.
     With only ``quant`` options the result is ``compress``'s model for the same bits.
 
+    Options with activation bits (``act_bits``) then get their input activations quantized as
+    :mod:`cetopt.deploy` runs them: the grids are calibrated on ``data`` (``activation_method``,
+    :func:`cetopt.deploy.calibrate_activations`) and the result is
+    ``cetopt.deploy.runtime(weights, "fake-int8", activations=...)`` (BatchNorms folded), with
+    every other layer's activations left float.
+
     Parameters
     ----------
     model : nn.Module
@@ -536,10 +569,19 @@ def apply_options(
         Layer name → :class:`MenuOption` (layers not named stay as they are).
     data : iterable of (inputs, targets), optional
         Calibration batches; needed when ``gptq`` or ``bias_correction``.
-    gptq, bias_correction, sequential, progress
+    gptq, bias_correction, sequential, act_order, progress
         As in :func:`cetopt.compress`.
+    activation_method : {"minmax", "percentile", "mse"}
+        The activation ranges of options with ``act_bits``.
     """
     from cetopt.quant.apply import quantize
+
+    acts = {name: int(o.act_bits) for name, o in options.items() if o.act_bits}
+    if acts and data is None:
+        raise JointMenuError(
+            f"options with activation bits ({sorted(acts)[:3]}...) need calibration data for "
+            "their activation ranges; pass data="
+        )
 
     modules = dict(model.named_modules())
     decisions = [
@@ -560,18 +602,132 @@ def apply_options(
     if not bits:
         return base if decisions else copy.deepcopy(model).eval()
     calibrate = data is not None and (gptq or bias_correction)
-    return quantize(
+    weights = quantize(
         base,
         _BitsPlan(bits, groups),
         gptq=data if gptq and data is not None else None,
         bias_correction=data if bias_correction and data is not None else None,
         sequential=sequential and calibrate,
+        act_order=act_order,
         progress=progress,
     )
+    return _quantize_activations(weights, acts, data, activation_method) if acts else weights
 
 
-def _solve(menu: Menu, scores: Mapping[str, np.ndarray], budget: float, keep: Keep, solver, time_limit):
-    """The multiple-choice knapsack over ``menu``'s options allowed by ``keep``: one per layer."""
+def _quantize_activations(model: nn.Module, bits: Mapping[str, int], data, method: str) -> nn.Module:
+    """``model`` with the named layers' inputs quantized at ``bits`` (``fake-int8``), the rest float."""
+    from cetopt.deploy.activations import calibrate_activations
+    from cetopt.deploy.runtime import deployment_model, runtime
+
+    deploy = deployment_model(model).eval()
+    ranges = calibrate_activations(deploy, _batches(data, None), bits=dict(bits), method=method)
+    return runtime(model, "fake-int8", activations=ranges)
+
+
+def option_bops(option: MenuOption, macs: float, shape: tuple[int, int]) -> float:
+    """Bit operations of one option: MACs × weight bits × activation bits, as the deploy allocation.
+
+    ``macs`` is the dense layer's multiply-accumulates per example and ``shape`` its weight
+    matrix ``(m, n)``. ``dense`` and ``quant`` options: ``macs × w × a`` (``w = bits`` or 32,
+    ``a = act_bits`` or 32). A factorised option runs its two factors (``r(m + n)`` of the
+    ``m·n`` weights per output position) at its factor bits with float activations, and its
+    sparse part (``nnz`` of them) in float32: ``macs / (m·n) × (r(m + n) · w · 32 + nnz · 32 · 32)``.
+    """
+    w, a = option.bits or 32, option.act_bits or 32
+    if option.kind in ("dense", "quant"):
+        return float(macs) * w * a
+    m, n = shape
+    positions = float(macs) / max(m * n, 1)
+    return positions * (option.rank * (m + n) * w * 32 + option.nnz * 32 * 32)
+
+
+def activation_options(
+    model: nn.Module,
+    menu: Menu,
+    data,
+    activation_bits: Sequence[int] = (8,),
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    method: str = "minmax",
+) -> Menu:
+    """A copy of a scored ``menu`` in which every per-channel ``quant`` option of at most 8 bits
+    also comes with its input activations at each of ``activation_bits``.
+
+    The activations' own cost is :func:`cetopt.deploy.activation_sensitivity` on ``data``: the
+    measured loss increase of quantizing only that layer's input at ``a`` bits, on the model with
+    every menu layer at 8-bit weights (the deploy allocation's table); an option at ``(w, a)``
+    scores its weights' ``loss`` plus that (the sum :func:`cetopt.deploy.allocate_wa` minimises).
+    Group-wise options and weights above 8 bits stay float-activation only (the int8 kernels run
+    neither). Options that already carry activation bits are kept as they are.
+
+    Raises
+    ------
+    JointMenuError
+        An activation bit width is not an integer in [2, 8], or the menu is not scored.
+    """
+    from cetopt.deploy.allocation import activation_sensitivity
+    from cetopt.quant.apply import quantize
+
+    widths = _activation_widths(activation_bits)
+    if any(np.isnan(o.loss) for n in menu.layers for o in menu.options[n]):
+        raise JointMenuError("activation_options needs a scored menu (score_menu first)")
+    if any(o.act_bits for n in menu.layers for o in menu.options[n]):
+        return Menu(list(menu.layers), {n: list(menu.options[n]) for n in menu.layers})
+    eight = quantize(model, {n: 8 for n in menu.layers})
+    values = activation_sensitivity(
+        eight, _batches(data, None), widths, layers=menu.layers, method=method, loss_fn=loss_fn
+    )
+    options = {}
+    for i, name in enumerate(menu.layers):
+        opts = list(menu.options[name])
+        opts += [
+            replace(o, act_bits=a, loss=float(o.loss + values[i, j]))
+            for o in menu.options[name]
+            if o.kind == "quant" and not o.group and o.bits <= 8
+            for j, a in enumerate(widths)
+        ]
+        options[name] = opts
+    return Menu(list(menu.layers), options)
+
+
+def _activation_widths(activation_bits: Sequence[int]) -> list[int]:
+    try:
+        widths = [int(a) for a in activation_bits]
+    except (TypeError, ValueError):
+        widths = []
+    if not widths or any(a != b or not 2 <= a <= 8 for a, b in zip(widths, activation_bits)):
+        raise JointMenuError(f"activation_bits must be integers in [2, 8], got {activation_bits!r}")
+    if len(set(widths)) != len(widths):
+        raise JointMenuError(f"activation_bits must be distinct, got {tuple(activation_bits)}")
+    return widths
+
+
+def _activation_part(menu: Menu) -> dict[str, np.ndarray]:
+    """Per option, the activations' share of its ``loss`` (0 without activation bits)."""
+    out = {}
+    for name in menu.layers:
+        weights = {
+            (o.bits, o.group): o.loss for o in menu.options[name] if o.kind == "quant" and not o.act_bits
+        }
+        out[name] = np.array(
+            [o.loss - weights[(o.bits, o.group)] if o.act_bits else 0.0 for o in menu.options[name]]
+        )
+    return out
+
+
+def _solve(
+    menu: Menu,
+    scores: Mapping[str, np.ndarray],
+    budget: float,
+    keep: Keep,
+    solver,
+    time_limit,
+    bops: tuple[Mapping[str, np.ndarray], float] | None = None,
+):
+    """The multiple-choice knapsack over ``menu``'s options allowed by ``keep``: one per layer.
+
+    ``bops``: each layer's option BOPs and the BOPs budget, a second knapsack row.
+    """
     width = max(len(menu.options[n]) for n in menu.layers)
     shape = (len(menu.layers), width)
     cost, size, allowed = np.zeros(shape), np.zeros(shape), np.zeros(shape, dtype=bool)
@@ -585,12 +741,19 @@ def _solve(menu: Menu, scores: Mapping[str, np.ndarray], budget: float, keep: Ke
     # a MILP answer that verification rejects (losses spanning many decades can trip a solver's
     # tolerances) is asked of the other MILP backends before giving up
     others = [name for name in ("highs", "cbc") if name != solver] if isinstance(solver, str) else []
+    if bops is not None:
+        ops = np.zeros(shape)
+        for i, name in enumerate(menu.layers):
+            ops[i, : len(menu.options[name])] = bops[0][name]
     for attempt in [solver, *others]:
         try:
             with np.errstate(invalid="ignore"):  # the hull's padding (inf − inf), masked out inside
-                out = choose_options(
-                    cost, size, budget, allowed=allowed, solver=attempt, time_limit=time_limit
-                )
+                if bops is None:
+                    out = choose_options(
+                        cost, size, budget, allowed=allowed, solver=attempt, time_limit=time_limit
+                    )
+                else:
+                    out = _choose_two(cost, size, ops, budget, bops[1], allowed, attempt, time_limit)
             break
         except SolverFailedError:
             if attempt == ([solver, *others])[-1]:
@@ -598,6 +761,27 @@ def _solve(menu: Menu, scores: Mapping[str, np.ndarray], budget: float, keep: Ke
     chosen = {n: menu.options[n][int(k)] for n, k in zip(menu.layers, out.choice)}
     solved = float(cost[np.arange(len(menu.layers)), out.choice].sum())
     return chosen, solved, out
+
+
+def _choose_two(cost, size, ops, budget, bops_budget, allowed, solver, time_limit):
+    """The knapsack with a byte and a BOPs row, as :func:`cetopt.allocate` solves ``bops_budget``."""
+    from cetopt.allocation.allocate import OptionChoice
+    from cetopt.allocation.search import MultiChoice
+
+    problem = MultiChoice(cost, [size, ops], allowed, ["byte", "BOPs"])
+    limits = [float(budget), float(bops_budget)]
+    for j, (name, limit) in enumerate(zip(problem.names, limits)):
+        lowest = problem.minimum(j)
+        if lowest > limit * (1 + 1e-12):
+            raise InfeasibleBudgetError(
+                f"the {name} budget of {limit:.6g} is below the minimum of {lowest:.6g} of these options",
+                minimum=lowest,
+            )
+    incumbent = problem.incumbent(limits, None, 1e-4)
+    answer = problem.solve(limits, incumbent, solver, time_limit, 1e-4)
+    if problem.over_budget(answer.choice, limits):
+        raise SolverFailedError("the knapsack's answer breaks a budget", None)
+    return OptionChoice(answer.choice, answer.status, answer.bound, answer.solver)
 
 
 def _same(a: Mapping[str, MenuOption], b: Mapping[str, MenuOption]) -> bool:
@@ -668,12 +852,16 @@ def joint_compress(
     gptq: bool = True,
     bias_correction: bool = True,
     sequential: bool = True,
+    act_order: bool = True,
     seed: int = 0,
     progress: bool = True,
     menu: Menu | None = None,
     menu_options: Mapping | None = None,
     keep_models: bool = False,
     refit: bool = True,
+    bops_budget: float | None = None,
+    activation_bits: Sequence[int] = (8,),
+    activation_method: str = "minmax",
 ) -> tuple[nn.Module, Plan, JointResult]:
     """Choose, per layer, among quantization, low rank, sparsity and their mixes within ``budget``.
 
@@ -719,8 +907,9 @@ def joint_compress(
         The sensitivities on the fit split already (a previous result's ``fit_table``).
     solver, time_limit
         For the knapsacks (:func:`cetopt.allocation.choose_options`).
-    gptq, bias_correction, sequential
-        How plans are applied (:func:`apply_options`), as in :func:`cetopt.compress`.
+    gptq, bias_correction, sequential, act_order
+        How plans are applied (:func:`apply_options`) and the ``quant`` options rounded
+        (:func:`gptq_quant_options`), as in :func:`cetopt.compress`.
     seed : int
         The check split and the calibration-column sampling of the menu fits.
     progress : bool
@@ -737,6 +926,19 @@ def joint_compress(
     keep_models : bool
         Keep every candidate's compressed model (``JointCandidate.model``, calibrated on the fit
         split), e.g. to test them all.
+    bops_budget : float, optional
+        A limit on Σ MACs × weight bits × activation bits (:func:`option_bops`; needs
+        ``table.macs``), a second row of the same knapsack. Activation bits then join the menu
+        (:func:`activation_options`): every per-channel ``quant`` option of at most 8 bits also at
+        each of ``activation_bits``, scored by its weights' loss plus its activations' measured
+        loss, and applied as :mod:`cetopt.deploy` runs it (``fake-int8``). Bits only is then
+        ``compress(..., bops_budget=...)``'s plan (float activations, 32 bits in the BOPs), and
+        ``wa`` (weight × activation bits only, :func:`cetopt.deploy.allocate_wa`'s menu) joins the
+        single-kind plans.
+    activation_bits : sequence of int
+        Activation bit widths offered under a BOPs budget (integers in [2, 8]).
+    activation_method : {"minmax", "percentile", "mse"}
+        The activation ranges (:func:`cetopt.deploy.calibrate_activations`).
 
     Returns
     -------
@@ -751,7 +953,8 @@ def joint_compress(
     InfeasibleBudgetError
         The budget is below the smallest plan of the whole menu.
     JointMenuError
-        A given ``menu`` does not match ``table``, or ``holdout`` leaves too few examples.
+        A given ``menu`` does not match ``table``, ``holdout`` leaves too few examples, or a BOPs
+        budget comes without ``table.macs``.
     """
     t0 = time.perf_counter()
     loss_fn = loss_fn or torch.nn.functional.cross_entropy
@@ -760,6 +963,12 @@ def joint_compress(
     unknown = sorted(set(singles) - set(SINGLE_KINDS))
     if unknown:
         raise JointMenuError(f"unknown single kinds {unknown}; known: {sorted(SINGLE_KINDS)}")
+    if bops_budget is not None:
+        if table.macs is None:
+            raise JointMenuError("bops_budget needs table.macs (multiply-accumulates per layer)")
+        if not (np.isfinite(bops_budget) and bops_budget > 0):
+            raise JointMenuError(f"bops_budget must be a positive number, got {bops_budget!r}")
+        _activation_widths(activation_bits)
     if holdout:
         fit, check = split_calibration(everything, holdout, seed)
         if fit_table is None:
@@ -791,8 +1000,26 @@ def joint_compress(
     _check_menu(menu, table)
     if any(np.isnan(o.loss) for n in menu.layers for o in menu.options[n]):
         if gptq:
-            menu = gptq_quant_options(model, menu, fit, progress=progress)
+            menu = gptq_quant_options(model, menu, fit, act_order=act_order, progress=progress)
         menu = score_menu(model, menu, fit, None if gptq else fit_table, loss_fn=loss_fn, progress=progress)
+    ops = None
+    if bops_budget is not None:
+        menu = activation_options(
+            model, menu, fit, activation_bits, loss_fn=loss_fn, method=activation_method
+        )
+        modules = dict(model.named_modules())
+        macs = dict(zip(table.layers, np.asarray(table.macs, dtype=np.float64)))
+        shapes = {
+            n: tuple(modules[n].weight.reshape(modules[n].weight.shape[0], -1).shape) for n in menu.layers
+        }
+        layer_ops = {
+            n: np.array([option_bops(o, macs[n], shapes[n]) for o in menu.options[n]]) for n in menu.layers
+        }
+        ops = (layer_ops, float(bops_budget))
+    elif any(o.act_bits for n in menu.layers for o in menu.options[n]):
+        raise JointMenuError("the menu has options with activation bits; pass bops_budget= to use them")
+    act_part = _activation_part(menu)
+    has_acts = any(o.act_bits for n in menu.layers for o in menu.options[n])
     base_loss = _dataset_loss(model, fit, loss_fn)
     check_base = None if check is None else _example_losses(model, check, loss_fn)
     scores = {n: np.array([o.loss for o in menu.options[n]]) for n in menu.layers}
@@ -809,14 +1036,27 @@ def joint_compress(
 
     def apply(options, batches):
         return apply_options(
-            model, options, batches, gptq=gptq, bias_correction=bias_correction, sequential=sequential
+            model,
+            options,
+            batches,
+            gptq=gptq,
+            bias_correction=bias_correction,
+            sequential=sequential,
+            act_order=act_order,
+            activation_method=activation_method,
         )
+
+    def plan_bops(options) -> float | None:
+        if ops is None:
+            return None
+        index = {n: {id(o): k for k, o in enumerate(menu.options[n])} for n in menu.layers}
+        return float(sum(ops[0][n][index[n][id(o)]] for n, o in options.items()))
 
     candidates: list[JointCandidate] = []
     infeasible: dict[str, str] = {}
     best: tuple[float, nn.Module | None] = (float("inf"), None)
     planned = [("bits", SINGLE_KINDS["bits"])]
-    planned += [(s, SINGLE_KINDS[s]) for s in singles if s != "bits"]
+    planned += [(s, SINGLE_KINDS[s]) for s in singles if s != "bits" and (s != "wa" or has_acts)]
     planned.append(("joint", _all))
     solve_info = {}
     with progress_bar(len(planned) + refine, "joint menu: plans applied and measured", progress) as bar:
@@ -840,6 +1080,7 @@ def joint_compress(
                     model=new if keep_models or (check is not None and not refit) else None,
                     check_loss=None if held is None else float(held.mean() - check_base.mean()),
                     check_losses=held,
+                    bops=plan_bops(options),
                 )
             )
             solve_info[name] = out
@@ -850,7 +1091,7 @@ def joint_compress(
         for name, keep in planned:
             try:
                 objective = table_scores(fit_table) if name == "bits" else scores
-                options, solved, out = _solve(menu, objective, budget_bytes, keep, solver, time_limit)
+                options, solved, out = _solve(menu, objective, budget_bytes, keep, solver, time_limit, ops)
             except (InfeasibleBudgetError, SolverFailedError) as exc:
                 if name == "joint":
                     raise  # the joint menu holds every other plan: nothing fits
@@ -863,8 +1104,10 @@ def joint_compress(
             if current is None:
                 break
             rescored = rescore_sequential(model, menu, current.options, fit, loss_fn=loss_fn)
+            # the re-scoring changes weights only: activation bits keep their measured share
+            rescored = {n: rescored[n] + act_part[n] for n in menu.layers}
             try:
-                options, solved, out = _solve(menu, rescored, budget_bytes, _all, solver, time_limit)
+                options, solved, out = _solve(menu, rescored, budget_bytes, _all, solver, time_limit, ops)
             except SolverFailedError:
                 break  # no verified answer on the re-scored losses: keep what was measured
             if any(_same(options, c.options) for c in candidates):
@@ -889,7 +1132,7 @@ def joint_compress(
         selection["fit_examples"] = int(sum(len(x) for x, _ in fit))
         if chosen.name == "bits":  # compress's plan on the full table, calibrated on everything
             options, _, out = _solve(
-                menu, table_scores(table), budget_bytes, SINGLE_KINDS["bits"], solver, time_limit
+                menu, table_scores(table), budget_bytes, SINGLE_KINDS["bits"], solver, time_limit, ops
             )
         else:
             options, out = chosen.options, solve_info[chosen.name]
@@ -910,19 +1153,53 @@ def joint_compress(
         selection=selection,
         final_loss=final_loss,
         fit_table=None if check is None else fit_table,
+        bops_budget=None if bops_budget is None else float(bops_budget),
+        activation_bits={n: int(o.act_bits) for n, o in options.items() if o.act_bits},
     )
     plan = _plan(table, options, bits_plan, out, budget_bytes, time.perf_counter() - t0)
+    if ops is not None:
+        plan = replace(plan, bops=plan_bops(options))
     return returned, plan, result
+
+
+def _refinement_chain(
+    others: list[JointCandidate], confidence: float, comparisons: int
+) -> tuple[list[JointCandidate], list[dict]]:
+    """The candidates that compete with bits only: each refined joint plan must earn its place.
+
+    ``joint_refined_k`` replaces the plan it refines (``joint``, then the last refinement kept) only
+    when it beats it on the check split past the margin (:func:`prefer_candidate`), at the same
+    Bonferroni-corrected level as the test against bits only (``comparisons``: the candidates
+    other than bits); otherwise the earlier, less searched plan stays (ties go to the plan with
+    fewer free choices, as they go to bits only). Refinements are close variants of one plan, so
+    the lowest check loss among them is mostly the check split's noise: picking it would fit the
+    check split as the fit split was fitted.
+    """
+    chain = [c for c in others if c.name == "joint" or c.name.startswith("joint_refined_")]
+    if len(chain) < 2:
+        return others, []
+    current, steps = chain[0], []
+    for c in chain[1:]:
+        test = prefer_candidate(
+            current.check_losses, c.check_losses, comparisons=comparisons, confidence=confidence
+        )
+        steps.append({"candidate": c.name, "against": current.name, **test})
+        if test["prefer"]:
+            current = c
+    return [c for c in others if c not in chain] + [current], steps
 
 
 def _select(candidates: list[JointCandidate], confidence: float) -> tuple[JointCandidate, dict]:
     """The returned candidate by the check split: bits only unless another beats it past the noise."""
     bits = next((c for c in candidates if c.name == "bits"), None)
     others = [c for c in candidates if c.name != "bits"]
-    champion = min(others, key=lambda c: c.check_loss)
+    pool, steps = _refinement_chain(others, confidence, len(others))
+    champion = min(pool, key=lambda c: c.check_loss)
+    chain = {"refinements": steps} if steps else {}
     if bits is None:
         return champion, {
             "champion": champion.name,
+            **chain,
             "decision": "bits only is infeasible: best on the check split",
         }
     test = prefer_candidate(
@@ -938,6 +1215,7 @@ def _select(candidates: list[JointCandidate], confidence: float) -> tuple[JointC
         "comparisons": len(others),
         "confidence": confidence,
         **test,
+        **chain,
         "decision": decision,
     }
 

@@ -108,6 +108,12 @@ class MenuOption:
     loss : float
         Increase of the task loss with only this layer changed (NaN until scored, e.g. by
         :func:`cetopt.lowrank.score_menu`): the quantity the bit allocation minimises.
+    act_bits : int or None
+        ``quant`` only: the layer's input activations quantized at this many bits as the int8
+        runtime runs them (``cetopt.deploy``, ``fake-int8``); None: float activations. Options
+        with activation bits join a menu only under a BOPs budget
+        (``joint_compress(bops_budget=...)``); their ``loss`` adds the activations' own measured
+        loss increase to the weights'.
     """
 
     layer: str
@@ -123,6 +129,7 @@ class MenuOption:
     approx: torch.Tensor | None = field(default=None, repr=False, compare=False)
     loss: float = float("nan")
     group: int | None = None
+    act_bits: int | None = None
 
     @property
     def label(self) -> str:
@@ -135,11 +142,13 @@ class MenuOption:
             parts.append(f"{self.bits}b")
         if self.group:
             parts.append(f"g{self.group}")
+        if self.act_bits:
+            parts.append(f"a{self.act_bits}")
         return "-".join(parts)
 
     def to_dict(self) -> dict:
         keys = ("layer", "kind", "rank", "nnz", "bits", "group", "params", "bytes", "error", "output_error")
-        keys += ("loss",)
+        keys += ("loss", "act_bits")
         return {k: getattr(self, k) for k in keys}
 
 

@@ -69,7 +69,19 @@ def test_joint_check_loss_is_never_above_bits_only(cases, ratio):
         assert res.best.check_loss <= bits.check_loss
         champion = res.candidate(sel["champion"])
         others = [c for c in res.candidates if c.name != "bits"]
-        assert champion.check_loss == min(c.check_loss for c in others)
+        # a refined joint plan competes only if it beat the plan it refines past the margin
+        kept = "joint"
+        for step in sel.get("refinements", []):
+            assert step["against"] == kept
+            again = prefer_candidate(
+                res.candidate(kept).check_losses,
+                res.candidate(step["candidate"]).check_losses,
+                comparisons=len(others),
+            )
+            assert again["prefer"] == step["prefer"]
+            kept = step["candidate"] if step["prefer"] else kept
+        pool = [c for c in others if not c.name.startswith("joint")] + [res.candidate(kept)]
+        assert champion.check_loss == min(c.check_loss for c in pool)
         again = prefer_candidate(bits.check_losses, champion.check_losses, comparisons=len(others))
         assert again["prefer"] == sel["prefer"] == (not res.fell_back)
         if not res.fell_back:
@@ -80,6 +92,9 @@ def test_joint_check_loss_is_never_above_bits_only(cases, ratio):
         assert _loss(new, data) - full_base == pytest.approx(res.final_loss, abs=1e-6)
         assert stored_bytes(new, table.layers) == plan.bytes <= budget
         assert {c.name for c in res.candidates} >= {"bits", "joint"}
+        # without a BOPs budget activation bits stay off the menu
+        assert "wa" not in {c.name for c in res.candidates} and res.activation_bits == {}
+        assert not any(o.act_bits for n in res.menu.layers for o in res.menu.options[n])
 
 
 @pytest.mark.parametrize("ratio", [5.0, 8.0])
@@ -316,3 +331,173 @@ def test_without_refit_the_returned_model_is_the_validated_one(cases):
         else:
             assert _loss(new, check) - _loss(model, check) == pytest.approx(res.best.check_loss, abs=1e-6)
         assert stored_bytes(new, table.layers) == plan.bytes <= budget
+
+
+def test_act_order_is_forwarded(cases):
+    """compress(act_order=False, joint=True): GPTQ rounds the menu's codes and the plans as compress does."""
+    from cetopt.quant.apply import gptq_option_weights
+
+    model, data, _ = cases[0]
+    x = data[0][0]
+    plain = {
+        order: cetopt.compress(
+            model, data, "7x", method="measured", bits=BITS, progress=False, act_order=order
+        )
+        for order in (True, False)
+    }
+    with torch.no_grad():  # the option matters on this model
+        assert not torch.equal(plain[True].model(x), plain[False].model(x))
+    joint = cetopt.compress(
+        model,
+        data,
+        "7x",
+        method="measured",
+        bits=BITS,
+        progress=False,
+        act_order=False,
+        joint=True,
+        joint_options={"menu_options": SMALL_MENU, "refine": 0, "kinds": ("quant",), "confidence": 1 - 1e-9},
+    )
+    assert joint.joint.fell_back
+    with torch.no_grad():  # the fallback is compress(act_order=False)'s model, not act_order=True's
+        assert torch.equal(joint.model(x), plain[False].model(x))
+    # the menu's quant options carry the codes GPTQ gives without act-order (on the fit split)
+    fit, _ = split_calibration(data, 0.25, seed=0)
+    menu = joint.joint.menu
+    name = menu.layers[1]
+    option = next(o for o in menu.options[name] if o.kind == "quant" and o.bits == 3)
+    for order in (False, True):
+        w = gptq_option_weights(model, [name], [(3, None)], fit, act_order=order)[(3, None)][name]
+        same = torch.equal(option.approx.float(), w.reshape(w.shape[0], -1))
+        assert same == (not order)
+
+
+def _bops(table, weight_bits, act_bits) -> float:
+    return float((np.asarray(table.macs, dtype=np.float64) * weight_bits * act_bits).sum())
+
+
+def test_activation_bits_join_the_menu_under_a_bops_budget(cases):
+    """(w, a) options in the same knapsack: within both budgets, activations really quantized."""
+    from cetopt.deploy.runtime import FakeInt8
+    from cetopt.lowrank import apply_options, option_bops
+
+    model, data, table = cases[0]
+    budget = 4 * float(table.params.sum()) / 6
+    bops_budget = 0.9 * _bops(table, 2, 32)  # below every float-activation plan: bits only cannot
+    new, plan, res = joint_compress(
+        model,
+        data,
+        table,
+        budget,
+        progress=False,
+        menu_options=SMALL_MENU,
+        refine=0,
+        holdout=0,
+        kinds=("quant",),
+        bops_budget=bops_budget,
+        activation_bits=(4, 8),
+    )
+    assert "bits" in res.infeasible and res.bops_budget == bops_budget
+    menu = res.menu
+    for name in menu.layers:  # every per-channel quant option also at 4 and 8 activation bits
+        plain = [o for o in menu.options[name] if o.kind == "quant" and not o.act_bits]
+        acts = [o for o in menu.options[name] if o.act_bits]
+        assert sorted((o.bits, o.act_bits) for o in acts) == sorted(
+            (o.bits, a) for o in plain for a in (4, 8)
+        )
+    chosen = res.best.options
+    assert res.activation_bits == {n: o.act_bits for n, o in chosen.items() if o.act_bits} != {}
+    macs = dict(zip(table.layers, table.macs))
+    modules = dict(model.named_modules())
+    expected = sum(macs[n] * o.bits * (o.act_bits or 32) for n, o in chosen.items())
+    assert plan.bops == pytest.approx(expected) and plan.bops <= bops_budget
+    shape = {n: (modules[n].weight.shape[0], modules[n].weight[0].numel()) for n in table.layers}
+    assert plan.bops == pytest.approx(sum(option_bops(o, macs[n], shape[n]) for n, o in chosen.items()))
+    assert all(c.bops <= bops_budget * (1 + 1e-9) for c in res.candidates)
+    assert plan.bytes <= budget
+    # the returned model runs exactly those layers' inputs on the calibrated a-bit grid
+    fake = {n: m for n, m in new.named_modules() if isinstance(m, FakeInt8)}
+    assert set(fake) == set(res.activation_bits)
+    assert all(fake[n].act_in.bits == a for n, a in res.activation_bits.items())
+    x = data[0][0]
+    weights_only = apply_options(model, {n: replace(o, act_bits=None) for n, o in chosen.items()}, data)
+    with torch.no_grad():
+        assert torch.equal(new(x), apply_options(model, chosen, data)(x))
+        assert not torch.allclose(new(x), weights_only(x))
+    assert _loss(new, data) - res.base_loss == pytest.approx(res.best.measured_loss, abs=1e-6)
+
+
+def test_bits_only_under_a_bops_budget_is_compress_plan(cases):
+    model, data, table = cases[0]
+    bops_budget = 0.5 * _bops(table, 8, 32)  # float activations: bits only is feasible
+    plain = cetopt.compress(
+        model, data, "6x", method="measured", bits=BITS, progress=False, bops_budget=bops_budget
+    )
+    held = cetopt.compress(
+        model,
+        data,
+        "6x",
+        method="measured",
+        bits=BITS,
+        progress=False,
+        joint=True,
+        bops_budget=bops_budget,
+        joint_options={
+            "menu_options": SMALL_MENU,
+            "refine": 0,
+            "kinds": ("quant",),
+            "activation_bits": (4, 8),
+            "confidence": 1 - 1e-9,  # nothing passes: the fallback
+        },
+    )
+    assert {c.name for c in held.joint.candidates} >= {"bits", "wa", "joint"}
+    assert any(o.act_bits for o in held.joint.candidate("wa").options.values())
+    assert not any(o.act_bits for o in held.joint.candidate("bits").options.values())
+    assert all(c.bops <= bops_budget * (1 + 1e-9) for c in held.joint.candidates)
+    # the fallback is compress's plan under both budgets (float activations), and its model
+    assert held.joint.fell_back and held.joint.activation_bits == {}
+    assert dict(held.plan.bits) == dict(plain.plan.bits) and held.plan.bops == pytest.approx(plain.plan.bops)
+    with torch.no_grad():
+        assert torch.equal(held.model(data[0][0]), plain.model(data[0][0]))
+    with pytest.raises(JointMenuError, match="activation_bits"):
+        joint_compress(
+            model, data, table, "6x", bops_budget=bops_budget, activation_bits=(16,), progress=False
+        )
+    with pytest.raises(JointMenuError, match="macs"):
+        joint_compress(model, data, replace(table, macs=None), "6x", bops_budget=bops_budget, progress=False)
+
+
+def test_a_refined_plan_must_beat_the_plan_it_refines():
+    """Refinements are close variants: the lowest check loss among them alone does not pick one."""
+    from cetopt.lowrank.joint import JointCandidate, _select
+
+    gen = np.random.default_rng(1)
+    bits = gen.exponential(1.0, 300) + 0.5
+
+    def cand(name, losses):
+        return JointCandidate(
+            name,
+            {},
+            0.0,
+            0.0,
+            0.0,
+            0,
+            "optimal",
+            "highs",
+            check_loss=float(losses.mean()),
+            check_losses=losses,
+        )
+
+    joint = bits - 0.3 + gen.normal(0, 0.05, 300)  # clearly better than bits
+    noisy = joint - 0.002 + gen.normal(0, 0.2, 300)  # lower on average, within the noise
+    clear = joint - 0.1 + gen.normal(0, 0.01, 300)  # better than joint past the margin
+    cands = [cand("bits", bits), cand("joint", joint), cand("joint_refined_1", noisy)]
+    assert cands[2].check_loss < cands[1].check_loss
+    chosen, sel = _select(cands, 0.95)
+    assert chosen.name == "joint" and sel["champion"] == "joint"
+    assert [s["prefer"] for s in sel["refinements"]] == [False]
+    chosen, sel = _select([*cands, cand("joint_refined_2", clear)], 0.95)
+    assert chosen.name == "joint_refined_2" and sel["refinements"][1]["against"] == "joint"
+    # the same without bits only (an infeasible budget)
+    chosen, _ = _select(cands[1:], 0.95)
+    assert chosen.name == "joint"
