@@ -271,10 +271,9 @@ STEPS = {
         "options": {"group_sizes": GROUP_SIZES, "score_gptq": True},
     },
 }
-#: The steps a default run measures: scoring on GPTQ-rounded weights is left out (``--steps`` to
-#: add it): it rounds every (bits, group) option of every layer with GPTQ, which costs more than
-#: the rest of the benchmark on a small shared CPU.
-DEFAULT_STEPS = ["cetopt_8x", "cetopt_8x_distill", "cetopt_8x_distill_groups"]
+#: The steps a default run measures (all; scoring on GPTQ-rounded weights rounds every (bits,
+#: group) option of every layer with GPTQ, the most expensive step: about 35 min on a shared CPU).
+DEFAULT_STEPS = list(STEPS)
 #: The configuration the joint menu's quantized options come from (its table's columns).
 JOINT_STEP = "cetopt_8x_distill_groups"
 
@@ -386,7 +385,7 @@ def run(
     t = time.process_time()
     measure("rtn_4bit", cetopt.quantize(model, {name: 4 for name in layers}), t, what="uniform 4 bits RTN")
     data = calibration["float"]
-    apply = {"gptq": data, "bias_correction": data}
+    apply = _apply(data)
     t = time.process_time()
     measure(
         "gptq_4bit",
@@ -442,6 +441,11 @@ def run(
     }
     if on_row is not None:
         on_row(result)
+    if joint and JOINT_STEP not in tables and cache is not None:
+        cached = cache / f"{JOINT_STEP}.{'quick' if quick else 'full'}.pkl"
+        if cached.exists():
+            with open(cached, "rb") as f:
+                tables[JOINT_STEP] = pickle.load(f)  # our own file
     if joint and JOINT_STEP in tables:
         result["joint"] = {}
         joint_rows(
@@ -462,32 +466,32 @@ def run(
 def joint_rows(out: dict, model, data, table, step_options: dict, layers, fp32_bytes, score, saved) -> None:
     """The joint menu (issue 20) at :data:`JOINT_BUDGETS` via :func:`cetopt.lowrank.joint_compress`:
     the RPA of bits only as :func:`cetopt.compress` makes it (same table, calibrated on all the
-    data) and of every plan the search measured, and which one it returned."""
+    data) and of every plan the search measured, and which one it returned.
+
+    The menu cannot decompose grouped (depthwise) convolutions (``UnsupportedLayerError`` from
+    :func:`cetopt.lowrank.build_menu`), so those six layers (1.8% of the weights) are held at the
+    bits-only plan's option, quantized first as ``compress`` quantizes them, and the joint menu
+    chooses for the other layers within the budget less their bytes (given the held options, the
+    bits-only part of that menu is the same allocation). ``holdout=0``: plans are compared on the
+    calibration loss (the check split's extra sensitivity pass did not fit this CPU's time).
+    """
     import cetopt
-    from cetopt.analysis import sensitivity
     from cetopt.lowrank import joint_compress
 
-    options = {"group_sizes": step_options.get("group_sizes")}
-
-    def fit_sensitivity(batches):
-        extra = {"gptq": batches} if step_options.get("score_gptq") else {}
-        return sensitivity(
-            model,
-            batches,
-            sorted(set(table.bits)),
-            table.method,
-            loss_fn=bce,
-            progress=False,
-            **options,
-            **extra,
-        )
-
-    out.update(budgets={}, note="bits-only options from the table of " + JOINT_STEP)
-    menu = fit_table = None
+    modules = dict(model.named_modules())
+    held = [n for n in layers if isinstance(modules[n], torch.nn.Conv1d) and modules[n].groups != 1]
+    free = [n for n in layers if n not in held]
+    sub = table.subset(free)
+    out.update(
+        budgets={},
+        table_of=JOINT_STEP,
+        held_at_bits_only_option=held,
+        holdout=0,
+    )
     for budget in JOINT_BUDGETS:
         t = time.process_time()
         plan = cetopt.allocate(table, budget)
-        bits_only = cetopt.quantize(model, plan, gptq=data, bias_correction=data)
+        bits_only = cetopt.quantize(model, plan, **_apply(data))
         cell: dict = {
             "bits_only_as_compress": {
                 **score(bits_only),
@@ -497,26 +501,22 @@ def joint_rows(out: dict, model, data, table, step_options: dict, layers, fp32_b
         }
         bits_seconds = time.process_time() - t
         t = time.process_time()
-        q, joint_plan, search = joint_compress(
-            model,
-            data,
-            table,
-            budget,
-            loss_fn=bce,
-            progress=False,
-            keep_models=True,
-            sensitivity_fn=fit_sensitivity,
-            fit_table=fit_table,
-            menu=menu,
+        groups = getattr(plan, "groups", None) or {}
+        held_plan = _Held(
+            {n: int(plan.bits[n]) for n in held},
+            {n: int(groups[n]) for n in held if n in groups and int(groups[n])},
         )
-        menu, fit_table = search.menu, search.fit_table
+        base = cetopt.quantize(model, held_plan, **_apply(data))
+        rest = float(plan.budget_bytes) - float(sum(plan.layer_bytes[n] for n in held))
+        q, _, search = joint_compress(
+            base, data, sub, rest, loss_fn=bce, progress=False, keep_models=True, holdout=0
+        )
         cell["candidates"] = {}
         for c in search.candidates:
             record = {
                 "bytes": c.bytes,
                 "predicted_loss": c.predicted_loss,
                 "measured_loss": c.measured_loss,
-                "check_loss": c.check_loss,
                 "kinds": _kinds(c.options),
             }
             if c.model is not None:
@@ -527,16 +527,14 @@ def joint_rows(out: dict, model, data, table, step_options: dict, layers, fp32_b
             "fell_back_to_bits": search.fell_back,
             **score(q),
             **_saved(q, fp32_bytes),
-            "kinds": _kinds_plan(joint_plan),
         }
-        cell["selection"] = {k: v for k, v in search.selection.items() if _plain(v)}
         cell["rank_correlation"] = search.rank_correlation
         cell["cpu_seconds"] = {"bits_only": bits_seconds, "joint": time.process_time() - t}
         out["budgets"][budget] = cell
         print(
             budget,
             {
-                k: (v.get("rpa"), v.get("rpa_drop_pp"))
+                k: v.get("rpa_drop_pp")
                 for k, v in [
                     ("bits", cell["bits_only_as_compress"]),
                     ("returned", cell["returned"]),
@@ -545,7 +543,19 @@ def joint_rows(out: dict, model, data, table, step_options: dict, layers, fp32_b
             },
             flush=True,
         )
-    return out
+        saved()
+
+
+class _Held:
+    """A plan for :func:`cetopt.quantize`: bits and group sizes of some layers."""
+
+    def __init__(self, bits: dict, groups: dict):
+        self.bits, self.groups = bits, groups
+
+
+def _apply(data) -> dict:
+    """How :func:`cetopt.compress` applies a plan: GPTQ and bias correction, sequentially."""
+    return {"gptq": data, "bias_correction": data, "sequential": True}
 
 
 def _kinds(options) -> dict:
