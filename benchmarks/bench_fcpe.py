@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import pickle
 import sys
 import tempfile
 import time
@@ -47,9 +48,14 @@ SR = 16000
 DURATION = 0.4
 EDGE = 3  # frames left out at each end of a tone
 CENTS = 50.0
-SNR_DB = -12.0  # tone power / white-noise power, in dB
-FULL = {"test_tones": 64, "calibration_tones": 16, "batch": 16}
-QUICK = {"test_tones": 24, "calibration_tones": 8, "batch": 8}
+SNRS_DB = (-12.0, -15.0)  # tone power / white-noise power, in dB: the test set's noise levels
+RANGE_HZ = (60.0, 1000.0)
+GROUP_SIZES = (None, 128, 64, 32)
+JOINT_BUDGETS = ("8x", "12x", "16x")
+BOOTSTRAP = 2000
+#: test tones per noise level, calibration tones (alternating noise levels), batch size
+FULL = {"test_tones": 256, "calibration_tones": 32, "batch": 16}
+QUICK = {"test_tones": 32, "calibration_tones": 16, "batch": 8}
 
 
 def _stand_in(name: str, attrs: dict) -> types.ModuleType:
@@ -142,26 +148,39 @@ def load_fcpe(models, mel_module, weights: Path):
     return model.eval(), wav2mel, config
 
 
-def tones(frequencies: np.ndarray, seed: int) -> torch.Tensor:
+def tones(frequencies: np.ndarray, seed: int, snr_db: float | np.ndarray) -> torch.Tensor:
     """Harmonic tones ``(n, samples, 1)``: five harmonics (amplitudes ``0.6^k``), phases from
-    ``seed``, harmonics above 7.6 kHz left out, white noise at :data:`SNR_DB`, peak 0.5."""
+    ``seed``, harmonics above 7.6 kHz left out, white noise at ``snr_db`` (one level, or one per
+    tone), peak 0.5."""
     rng = np.random.default_rng(seed)
+    snr = np.broadcast_to(np.asarray(snr_db, dtype=np.float64), (len(frequencies),))
     t = np.arange(int(SR * DURATION)) / SR
     out = np.zeros((len(frequencies), len(t)))
     for i, f in enumerate(frequencies):
         for k in range(5):
             if (k + 1) * f < 7600:
                 out[i] += 0.6**k * np.sin(2 * np.pi * (k + 1) * f * t + rng.uniform(0, 2 * np.pi))
-        noise = rng.standard_normal(len(t)) * np.sqrt(np.mean(out[i] ** 2) / 10 ** (SNR_DB / 10))
+        noise = rng.standard_normal(len(t)) * np.sqrt(np.mean(out[i] ** 2) / 10 ** (snr[i] / 10))
         out[i] += noise
         out[i] *= 0.5 / np.abs(out[i]).max()
     return torch.from_numpy(out).float().unsqueeze(-1)
 
 
 def grid(n: int, offset: float = 0.0) -> np.ndarray:
-    """``n`` frequencies on a geometric grid of 60–1000 Hz, shifted by ``offset`` of a step."""
-    lo, hi = math.log(60.0), math.log(1000.0)
+    """``n`` frequencies on a geometric grid of :data:`RANGE_HZ`, shifted by ``offset`` of a step."""
+    lo, hi = math.log(RANGE_HZ[0]), math.log(RANGE_HZ[1])
     return np.exp(lo + (np.arange(n) + offset) * (hi - lo) / n)
+
+
+def calibration_frequencies(test_tones: int, calibration_tones: int) -> np.ndarray:
+    """``calibration_tones`` frequencies halfway between neighbouring test frequencies (of
+    :func:`grid` ``(test_tones)``), spread evenly over the range: none is a test frequency."""
+    if calibration_tones > test_tones:
+        raise ValueError(f"{calibration_tones} calibration tones need at least as many test tones")
+    index = np.floor((np.arange(calibration_tones) + 0.5) * test_tones / calibration_tones)
+    u = (index + 0.5) / test_tones
+    lo, hi = math.log(RANGE_HZ[0]), math.log(RANGE_HZ[1])
+    return np.exp(lo + u * (hi - lo))
 
 
 def pitch_targets(model, f0: np.ndarray, frames: int) -> torch.Tensor:
@@ -171,25 +190,121 @@ def pitch_targets(model, f0: np.ndarray, frames: int) -> torch.Tensor:
 
 
 def bce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the 360 pitch-bin outputs against ``targets`` in [0, 1]: the model's
+    training loss against the known pitch's blurred bins, or, against the float model's own
+    outputs, a divergence from the float model (per-bin Bernoulli KL plus a constant)."""
     return F.binary_cross_entropy(outputs.clamp(1e-7, 1 - 1e-7), targets)
 
 
 @torch.no_grad()
-def raw_pitch_accuracy(model, mels: torch.Tensor, f0: np.ndarray, batch: int = 16) -> float:
-    """Share of frames (edges left out) predicted within 50 cents of the tone's frequency."""
-    hits = total = 0
+def tone_hits(model, mels: torch.Tensor, f0: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Per tone, the share of its frames (edges left out) predicted within 50 cents of its pitch
+    (an unvoiced frame is a miss). Every tone has as many frames, so their mean is the RPA."""
+    out = []
     for start in range(0, len(mels), batch):
         pred = model.infer(mels[start : start + batch], decoder="local_argmax", threshold=0.006)[..., 0]
         pred = pred[:, EDGE:-EDGE].double()
         true = torch.tensor(f0[start : start + batch], dtype=torch.float64)[:, None]
         cents = 1200 * torch.log2(pred.clamp_min(1e-6) / true)
-        hits += int(((pred > 0) & (cents.abs() <= CENTS)).sum())
-        total += pred.numel()
-    return hits / total
+        out.append(((pred > 0) & (cents.abs() <= CENTS)).double().mean(dim=1).numpy())
+    return np.concatenate(out)
 
 
-def run(quick: bool = False) -> dict:
-    """The measurements, or ``{"skipped": reason}`` without torchfcpe."""
+def raw_pitch_accuracy(model, mels: torch.Tensor, f0: np.ndarray, batch: int = 16) -> float:
+    """Share of frames (edges left out) predicted within 50 cents of the tone's frequency."""
+    return float(tone_hits(model, mels, f0, batch).mean())
+
+
+def accuracy_row(hits: np.ndarray, base: np.ndarray, snr: np.ndarray) -> dict:
+    """RPA of per-tone ``hits``, per noise level too, and its drop from ``base`` (the float
+    model's per-tone hits on the same tones) with a 95% interval from a paired bootstrap over
+    tones (tones, not frames, are the independent units: a tone's frames share its noise)."""
+    diff = base - hits
+    rng = np.random.default_rng(0)
+    draws = diff[rng.integers(0, len(diff), size=(BOOTSTRAP, len(diff)))].mean(axis=1)
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    return {
+        "rpa": float(hits.mean()),
+        "rpa_by_snr_db": {f"{s:g}": float(hits[snr == s].mean()) for s in np.unique(snr)},
+        "rpa_drop_pp": float(100 * diff.mean()),
+        "rpa_drop_pp_ci95": [float(100 * lo), float(100 * hi)],
+        "rpa_drop_pp_stderr": float(100 * diff.std(ddof=1) / math.sqrt(len(diff))),
+        "tones_changed": int((diff != 0).sum()),
+    }
+
+
+def _plan_record(plan, layers: list[str]) -> dict:
+    groups = getattr(plan, "groups", None) or {}
+    return {
+        "average_bits": float(plan.average_bits),
+        "planned_bytes": float(plan.bytes),
+        "budget_bytes": float(plan.budget_bytes),
+        "bits": {n: int(plan.bits[n]) for n in layers},
+        "groups": {n: int(groups[n]) for n in layers if n in groups and int(groups[n])},
+    }
+
+
+#: The configurations measured at 8×, in order: each adds one thing to the one before. Every row
+#: is :func:`cetopt.compress` with these options (``"distill"``'s plan is allocated from the
+#: per-channel columns of ``"distill_groups"``'s table, which are the same measurements, and
+#: applied as ``compress`` applies it).
+STEPS = {
+    "cetopt_8x": {
+        "what": "compress defaults, the model's training loss (BCE vs the known pitch's bins)",
+        "targets": "truth",
+        "options": {},
+    },
+    "cetopt_8x_distill": {
+        "what": "loss: BCE vs the float model's own outputs (divergence from the float model)",
+        "targets": "float",
+        "options": {},
+        "from_table_of": "cetopt_8x_distill_groups",
+    },
+    "cetopt_8x_distill_groups": {
+        "what": "+ group-wise options: bits x group (per channel, 128, 64, 32), overhead counted",
+        "targets": "float",
+        "options": {"group_sizes": GROUP_SIZES},
+    },
+    "cetopt_8x_distill_groups_gptq_scored": {
+        "what": "+ every option scored on its GPTQ-rounded weights (score_gptq=True)",
+        "targets": "float",
+        "options": {"group_sizes": GROUP_SIZES, "score_gptq": True},
+    },
+}
+#: The steps a default run measures (all; scoring on GPTQ-rounded weights rounds every (bits,
+#: group) option of every layer with GPTQ, the most expensive step: about 35 min on a shared CPU).
+DEFAULT_STEPS = list(STEPS)
+#: The configuration the joint menu's quantized options come from (its table's columns).
+JOINT_STEP = "cetopt_8x_distill_groups"
+
+
+def per_channel_columns(table):
+    """``table``'s per-channel (``group None``) columns as a table of their own."""
+    from dataclasses import replace
+
+    if table.groups is None:
+        return table
+    keep = [j for j, g in enumerate(table.groups) if not g]
+    return replace(
+        table,
+        bits=[table.bits[j] for j in keep],
+        groups=None,
+        values=table.values[:, keep],
+        stderr=None if table.stderr is None else table.stderr[:, keep],
+    )
+
+
+def run(
+    quick: bool = False,
+    steps: list[str] | None = None,
+    joint: bool = True,
+    on_row=None,
+    cache: Path | None = None,
+) -> dict:
+    """The measurements, or ``{"skipped": reason}`` without torchfcpe. ``on_row(result)`` is
+    called with the result so far after every row (to save partial progress). With ``cache`` (a
+    folder), each step's sensitivity table is pickled there and a table found there is used
+    instead of measuring it again (its plan then allocated and applied as ``compress`` does)."""
     sizes = QUICK if quick else FULL
     found = import_fcpe()
     if isinstance(found, str):
@@ -201,17 +316,25 @@ def run(quick: bool = False) -> dict:
     torch.set_num_threads(1)
     t0 = time.process_time()
     model, wav2mel, config = load_fcpe(models, mel_module, weights)
-    test_f0 = grid(sizes["test_tones"])
-    calib_f0 = grid(sizes["calibration_tones"], offset=0.5)
+    n, b = sizes["test_tones"], sizes["batch"]
+    test_f0 = np.concatenate([grid(n) for _ in SNRS_DB])
+    test_snr = np.repeat(np.array(SNRS_DB), n)
+    calib_f0 = calibration_frequencies(n, sizes["calibration_tones"])
+    calib_snr = np.resize(np.array(SNRS_DB), len(calib_f0))
     with torch.no_grad():
-        test_mel = wav2mel(tones(test_f0, seed=1), SR)
-        calib_mel = wav2mel(tones(calib_f0, seed=2), SR)
-    b = sizes["batch"]
-    targets = pitch_targets(model, calib_f0, calib_mel.shape[1])
-    calib = [(calib_mel[i : i + b], targets[i : i + b]) for i in range(0, len(calib_mel), b)]
+        test_mel = torch.cat(
+            [wav2mel(tones(grid(n), seed=1 + k, snr_db=s), SR) for k, s in enumerate(SNRS_DB)]
+        )
+        calib_mel = wav2mel(tones(calib_f0, seed=100, snr_db=calib_snr), SR)
+        float_out = model(calib_mel)
+    truth = pitch_targets(model, calib_f0, calib_mel.shape[1])
+    calibration = {
+        "truth": [(calib_mel[i : i + b], truth[i : i + b]) for i in range(0, len(calib_mel), b)],
+        "float": [(calib_mel[i : i + b], float_out[i : i + b]) for i in range(0, len(calib_mel), b)],
+    }
     layers = quantizable_layers(model)
     modules = dict(model.named_modules())
-    fp32_bytes = 4.0 * sum(modules[n].weight.numel() for n in layers)
+    fp32_bytes = 4.0 * sum(modules[name].weight.numel() for name in layers)
     result = {
         "model": "torchfcpe fcpe_c_v001 (CFNaiveMelPE, conv-only conformer)",
         "torchfcpe_stand_ins": stand_ins,
@@ -220,52 +343,234 @@ def run(quick: bool = False) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "quantized_layers": len(layers),
         "fp32_weight_bytes": fp32_bytes,
-        "test": {"tones": len(test_f0), "frames": len(test_f0) * (test_mel.shape[1] - 2 * EDGE)},
-        "calibration": {"tones": len(calib_f0), "frames": int(calib_mel.shape[0] * calib_mel.shape[1])},
+        "test": {
+            "tones": len(test_f0),
+            "tones_per_snr": n,
+            "frames": len(test_f0) * (test_mel.shape[1] - 2 * EDGE),
+            "frames_per_tone": test_mel.shape[1] - 2 * EDGE,
+            "unit": "RPA is the share of frames; intervals are a paired bootstrap over tones "
+            f"({BOOTSTRAP} draws)",
+        },
+        "calibration": {
+            "tones": len(calib_f0),
+            "frames": int(calib_mel.shape[0] * calib_mel.shape[1]),
+            "frequencies": "halfway between neighbouring test frequencies (none is a test one); "
+            "other phases and noise; noise levels alternate",
+        },
         "tone": {
             "sample_rate": SR,
             "seconds": DURATION,
             "harmonics": 5,
-            "range_hz": [60, 1000],
-            "snr_db": SNR_DB,
+            "range_hz": list(RANGE_HZ),
+            "snr_db": list(SNRS_DB),
         },
         "load_cpu_seconds": time.process_time() - t0,
     }
-    rows = {}
-    t = time.process_time()
-    rows["fp32"] = {
-        "rpa": raw_pitch_accuracy(model, test_mel, test_f0),
-        "cpu_seconds": time.process_time() - t,
-    }
-    t = time.process_time()
-    q = cetopt.quantize(model, {n: 4 for n in layers})
-    rows["rtn_4bit"] = {
-        "rpa": raw_pitch_accuracy(q, test_mel, test_f0),
-        "cpu_seconds": time.process_time() - t,
-    }
-    rows["rtn_4bit"].update(_saved(q, fp32_bytes))
-    t = time.process_time()
-    compressed = cetopt.compress(model, calib, "8x", loss_fn=bce, progress=False)
-    rows["cetopt_8x"] = {
-        "rpa": raw_pitch_accuracy(compressed.model, test_mel, test_f0),
-        "cpu_seconds": time.process_time() - t,
-        "method": compressed.table.method,
-        "average_bits": compressed.plan.average_bits,
-        "planned_bytes": compressed.plan.bytes,
-        "budget_bytes": compressed.plan.budget_bytes,
-        "bits": {n: int(compressed.plan.bits[n]) for n in layers},
-        **_saved(compressed.model, fp32_bytes),
-    }
-    for row in rows.values():
-        row["rpa_drop_pp"] = 100 * (rows["fp32"]["rpa"] - row["rpa"])
+    rows: dict[str, dict] = {}
     result["rows"] = rows
+    t = time.process_time()
+    base = tone_hits(model, test_mel, test_f0)
+    rows["fp32"] = {**accuracy_row(base, base, test_snr), "cpu_seconds": time.process_time() - t}
+
+    def score(q) -> dict:
+        return accuracy_row(tone_hits(q, test_mel, test_f0), base, test_snr)
+
+    def measure(name: str, q, t: float, **extra) -> None:
+        rows[name] = {**score(q), "cpu_seconds": time.process_time() - t, **extra, **_saved(q, fp32_bytes)}
+        rows[name]["within_0.5pp"] = rows[name]["rpa_drop_pp"] <= 0.5
+        print(name, {k: rows[name][k] for k in ("rpa", "rpa_drop_pp", "rpa_drop_pp_ci95")}, flush=True)
+        if on_row is not None:
+            on_row(result)
+
+    t = time.process_time()
+    measure("rtn_4bit", cetopt.quantize(model, {name: 4 for name in layers}), t, what="uniform 4 bits RTN")
+    data = calibration["float"]
+    apply = _apply(data)
+    t = time.process_time()
+    measure(
+        "gptq_4bit",
+        cetopt.quantize(model, {name: 4 for name in layers}, **apply),
+        t,
+        what="uniform 4 bits per channel, GPTQ + bias correction (sequential, on the float "
+        "model's outputs); above the 8x budget (scales)",
+    )
+    wanted = list(DEFAULT_STEPS) if steps is None else list(steps)
+    tables = {}
+    order = sorted(wanted, key=lambda k: "from_table_of" in STEPS[k])  # derived rows last
+    for name in order:
+        step = STEPS[name]
+        t = time.process_time()
+        source = step.get("from_table_of")
+        if source is not None:
+            if source not in tables:
+                continue
+            table = per_channel_columns(tables[source])
+            plan = cetopt.allocate(table, "8x")
+            q, method, seconds = cetopt.quantize(model, plan, **apply), table.method, None
+        elif cache is not None and (cache / f"{name}.{'quick' if quick else 'full'}.pkl").exists():
+            with open(cache / f"{name}.{'quick' if quick else 'full'}.pkl", "rb") as f:
+                tables[name] = table = pickle.load(f)  # our own file, written below
+            plan = cetopt.allocate(table, "8x")
+            q, method, seconds = cetopt.quantize(model, plan, **apply), table.method, "cached"
+        else:
+            compressed = cetopt.compress(
+                model, calibration[step["targets"]], "8x", loss_fn=bce, progress=False, **step["options"]
+            )
+            tables[name], plan, q = compressed.table, compressed.plan, compressed.model
+            method, seconds = compressed.table.method, compressed.cpu_seconds.get("sensitivity")
+            if cache is not None:
+                cache.mkdir(parents=True, exist_ok=True)
+                with open(cache / f"{name}.{'quick' if quick else 'full'}.pkl", "wb") as f:
+                    pickle.dump(compressed.table, f)
+        measure(
+            name,
+            q,
+            t,
+            what=step["what"],
+            method=method,
+            sensitivity_cpu_seconds=seconds,
+            **_plan_record(plan, layers),
+        )
+    result["rows"] = {k: rows[k] for k in [*rows.keys() - STEPS.keys(), *STEPS] if k in rows}
+    rows = result["rows"]
     result["targets"] = {
-        "cetopt_8x_within_0.5pp": rows["cetopt_8x"]["rpa_drop_pp"] <= 0.5,
-        "cetopt_8x_weight_bytes_at_most_fp32_over_8": rows["cetopt_8x"]["quantized_weight_bytes"]
-        <= fp32_bytes / 8,
+        f"{k}_within_0.5pp": rows[k]["rpa_drop_pp"] <= 0.5
+        and rows[k]["quantized_weight_bytes"] <= fp32_bytes / 8
+        for k in STEPS
+        if k in rows
     }
+    if on_row is not None:
+        on_row(result)
+    if joint and JOINT_STEP not in tables and cache is not None:
+        cached = cache / f"{JOINT_STEP}.{'quick' if quick else 'full'}.pkl"
+        if cached.exists():
+            with open(cached, "rb") as f:
+                tables[JOINT_STEP] = pickle.load(f)  # our own file
+    if joint and JOINT_STEP in tables:
+        result["joint"] = {}
+        joint_rows(
+            result["joint"],
+            model,
+            data,
+            tables[JOINT_STEP],
+            STEPS[JOINT_STEP]["options"],
+            layers,
+            fp32_bytes,
+            score,
+            lambda: on_row(result) if on_row is not None else None,
+        )
     result["total_cpu_seconds"] = time.process_time() - t0
     return result
+
+
+def joint_rows(out: dict, model, data, table, step_options: dict, layers, fp32_bytes, score, saved) -> None:
+    """The joint menu (issue 20) at :data:`JOINT_BUDGETS` via :func:`cetopt.lowrank.joint_compress`:
+    the RPA of bits only as :func:`cetopt.compress` makes it (same table, calibrated on all the
+    data) and of every plan the search measured, and which one it returned.
+
+    The menu cannot decompose grouped (depthwise) convolutions (``UnsupportedLayerError`` from
+    :func:`cetopt.lowrank.build_menu`), so those six layers (1.8% of the weights) are held at the
+    bits-only plan's option, quantized first as ``compress`` quantizes them, and the joint menu
+    chooses for the other layers within the budget less their bytes (given the held options, the
+    bits-only part of that menu is the same allocation). ``holdout=0``: plans are compared on the
+    calibration loss (the check split's extra sensitivity pass did not fit this CPU's time).
+    """
+    import cetopt
+    from cetopt.lowrank import joint_compress
+
+    modules = dict(model.named_modules())
+    held = [n for n in layers if isinstance(modules[n], torch.nn.Conv1d) and modules[n].groups != 1]
+    free = [n for n in layers if n not in held]
+    sub = table.subset(free)
+    out.update(
+        budgets={},
+        table_of=JOINT_STEP,
+        held_at_bits_only_option=held,
+        holdout=0,
+    )
+    for budget in JOINT_BUDGETS:
+        t = time.process_time()
+        plan = cetopt.allocate(table, budget)
+        bits_only = cetopt.quantize(model, plan, **_apply(data))
+        cell: dict = {
+            "bits_only_as_compress": {
+                **score(bits_only),
+                **_plan_record(plan, layers),
+                **_saved(bits_only, fp32_bytes),
+            }
+        }
+        bits_seconds = time.process_time() - t
+        t = time.process_time()
+        groups = getattr(plan, "groups", None) or {}
+        held_plan = _Held(
+            {n: int(plan.bits[n]) for n in held},
+            {n: int(groups[n]) for n in held if n in groups and int(groups[n])},
+        )
+        base = cetopt.quantize(model, held_plan, **_apply(data))
+        rest = float(plan.budget_bytes) - float(sum(plan.layer_bytes[n] for n in held))
+        q, _, search = joint_compress(
+            base, data, sub, rest, loss_fn=bce, progress=False, keep_models=True, holdout=0
+        )
+        cell["candidates"] = {}
+        for c in search.candidates:
+            record = {
+                "bytes": c.bytes,
+                "predicted_loss": c.predicted_loss,
+                "measured_loss": c.measured_loss,
+                "kinds": _kinds(c.options),
+            }
+            if c.model is not None:
+                record.update(score(c.model))
+            cell["candidates"][c.name] = record
+        cell["returned"] = {
+            "chosen": search.chosen,
+            "fell_back_to_bits": search.fell_back,
+            **score(q),
+            **_saved(q, fp32_bytes),
+        }
+        cell["rank_correlation"] = search.rank_correlation
+        cell["cpu_seconds"] = {"bits_only": bits_seconds, "joint": time.process_time() - t}
+        out["budgets"][budget] = cell
+        print(
+            budget,
+            {
+                k: v.get("rpa_drop_pp")
+                for k, v in [
+                    ("bits", cell["bits_only_as_compress"]),
+                    ("returned", cell["returned"]),
+                    *cell["candidates"].items(),
+                ]
+            },
+            flush=True,
+        )
+        saved()
+
+
+class _Held:
+    """A plan for :func:`cetopt.quantize`: bits and group sizes of some layers."""
+
+    def __init__(self, bits: dict, groups: dict):
+        self.bits, self.groups = bits, groups
+
+
+def _apply(data) -> dict:
+    """How :func:`cetopt.compress` applies a plan: GPTQ and bias correction, sequentially."""
+    return {"gptq": data, "bias_correction": data, "sequential": True}
+
+
+def _kinds(options) -> dict:
+    counts: dict[str, int] = {}
+    for o in options.values():
+        counts[o.kind] = counts.get(o.kind, 0) + 1
+    return counts
+
+
+def _kinds_plan(plan) -> dict:
+    return {"float_layers": int(sum(int(v) == 32 for v in plan.bits.values()))}
+
+
+def _plain(value) -> bool:
+    return isinstance(value, (bool, int, float, str)) or value is None
 
 
 def _saved(model, fp32_bytes: float) -> dict:
@@ -288,9 +593,27 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--steps",
+        nargs="*",
+        choices=list(STEPS),
+        help=f"compress rows to run (default {' '.join(DEFAULT_STEPS)})",
+    )
+    parser.add_argument("--no-joint", action="store_true", help="leave out the joint menu")
+    parser.add_argument("--cache", type=Path, help="folder for the sensitivity tables (re-runs reuse them)")
+    parser.add_argument("--out", help="result file (default benchmarks/results/[quick/]fcpe.json)")
     args = parser.parse_args()
-    path = RESULTS / ("quick/fcpe.json" if args.quick else "fcpe.json")
-    out = run(quick=args.quick)
+    path = Path(args.out) if args.out else RESULTS / ("quick/fcpe.json" if args.quick else "fcpe.json")
+    partial = path.with_name(path.stem + ".partial.json")
+
+    def save_partial(result: dict) -> None:
+        doc = {"benchmark": "fcpe", "quick": args.quick, "partial": True, **result}
+        atomic_write_json(partial, doc)
+
+    out = run(
+        quick=args.quick, steps=args.steps, joint=not args.no_joint, on_row=save_partial, cache=args.cache
+    )
     atomic_write_json(path, {"benchmark": "fcpe", "quick": args.quick, "machine": machine_info(), **out})
-    print({k: v for k, v in out.items() if k in ("skipped", "rows", "targets")})
+    print({k: v for k, v in out.items() if k in ("skipped", "targets")})
+    partial.unlink(missing_ok=True)
     print(f"wrote {path}")

@@ -453,9 +453,10 @@ RENDERERS: dict[str, Callable[[str, Any], list[str]]] = {
     "fcpe": Known(
         "A pretrained pitch model (FCPE)",
         "torchfcpe's pretrained conformer pitch estimator: raw pitch accuracy (within 50 cents) on "
-        "synthetic tones in noise at fp32, uniform 4-bit RTN and `compress` at 8× fewer weight "
-        "bytes, no fine-tuning.",
-        ("config", "rows", "targets"),
+        "synthetic tones in noise at fp32, uniform 4-bit RTN and GPTQ, `compress` at 8× fewer "
+        "weight bytes step by step (loss, group-wise options), and the joint menu at 8×, 12× and "
+        "16×, no fine-tuning.",
+        ("config", "test", "rows", "targets", "joint"),
     ),
 }
 

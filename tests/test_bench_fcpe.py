@@ -1,0 +1,62 @@
+"""The FCPE benchmark's evaluation helpers (no torchfcpe needed: it is never a test dependency)."""
+
+import importlib.util
+
+import numpy as np
+
+from benchmarks import bench_fcpe as bench
+from cetopt.analysis import SensitivityTable
+
+
+def test_calibration_frequencies_lie_between_test_frequencies():
+    test = bench.grid(256)
+    calib = bench.calibration_frequencies(256, 32)
+    assert len(calib) == 32 and len(set(np.round(calib, 9))) == 32
+    assert bench.RANGE_HZ[0] < calib.min() and calib.max() < bench.RANGE_HZ[1]
+    # every calibration tone sits halfway (in log frequency) between two neighbouring test tones
+    position = np.searchsorted(test, calib)
+    assert (position > 0).all() and (position < len(test)).all()
+    below, above = np.log(test[position - 1]), np.log(test[position])
+    assert np.allclose(np.log(calib), (below + above) / 2)
+    # and the calibration tones cover the range, not only its start
+    assert calib.max() > bench.grid(256)[-16]
+
+
+def test_accuracy_row_pairs_tones_and_bounds_the_drop():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.5, 1.0, 200)
+    hits = base.copy()
+    hits[:20] -= 0.5  # 20 tones lose half their frames
+    snr = np.repeat([-12.0, -15.0], 100)
+    row = bench.accuracy_row(hits, base, snr)
+    assert np.isclose(row["rpa_drop_pp"], 100 * 0.5 * 20 / 200)
+    lo, hi = row["rpa_drop_pp_ci95"]
+    assert 0 < lo < row["rpa_drop_pp"] < hi
+    assert row["tones_changed"] == 20
+    assert np.isclose(row["rpa_by_snr_db"]["-12"], hits[:100].mean())
+    assert bench.accuracy_row(hits, base, snr) == row  # deterministic
+    same = bench.accuracy_row(base, base, snr)
+    assert same["rpa_drop_pp"] == 0 and same["rpa_drop_pp_ci95"] == [0.0, 0.0]
+
+
+def test_per_channel_columns_keeps_only_per_channel_options():
+    values = np.arange(8, dtype=float).reshape(2, 4)
+    table = SensitivityTable(
+        layers=["a", "b"],
+        bits=[3, 3, 4, 4],
+        values=values,
+        params=np.array([10, 10]),
+        groups=[None, 32, None, 32],
+    )
+    sub = bench.per_channel_columns(table)
+    assert list(sub.bits) == [3, 4] and sub.groups is None
+    assert np.array_equal(sub.values, values[:, [0, 2]])
+
+
+def test_missing_torchfcpe_is_a_reason_not_an_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchfcpe" else real(name, *a)
+    )
+    assert "not installed" in bench.import_fcpe()
+    assert "not installed" in bench.run(quick=True)["skipped"]
