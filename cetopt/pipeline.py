@@ -92,7 +92,10 @@ def compress(
         Passed to :func:`cetopt.allocate`.
     loss_fn, probes, seed
         Passed to :func:`cetopt.sensitivity` or :func:`cetopt.channel_sensitivity` (``probes``
-        defaults to theirs: 16 per layer, 64 per channel).
+        defaults to theirs: 16 per layer, 64 per channel); ``loss_fn`` also to
+        :func:`check_against_uniform` with ``holdout``. ``loss_fn="kl_to_float"`` scores every
+        option, and compares the plans, by the divergence of the quantized model's outputs from
+        the float model's on the same inputs (not with ``joint``).
     progress : bool
         Progress bars (on stderr) for the sensitivities and the calibration.
     gptq : bool
@@ -152,6 +155,10 @@ def compress(
         )
         raise JointMenuError(
             f"joint=True chooses per layer under a byte budget alone; it does not take {why}"
+        )
+    if joint and _is_reference(loss_fn):
+        raise JointMenuError(
+            "joint=True scores its menu with a task loss; it does not take loss_fn='kl_to_float'"
         )
     if (score_gptq or holdout is not None) and (per_channel or joint):
         what = "score_gptq" if score_gptq else "holdout"
@@ -243,6 +250,9 @@ class UniformCheck:
         The uniform plan's option (``"3 bits, group 128"``).
     plan_bytes, uniform_bytes : float or None
         Their weight bytes.
+    loss : str
+        The loss compared (``"cross_entropy"``, ``"next_token"``, ``"kl_to_float"``: then
+        ``base_loss`` is 0 and the others are the divergences from the float model).
     """
 
     chosen: str
@@ -252,6 +262,7 @@ class UniformCheck:
     uniform_option: str | None
     plan_bytes: float
     uniform_bytes: float | None
+    loss: str = "cross_entropy"
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -284,10 +295,24 @@ def uniform_plan(table: SensitivityTable, budget: float | str, **allocate_option
         return None
 
 
-def _holdout_loss(model: nn.Module, batches, loss_fn) -> float:
+def _holdout_losses(model: nn.Module, candidates: list[nn.Module], batches, loss_fn) -> list[float]:
+    """The mean loss of ``model`` and of each candidate on ``batches`` (weighted by batch size);
+    with a reference loss (``kl_to_float``) each batch's targets are ``model``'s own logits on it,
+    computed batch by batch (nothing kept)."""
+    from cetopt.analysis.objective import is_reference_loss, model_logits
+    from cetopt.quant._calibration import module_calls
+
+    reference = is_reference_loss(loss_fn)
     total = sum(len(x) for x, _ in batches)
-    with torch.no_grad():
-        return float(sum(float(loss_fn(model(x), y)) * len(x) / total for x, y in batches))
+    sums = [0.0] * (1 + len(candidates))
+    with torch.no_grad(), module_calls():
+        for x, y in batches:
+            out = model(x)
+            if reference:
+                y = model_logits(out).float()
+            for i, m in enumerate([model, *candidates]):
+                sums[i] += float(loss_fn(out if i == 0 else m(x), y)) * len(x) / total
+    return sums
 
 
 def _same_plan(a: Plan, b: Plan) -> bool:
@@ -330,7 +355,9 @@ def check_against_uniform(
         Batches used neither for the sensitivities nor for calibration if possible; never the
         test set (inputs alone with ``loss_fn="next_token"``).
     loss_fn : callable or str, optional
-        As in :func:`cetopt.sensitivity`.
+        As in :func:`cetopt.sensitivity`; ``"kl_to_float"`` compares the two plans by their
+        divergence from the float model on the same held-out inputs (paired: far more power
+        than the task loss on the same batches).
     quantize_options : dict, optional
         Keywords of :func:`cetopt.quantize` both plans are applied with.
     applied : dict, optional
@@ -344,26 +371,34 @@ def check_against_uniform(
     (model, plan, check)
         The chosen plan's quantized copy of ``model``, the plan, and the :class:`UniformCheck`.
     """
-    from cetopt.analysis.objective import _batches, next_token_loss, resolve_loss
+    from cetopt.analysis.objective import _batches, is_reference_loss, next_token_loss, resolve_loss
 
     loss = resolve_loss(loss_fn)
-    batches = _batches(holdout, None, self_targets=loss is next_token_loss)
+    self_targets = loss is next_token_loss or is_reference_loss(loss)
+    batches = _batches(holdout, None, self_targets=self_targets)
     options = dict(quantize_options or {})
-    base = _holdout_loss(model, batches, loss)
     done = dict(applied or {})
     mixed = done["plan"] if "plan" in done else quantize(model, plan, **options)
-    mixed_loss = _holdout_loss(mixed, batches, loss)
     uniform = uniform_plan(table, plan.budget_bytes, **allocate_options)
     if uniform is None or _same_plan(plan, uniform):
+        base, mixed_loss = _holdout_losses(model, [mixed], batches, loss)
         label = None if uniform is None else _option_label(table, uniform)
-        check = UniformCheck("plan", base, mixed_loss, None, label, plan.bytes, None)
+        check = UniformCheck("plan", base, mixed_loss, None, label, plan.bytes, None, _name(loss_fn))
         return mixed, plan, check
     flat = done["uniform"] if "uniform" in done else quantize(model, uniform, **options)
-    flat_loss = _holdout_loss(flat, batches, loss)
+    base, mixed_loss, flat_loss = _holdout_losses(model, [mixed, flat], batches, loss)
     label = _option_label(table, uniform)
     chosen = "uniform" if flat_loss < mixed_loss else "plan"
-    check = UniformCheck(chosen, base, mixed_loss, flat_loss, label, plan.bytes, uniform.bytes)
+    check = UniformCheck(
+        chosen, base, mixed_loss, flat_loss, label, plan.bytes, uniform.bytes, _name(loss_fn)
+    )
     return (flat, uniform, check) if chosen == "uniform" else (mixed, plan, check)
+
+
+def _name(loss_fn) -> str:
+    from cetopt.analysis.estimators import _loss_name
+
+    return _loss_name(loss_fn)
 
 
 def _option_label(table: SensitivityTable, plan: Plan) -> str:
@@ -385,3 +420,9 @@ class _StepClock:
         self.wall[step], self.cpu[step] = now[0] - self._last[0], now[1] - self._last[1]
         self.wall["total"], self.cpu["total"] = now[0] - self._start[0], now[1] - self._start[1]
         self._last = now
+
+
+def _is_reference(loss_fn) -> bool:
+    from cetopt.analysis.objective import is_reference_loss, resolve_loss
+
+    return is_reference_loss(resolve_loss(loss_fn))

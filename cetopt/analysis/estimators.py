@@ -280,8 +280,16 @@ def sensitivity(
     method : {"auto", "cet", "hutchinson", "fisher", "measured"}
         See the module docstring. ``auto`` runs the cheaper of ``measured`` and ``cet`` and
         records its choice and reason in ``meta["auto"]``.
-    loss_fn : callable, optional
+    loss_fn : callable or str, optional
         ``loss_fn(outputs, targets)`` returning the mean loss of a batch; default cross-entropy.
+        ``"next_token"``: a causal LM's shifted cross-entropy (the data may be the tokens alone).
+        ``"kl_to_float"``: the mean KL divergence of the quantized model's output distribution
+        from the float model's on the same inputs (:func:`cetopt.analysis.objective.kl_to_float`;
+        the data's targets are not used, the data may be inputs alone): at least 0 for every
+        option of ``measured`` and far less noisy than a task loss on few batches, since both
+        models see the same inputs. ``cet`` then scores ``½ ΔᵀFΔ`` with ``F`` the Fisher
+        information of the model's outputs (the gradient is zero); ``fisher`` cannot (its
+        per-example gradients vanish) and raises.
     layers : sequence of str, optional
         Layers to score; default every Linear / Conv layer.
     probes : int
@@ -331,6 +339,11 @@ def sensitivity(
     options = group_options(bits, group_sizes, group_max_bits)
     start = time.perf_counter()
     obj = LossObjective(model, data, names, loss_fn=loss_fn, max_batches=max_batches)
+    if obj.reference and method == "fisher":
+        raise CetoptError(
+            "method='fisher' cannot score loss_fn='kl_to_float': every per-example gradient of a "
+            "divergence from the float model is zero at the float weights; use 'measured' or 'cet'"
+        )
     choice = None
     if method == "auto":
         method, choice = choose_method(obj, len(options), int(probes), int(rounds))
@@ -366,8 +379,18 @@ def sensitivity(
             "kept_float": list(obj.kept_float),
             "tied": {t.name: list(t.tied) for t in obj.targets if t.tied},
             "gptq": gptq is not None,
+            "loss": _loss_name(loss_fn),
         },
     )
+
+
+def _loss_name(loss_fn) -> str:
+    """How ``meta["loss"]`` names the loss the table was scored with."""
+    if loss_fn is None:
+        return "cross_entropy"
+    if isinstance(loss_fn, str):
+        return loss_fn
+    return getattr(loss_fn, "__name__", type(loss_fn).__name__)
 
 
 def _perturbations(model, obj: LossObjective, options, clip_search: bool, gptq, act_order: bool, progress):

@@ -24,12 +24,16 @@ from cetopt.quant.handlers import call_macs, quant_targets, registered_quant_typ
 
 __all__ = [
     "LOSSES",
+    "REFERENCE_LOSSES",
     "LayerInfo",
     "LossObjective",
+    "is_reference_loss",
+    "kl_to_float",
     "math_attention",
     "model_logits",
     "next_token_loss",
     "quantizable_layers",
+    "reference_batches",
     "resolve_loss",
 ]
 
@@ -94,20 +98,79 @@ def _cross_entropy(output, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model_logits(output), targets)
 
 
+def kl_to_float(output, reference: torch.Tensor) -> torch.Tensor:
+    """Mean ``KL(p_float ‖ p)`` of the distributions the logits give over their last dimension.
+
+    ``reference`` holds the float model's logits on the same inputs (same shape as the
+    prediction tensor of ``output``); the mean is over every other position (examples, tokens).
+    It is zero at the float weights and positive elsewhere, and compares a quantized model with
+    the float one on the same inputs (paired), so it measures what quantization changes far
+    less noisily than a task loss on the same data. As ``loss_fn="kl_to_float"`` the targets
+    are these logits, computed by the objective itself (:func:`reference_batches`). Computed
+    in float64 (a float64 scalar).
+    """
+    logits = model_logits(output)
+    if logits.shape != reference.shape:
+        raise DataShapeError(
+            f"kl_to_float: the model's logits {tuple(logits.shape)} and the float reference "
+            f"{tuple(reference.shape)} differ in shape"
+        )
+    # in float64: the divergences of 8-bit options are far below float32's resolution of log p
+    log_p = F.log_softmax(reference.double(), dim=-1)
+    log_q = F.log_softmax(logits.double(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+kl_to_float.reference = True  # its targets are the float model's own outputs
+
 LOSSES: dict[str, Callable] = {"cross_entropy": _cross_entropy, "next_token": next_token_loss}
+#: Losses against the float model's outputs on the same inputs (the data's targets are not used).
+REFERENCE_LOSSES: dict[str, Callable] = {"kl_to_float": kl_to_float}
 
 
 def resolve_loss(loss_fn: LossFn) -> Callable:
     """The loss callable for ``loss_fn``: ``None`` (cross-entropy), a name of :data:`LOSSES`
-    (``"next_token"``: shifted cross-entropy on ``logits``, targets are the input tokens), or a
-    callable ``loss_fn(outputs, targets)`` given the model's raw outputs."""
+    (``"next_token"``: shifted cross-entropy on ``logits``, targets are the input tokens) or of
+    :data:`REFERENCE_LOSSES` (``"kl_to_float"``: :func:`kl_to_float` against the float model's
+    outputs), or a callable ``loss_fn(outputs, targets)`` given the model's raw outputs."""
     if loss_fn is None:
         return _cross_entropy
     if isinstance(loss_fn, str):
-        if loss_fn not in LOSSES:
-            raise CetoptError(f"unknown loss {loss_fn!r}; built in: {', '.join(LOSSES)}")
-        return LOSSES[loss_fn]
+        found = LOSSES.get(loss_fn) or REFERENCE_LOSSES.get(loss_fn)
+        if found is None:
+            known = ", ".join([*LOSSES, *REFERENCE_LOSSES])
+            raise CetoptError(f"unknown loss {loss_fn!r}; built in: {known}")
+        return found
+    if not callable(loss_fn):
+        raise CetoptError(f"loss_fn must be a callable or the name of a built-in loss, got {loss_fn!r}")
     return loss_fn
+
+
+def is_reference_loss(loss: Callable) -> bool:
+    """Whether ``loss`` (from :func:`resolve_loss`) compares with the float model's outputs."""
+    return bool(getattr(loss, "reference", False))
+
+
+@torch.no_grad()
+def reference_batches(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
+    """``(x, float logits of model on x)`` for each batch: the targets of a reference loss.
+
+    The model runs in eval mode and is restored afterwards. The logits are kept for every batch
+    (``examples × positions × classes`` floats).
+    """
+    saved = to_eval(model)
+    try:
+        with module_calls():
+            return [(x, model_logits(model(x)).detach().float()) for x, _ in batches]
+    except (RuntimeError, ValueError, IndexError) as exc:
+        if not is_data_mismatch(exc):
+            raise
+        raise DataShapeError(
+            f"the model cannot run on the data: a batch of inputs {tuple(batches[0][0].shape)} "
+            f"failed with: {exc}"
+        ) from exc
+    finally:
+        saved.restore()
 
 
 def math_attention():
@@ -154,8 +217,10 @@ class LossObjective:
     layers : list of str
         Quantizable layers (see :func:`quantizable_layers`).
     loss_fn : callable or str, optional
-        ``loss_fn(outputs, targets) -> scalar mean loss``, or ``"next_token"``; default
-        cross-entropy (both built-ins read ``logits`` from HF outputs and dicts).
+        ``loss_fn(outputs, targets) -> scalar mean loss``, ``"next_token"``, or
+        ``"kl_to_float"`` (:func:`kl_to_float`: the batches' targets are replaced by the float
+        model's logits, so the loss is 0 at the model's weights); default cross-entropy (the
+        built-ins read ``logits`` from HF outputs and dicts).
     max_batches : int, optional
         Use only the first batches of ``data``.
     """
@@ -171,7 +236,11 @@ class LossObjective:
     ):
         self.model = model
         self.loss_fn = resolve_loss(loss_fn)
-        self.batches = _batches(data, max_batches, self_targets=self.loss_fn is next_token_loss)
+        self.reference = is_reference_loss(self.loss_fn)
+        self_targets = self.reference or self.loss_fn is next_token_loss
+        self.batches = _batches(data, max_batches, self_targets=self_targets)
+        if self.reference:  # the targets become the float model's own outputs
+            self.batches = reference_batches(model, self.batches)
         self.total = sum(len(x) for x, _ in self.batches)
         targets, self.kept_float = quant_targets(model)
         self.targets = select_targets(targets, layers, model)

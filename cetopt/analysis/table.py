@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -186,6 +187,47 @@ class SensitivityTable:
             groups=self.groups,
             meta=dict(self.meta),
         )
+
+    def finer_options(self) -> np.ndarray:
+        """``finer[i, j, k]``: whether option ``k`` keeps layer ``i`` at least as exactly as option
+        ``j`` does (at least as many bits and scale groups no wider), shape ``(layers, options,
+        options)``.
+
+        A per-channel option's group is the layer's whole row (``params / channels`` columns),
+        and a group at least as wide as the row is the row too.
+        """
+        channels = np.ones(self.num_layers, dtype=np.int64) if self.channels is None else self.channels
+        cols = self.params / np.maximum(channels, 1)
+        sizes = np.array(self.group_sizes, dtype=np.float64)
+        width = np.where(sizes[None, :] > 0, np.minimum(sizes[None, :], cols[:, None]), cols[:, None])
+        bits = np.asarray(self.bits)
+        more_bits = bits[None, :, None] <= bits[None, None, :]
+        narrower = width[:, None, :] <= width[:, :, None]
+        return more_bits & narrower
+
+    def monotone(self, envelope: str = "mean") -> SensitivityTable:
+        """A copy whose values never rise with more bits or narrower groups for the same layer.
+
+        Measured or estimated values can rank options of a layer against the order they are in
+        (noise, or a second-order estimate's error); the allocation then buys the coarser option
+        for its lower score. Per layer, with ``finer`` as in :meth:`finer_options`:
+
+        * ``"upper"``: each option scores the highest of itself and every finer option (a coarse
+          option is at least as costly as any finer one);
+        * ``"lower"``: the lowest of itself and every coarser option;
+        * ``"mean"`` (default): the mean of the two, also monotone, and equal to the values
+          wherever they already are.
+
+        ``stderr`` is kept; ``meta["monotone"]`` records the envelope.
+        """
+        if envelope not in ("mean", "upper", "lower"):
+            raise DataShapeError(f"envelope must be 'mean', 'upper' or 'lower', got {envelope!r}")
+        finer = self.finer_options()
+        v = self.values[:, None, :]  # v[i, 0, k]
+        upper = np.where(finer, v, -np.inf).max(axis=2)
+        lower = np.where(finer.transpose(0, 2, 1), v, np.inf).min(axis=2)
+        values = {"upper": upper, "lower": lower, "mean": 0.5 * (upper + lower)}[envelope]
+        return dataclasses.replace(self, values=values, meta={**self.meta, "monotone": envelope})
 
     def to_dict(self) -> dict:
         """Plain-data form (lists and numbers), e.g. for JSON."""
