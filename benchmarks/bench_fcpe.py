@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
-import pickle
 import sys
 import tempfile
 import time
@@ -303,7 +303,7 @@ def run(
 ) -> dict:
     """The measurements, or ``{"skipped": reason}`` without torchfcpe. ``on_row(result)`` is
     called with the result so far after every row (to save partial progress). With ``cache`` (a
-    folder), each step's sensitivity table is pickled there and a table found there is used
+    folder), each step's sensitivity table is saved there as JSON and a table found there is used
     instead of measuring it again (its plan then allocated and applied as ``compress`` does)."""
     sizes = QUICK if quick else FULL
     found = import_fcpe()
@@ -407,9 +407,8 @@ def run(
             table = per_channel_columns(tables[source])
             plan = cetopt.allocate(table, "8x")
             q, method, seconds = cetopt.quantize(model, plan, **apply), table.method, None
-        elif cache is not None and (cache / f"{name}.{'quick' if quick else 'full'}.pkl").exists():
-            with open(cache / f"{name}.{'quick' if quick else 'full'}.pkl", "rb") as f:
-                tables[name] = table = pickle.load(f)  # our own file, written below
+        elif (cached := _read_table(cache, name, quick)) is not None:
+            tables[name] = table = cached
             plan = cetopt.allocate(table, "8x")
             q, method, seconds = cetopt.quantize(model, plan, **apply), table.method, "cached"
         else:
@@ -418,10 +417,7 @@ def run(
             )
             tables[name], plan, q = compressed.table, compressed.plan, compressed.model
             method, seconds = compressed.table.method, compressed.cpu_seconds.get("sensitivity")
-            if cache is not None:
-                cache.mkdir(parents=True, exist_ok=True)
-                with open(cache / f"{name}.{'quick' if quick else 'full'}.pkl", "wb") as f:
-                    pickle.dump(compressed.table, f)
+            _write_table(cache, name, quick, compressed.table)
         measure(
             name,
             q,
@@ -441,11 +437,10 @@ def run(
     }
     if on_row is not None:
         on_row(result)
-    if joint and JOINT_STEP not in tables and cache is not None:
-        cached = cache / f"{JOINT_STEP}.{'quick' if quick else 'full'}.pkl"
-        if cached.exists():
-            with open(cached, "rb") as f:
-                tables[JOINT_STEP] = pickle.load(f)  # our own file
+    if joint and JOINT_STEP not in tables:
+        cached = _read_table(cache, JOINT_STEP, quick)
+        if cached is not None:
+            tables[JOINT_STEP] = cached
     if joint and JOINT_STEP in tables:
         result["joint"] = {}
         joint_rows(
@@ -453,7 +448,6 @@ def run(
             model,
             data,
             tables[JOINT_STEP],
-            STEPS[JOINT_STEP]["options"],
             layers,
             fp32_bytes,
             score,
@@ -463,32 +457,80 @@ def run(
     return result
 
 
-def joint_rows(out: dict, model, data, table, step_options: dict, layers, fp32_bytes, score, saved) -> None:
-    """The joint menu (issue 20) at :data:`JOINT_BUDGETS` via :func:`cetopt.lowrank.joint_compress`:
-    the RPA of bits only as :func:`cetopt.compress` makes it (same table, calibrated on all the
-    data) and of every plan the search measured, and which one it returned.
+def _table_path(cache: Path, name: str, quick: bool) -> Path:
+    return cache / f"{name}.{'quick' if quick else 'full'}.json"
 
-    The menu cannot decompose grouped (depthwise) convolutions (``UnsupportedLayerError`` from
-    :func:`cetopt.lowrank.build_menu`), so those six layers (1.8% of the weights) are held at the
-    bits-only plan's option, quantized first as ``compress`` quantizes them, and the joint menu
-    chooses for the other layers within the budget less their bytes (given the held options, the
-    bits-only part of that menu is the same allocation). ``holdout=0``: plans are compared on the
-    calibration loss (the check split's extra sensitivity pass did not fit this CPU's time).
+
+def _read_table(cache: Path | None, name: str, quick: bool):
+    """A step's sensitivity table from ``cache`` (JSON, :meth:`SensitivityTable.to_dict`), or None."""
+    from cetopt.analysis import SensitivityTable
+
+    if cache is None or not _table_path(cache, name, quick).exists():
+        return None
+    return SensitivityTable.from_dict(json.loads(_table_path(cache, name, quick).read_text()))
+
+
+def _write_table(cache: Path | None, name: str, quick: bool, table) -> None:
+    from cetopt._io import atomic_write_json
+
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(_table_path(cache, name, quick), table.to_dict())
+
+
+#: The joint menu's grids on FCPE (:func:`cetopt.lowrank.build_menu`): fewer ranks and
+#: densities than the defaults, so that the menu (built and scored once, shared by the budgets)
+#: fits a shared CPU.
+JOINT_MENU = {
+    "rank_fractions": (1 / 16, 1 / 8, 1 / 4),
+    "prune_densities": (0.1, 0.3, 0.5),
+    "ls_rank_fractions": (1 / 16, 1 / 8),
+    "ls_densities": (0.03, 0.1),
+    "iterations": 10,
+}
+
+
+def joint_rows(
+    out: dict,
+    model,
+    data,
+    table,
+    layers,
+    fp32_bytes,
+    score,
+    saved,
+    *,
+    budgets=JOINT_BUDGETS,
+    menu_options=None,
+    refine: int = 1,
+    loss_fn=None,
+) -> None:
+    """The joint menu (issue 20) at ``budgets`` via :func:`cetopt.lowrank.joint_compress` on every
+    quantizable layer: ``score(model)`` (a dict with ``rpa_drop_pp``) of bits only as
+    :func:`cetopt.compress` makes it (same table, calibrated on all the data) and of every plan
+    the search measured, and which one it returned.
+
+    The depthwise convolutions cannot be decomposed; the menu gives them quantization options
+    only (:func:`cetopt.lowrank.build_menu`). The menu is built and scored once, at the first
+    budget, and shared by the others. ``holdout=0``: plans are compared on the calibration loss
+    (a check split would need the sensitivity table measured again on the fit split).
     """
     import cetopt
-    from cetopt.lowrank import joint_compress
+    from cetopt.lowrank import joint_compress, supported_layers
 
-    modules = dict(model.named_modules())
-    held = [n for n in layers if isinstance(modules[n], torch.nn.Conv1d) and modules[n].groups != 1]
-    free = [n for n in layers if n not in held]
-    sub = table.subset(free)
+    loss_fn = bce if loss_fn is None else loss_fn
+    menu_options = JOINT_MENU if menu_options is None else menu_options
+    whole = set(supported_layers(model))
     out.update(
         budgets={},
         table_of=JOINT_STEP,
-        held_at_bits_only_option=held,
+        quantized_only=[n for n in layers if n not in whole],
         holdout=0,
+        refine=refine,
+        menu_options={k: list(v) if isinstance(v, tuple) else v for k, v in menu_options.items()},
     )
-    for budget in JOINT_BUDGETS:
+    menu = None
+    for budget in budgets:
         t = time.process_time()
         plan = cetopt.allocate(table, budget)
         bits_only = cetopt.quantize(model, plan, **_apply(data))
@@ -501,16 +543,20 @@ def joint_rows(out: dict, model, data, table, step_options: dict, layers, fp32_b
         }
         bits_seconds = time.process_time() - t
         t = time.process_time()
-        groups = getattr(plan, "groups", None) or {}
-        held_plan = _Held(
-            {n: int(plan.bits[n]) for n in held},
-            {n: int(groups[n]) for n in held if n in groups and int(groups[n])},
-        )
-        base = cetopt.quantize(model, held_plan, **_apply(data))
-        rest = float(plan.budget_bytes) - float(sum(plan.layer_bytes[n] for n in held))
         q, _, search = joint_compress(
-            base, data, sub, rest, loss_fn=bce, progress=False, keep_models=True, holdout=0
+            model,
+            data,
+            table,
+            budget,
+            loss_fn=loss_fn,
+            progress=False,
+            keep_models=True,
+            holdout=0,
+            refine=refine,
+            menu=menu,
+            menu_options=menu_options,
         )
+        built_here, menu = menu is None, search.menu
         cell["candidates"] = {}
         for c in search.candidates:
             record = {
@@ -522,6 +568,7 @@ def joint_rows(out: dict, model, data, table, step_options: dict, layers, fp32_b
             if c.model is not None:
                 record.update(score(c.model))
             cell["candidates"][c.name] = record
+        cell["infeasible"] = dict(search.infeasible)
         cell["returned"] = {
             "chosen": search.chosen,
             "fell_back_to_bits": search.fell_back,
@@ -529,7 +576,11 @@ def joint_rows(out: dict, model, data, table, step_options: dict, layers, fp32_b
             **_saved(q, fp32_bytes),
         }
         cell["rank_correlation"] = search.rank_correlation
-        cell["cpu_seconds"] = {"bits_only": bits_seconds, "joint": time.process_time() - t}
+        cell["cpu_seconds"] = {
+            "bits_only": bits_seconds,
+            "joint": time.process_time() - t,
+            "joint_includes_menu": built_here,
+        }
         out["budgets"][budget] = cell
         print(
             budget,
@@ -544,13 +595,6 @@ def joint_rows(out: dict, model, data, table, step_options: dict, layers, fp32_b
             flush=True,
         )
         saved()
-
-
-class _Held:
-    """A plan for :func:`cetopt.quantize`: bits and group sizes of some layers."""
-
-    def __init__(self, bits: dict, groups: dict):
-        self.bits, self.groups = bits, groups
 
 
 def _apply(data) -> dict:
@@ -597,9 +641,16 @@ if __name__ == "__main__":
         "--steps",
         nargs="*",
         choices=list(STEPS),
-        help=f"compress rows to run (default {' '.join(DEFAULT_STEPS)})",
+        help=f"compress rows to run (default: all, {' '.join(DEFAULT_STEPS)}; the GPTQ-scored "
+        "one is the slowest)",
     )
     parser.add_argument("--no-joint", action="store_true", help="leave out the joint menu")
+    parser.add_argument(
+        "--merge-joint",
+        action="store_true",
+        help=f"measure only the joint menu (and the {JOINT_STEP} row its table comes from) and "
+        "write its section into the existing result file, keeping the other rows",
+    )
     parser.add_argument("--cache", type=Path, help="folder for the sensitivity tables (re-runs reuse them)")
     parser.add_argument("--out", help="result file (default benchmarks/results/[quick/]fcpe.json)")
     args = parser.parse_args()
@@ -610,10 +661,14 @@ if __name__ == "__main__":
         doc = {"benchmark": "fcpe", "quick": args.quick, "partial": True, **result}
         atomic_write_json(partial, doc)
 
-    out = run(
-        quick=args.quick, steps=args.steps, joint=not args.no_joint, on_row=save_partial, cache=args.cache
-    )
-    atomic_write_json(path, {"benchmark": "fcpe", "quick": args.quick, "machine": machine_info(), **out})
+    steps = [JOINT_STEP] if args.merge_joint else args.steps
+    out = run(quick=args.quick, steps=steps, joint=not args.no_joint, on_row=save_partial, cache=args.cache)
+    if args.merge_joint and "joint" in out:
+        doc = json.loads(path.read_text())
+        doc["joint"] = {**out["joint"], "machine": machine_info()}
+        atomic_write_json(path, doc)
+    else:
+        atomic_write_json(path, {"benchmark": "fcpe", "quick": args.quick, "machine": machine_info(), **out})
     print({k: v for k, v in out.items() if k in ("skipped", "targets")})
     partial.unlink(missing_ok=True)
     print(f"wrote {path}")

@@ -95,7 +95,7 @@ def compress(
         defaults to theirs: 16 per layer, 64 per channel); ``loss_fn`` also to
         :func:`check_against_uniform` with ``holdout``. ``loss_fn="kl_to_float"`` scores every
         option, and compares the plans, by the divergence of the quantized model's outputs from
-        the float model's on the same inputs (not with ``joint``).
+        the float model's on the same inputs (with ``joint`` too: every menu option and plan).
     progress : bool
         Progress bars (on stderr) for the sensitivities and the calibration.
     gptq : bool
@@ -155,10 +155,6 @@ def compress(
         )
         raise JointMenuError(
             f"joint=True chooses per layer under a byte budget alone; it does not take {why}"
-        )
-    if joint and _is_reference(loss_fn):
-        raise JointMenuError(
-            "joint=True scores its menu with a task loss; it does not take loss_fn='kl_to_float'"
         )
     if (score_gptq or holdout is not None) and (per_channel or joint):
         what = "score_gptq" if score_gptq else "holdout"
@@ -420,9 +416,3 @@ class _StepClock:
         self.wall[step], self.cpu[step] = now[0] - self._last[0], now[1] - self._last[1]
         self.wall["total"], self.cpu["total"] = now[0] - self._start[0], now[1] - self._start[1]
         self._last = now
-
-
-def _is_reference(loss_fn) -> bool:
-    from cetopt.analysis.objective import is_reference_loss, resolve_loss
-
-    return is_reference_loss(resolve_loss(loss_fn))

@@ -60,3 +60,41 @@ def test_missing_torchfcpe_is_a_reason_not_an_error(monkeypatch):
     )
     assert "not installed" in bench.import_fcpe()
     assert "not installed" in bench.run(quick=True)["skipped"]
+
+
+def test_joint_rows_run_the_joint_menu_on_every_layer_of_a_depthwise_model():
+    """The benchmark's joint section on a tiny stand-in with a depthwise conv (quantized only)."""
+    import torch
+
+    import cetopt
+    from tests.lowrank.models import tiny_depthwise
+
+    model, x = tiny_depthwise(1)
+    with torch.no_grad():
+        data = [(x[:32], model(x[:32]).argmax(1)), (x[32:], model(x[32:]).argmax(1))]
+    table = cetopt.sensitivity(model, data, (2, 3, 4, 8), "measured", progress=False)
+    layers = list(table.layers)
+    fp32 = 4.0 * float(table.params.sum())
+    out: dict = {}
+    saves = []
+
+    def score(q):
+        with torch.no_grad():
+            return {"rpa_drop_pp": float((q(x) - model(x)).pow(2).mean())}
+
+    small = {"rank_fractions": (1 / 4,), "prune_densities": (0.3,), "ls_rank_fractions": (1 / 4,)}
+    bench.joint_rows(
+        out, model, data, table, layers, fp32, score, lambda: saves.append(1),
+        budgets=("5x", "7x"), menu_options={**small, "ls_densities": (0.1,), "iterations": 3},
+        loss_fn=torch.nn.functional.cross_entropy,
+    )  # fmt: skip
+    assert out["quantized_only"] == ["depthwise", "same"] and len(saves) == 2
+    for budget in ("5x", "7x"):
+        cell = out["budgets"][budget]
+        bits, joint = cell["candidates"]["bits"], cell["candidates"]["joint"]
+        assert min(c["measured_loss"] for c in cell["candidates"].values()) <= bits["measured_loss"]
+        assert bits["bytes"] == cell["bits_only_as_compress"]["planned_bytes"]
+        assert cell["returned"]["quantized_weight_bytes"] <= fp32 / float(budget[:-1])
+        assert "rpa_drop_pp" in joint
+    assert out["budgets"]["5x"]["cpu_seconds"]["joint_includes_menu"]
+    assert not out["budgets"]["7x"]["cpu_seconds"]["joint_includes_menu"]

@@ -226,7 +226,8 @@ class MCKHull:
         # Segment k of a group goes from hull point k to k + 1; the mask keeps the real ones, and
         # the transposed views keep the segments in group order (a group's segments side by side).
         real = (np.arange(1, cost.shape[1])[:, None] < self.count[None, :]).T
-        hw = np.subtract(hw[1:], hw[:-1], out=hw[1:])
+        with np.errstate(invalid="ignore"):  # padding past a group's hull (inf - inf): masked out
+            hw = np.subtract(hw[1:], hw[:-1], out=hw[1:])
         self.d_w = hw.T[real]
         del hw
         hc = np.subtract(hc[1:], hc[:-1], out=hc[1:])

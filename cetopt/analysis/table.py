@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -239,7 +239,7 @@ class SensitivityTable:
             "method": self.method,
             "meta": self.meta,
         }
-        for name in ("stderr", "channels", "macs", "fixed_bytes"):
+        for name in _OPTIONAL:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value.tolist()
@@ -247,10 +247,23 @@ class SensitivityTable:
             out["groups"] = list(self.groups)
         return out
 
+    @classmethod
+    def from_dict(cls, data: Mapping) -> SensitivityTable:
+        """The table :meth:`to_dict` wrote (checked as any new table is)."""
+        keys = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - keys)
+        if unknown:
+            raise DataShapeError(f"a sensitivity table has no fields {unknown}; known: {sorted(keys)}")
+        arrays = {k: np.asarray(data[k]) for k in ("values", "params", *_OPTIONAL) if data.get(k) is not None}
+        return cls(**{**dict(data), **arrays})
+
     def __repr__(self) -> str:
         groups = "" if self.groups is None else f", groups={list(self.groups)}"
         head = f"SensitivityTable(method={self.method!r}, layers={self.num_layers}"
         return f"{head}, bits={list(self.bits)}{groups})"
+
+
+_OPTIONAL = ("stderr", "channels", "macs", "fixed_bytes")
 
 
 def _group_sizes(value, bits: tuple[int, ...]) -> tuple[int | None, ...] | None:

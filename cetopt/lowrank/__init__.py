@@ -30,7 +30,14 @@ from cetopt.lowrank.joint import (
     score_menu,
     split_calibration,
 )
-from cetopt.lowrank.layers import LayerData, collect, collect_each, supported_layers
+from cetopt.lowrank.layers import (
+    LayerData,
+    collect,
+    collect_each,
+    layer_errors,
+    menu_layers,
+    supported_layers,
+)
 from cetopt.lowrank.menu import (
     KINDS,
     Menu,
@@ -72,6 +79,8 @@ __all__ = [
     "fit_weight_space",
     "gptq_quant_options",
     "joint_compress",
+    "layer_errors",
+    "menu_layers",
     "option_bops",
     "option_matrix",
     "output_errors",

@@ -57,7 +57,13 @@ from cetopt.allocation import Plan, choose_options, fp32_weight_bytes, parse_bud
 from cetopt.allocation.plan import LayerValues
 from cetopt.allocation.search import relative_gap
 from cetopt.analysis._common import progress_bar
-from cetopt.analysis.objective import _batches
+from cetopt.analysis.objective import (
+    _batches,
+    is_reference_loss,
+    next_token_loss,
+    reference_batches,
+    resolve_loss,
+)
 from cetopt.analysis.replay import measure_trials
 from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import InfeasibleBudgetError, JointMenuError, SolverFailedError
@@ -879,8 +885,11 @@ def joint_compress(
         ``(bits, group)`` columns are the menu's ``quant`` options (group sizes included).
     budget : float or str
         Weight bytes, ``"10x"`` or ``"3.2bits"`` (:func:`cetopt.allocation.parse_budget`).
-    loss_fn : callable, optional
-        The loss ``table`` was measured with; default cross-entropy.
+    loss_fn : callable or str, optional
+        The loss ``table`` was measured with, as in :func:`cetopt.sensitivity`: a callable
+        ``loss_fn(outputs, targets)``, ``"next_token"`` or ``"kl_to_float"`` (every option, plan
+        and check loss is then the KL divergence from the float model's outputs on the same
+        inputs, computed once; the data's targets are not used); default cross-entropy.
     kinds : sequence of str
         Menu kinds (:data:`cetopt.lowrank.KINDS`); ``quant`` is always on.
     factor_bits : sequence of int
@@ -957,8 +966,11 @@ def joint_compress(
         budget comes without ``table.macs``.
     """
     t0 = time.perf_counter()
-    loss_fn = loss_fn or torch.nn.functional.cross_entropy
-    everything = _batches(data, None)
+    loss_fn = resolve_loss(loss_fn)
+    reference = is_reference_loss(loss_fn)
+    everything = _batches(data, None, self_targets=reference or loss_fn is next_token_loss)
+    if reference:  # every plan is compared with the float model's own outputs, computed once
+        everything = reference_batches(model, everything)
     budget_bytes = parse_budget(budget, table)
     unknown = sorted(set(singles) - set(SINGLE_KINDS))
     if unknown:

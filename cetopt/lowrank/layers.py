@@ -13,6 +13,7 @@ is fitted with σ = identity after the BatchNorm.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Iterable, Iterator, Mapping
@@ -27,12 +28,21 @@ from cetopt.errors import CalibrationShapeError, NonFiniteError, UnsupportedLaye
 from cetopt.lowrank.fit import GramFactors
 from cetopt.nn.unfold import input_rows, is_matmul_layer
 
-__all__ = ["LayerData", "collect", "collect_each", "supported_layers", "weight_matrix"]
+__all__ = [
+    "LayerData",
+    "collect",
+    "collect_each",
+    "layer_errors",
+    "menu_layers",
+    "supported_layers",
+    "weight_matrix",
+]
 
 GROUP_BYTES = 256 * 2**20  # calibration columns held at once by collect_each (float64)
 _UNFOLD_BYTES = 32 * 2**20  # one unfolded chunk of a batch, before its columns are picked
 
 _RELU = (torch.relu, F.relu, torch.nn.functional.relu)
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,98 @@ class LayerData:
 def supported_layers(model: nn.Module) -> list[str]:
     """Names of the layers that can be decomposed (Linear, ungrouped zero-padded Conv1d/Conv2d)."""
     return [name for name, m in model.named_modules() if name and is_matmul_layer(m)]
+
+
+def menu_layers(model: nn.Module) -> list[str]:
+    """Names of the layers a menu can hold: every Linear/Conv1d/Conv2d.
+
+    Convolutions must pad with zeros (as the quantized layers do). The :func:`supported_layers`
+    among them get every kind; the others (grouped or depthwise convolutions, ``"same"``
+    padding) are quantized only.
+    """
+    return [name for name, m in model.named_modules() if name and _on_menu(m)]
+
+
+def _on_menu(module: nn.Module) -> bool:
+    return isinstance(module, _LAYERS) and getattr(module, "padding_mode", "zeros") == "zeros"
+
+
+def check_menu_layers(modules: Mapping[str, nn.Module], names: list[str]) -> None:
+    """Raise :class:`UnsupportedLayerError` for a name that is not a Linear/Conv1d/Conv2d."""
+    for name in names:
+        if not _on_menu(modules.get(name, nn.Identity())):
+            kind = type(modules[name]).__name__ if name in modules else "missing"
+            mode = getattr(modules.get(name), "padding_mode", "zeros")
+            why = f" with padding_mode={mode!r}" if mode != "zeros" else ""
+            raise UnsupportedLayerError(
+                f"layer {name!r} ({kind}{why}) cannot be on a menu: only nn.Linear, and "
+                "nn.Conv1d/Conv2d padding with zeros, can (grouped convolutions with quantization "
+                "options only)",
+                name,
+            )
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the layer of :func:`layer_errors` has run."""
+
+
+def _post(z: torch.Tensor, scale, shift, activation: str, channel_dim: int) -> torch.Tensor:
+    shape = [1] * z.dim()
+    shape[channel_dim] = -1
+    z = z.double() * scale.view(shape) + shift.view(shape)
+    return z.clamp_min(0) if activation == "relu" else z
+
+
+@torch.no_grad()
+def layer_errors(
+    model: nn.Module, name: str, x: torch.Tensor, weights: list[torch.Tensor], *, chunk: int = 64
+) -> list[float]:
+    """:meth:`LayerData.relative_error` of each candidate weight, for any Linear/Conv layer.
+
+    The layer's post-activation output (its following BatchNorm and ReLU, as :func:`collect`
+    reads them) with each weight against the original one, on the layer's inputs from ``x``;
+    the network stops after the layer, ``chunk`` examples at a time. It works for the layers
+    :func:`collect` cannot unfold (grouped convolutions, other padding modes).
+
+    Parameters
+    ----------
+    model : nn.Module
+        In eval mode; not modified.
+    name : str
+        A Linear, Conv1d or Conv2d layer.
+    x : Tensor
+        Calibration examples ``(batch, *input_shape)``.
+    weights : list of Tensor
+        Candidate weights, as the ``(out, fan_in)`` matrix or in the layer's shape.
+    """
+    modules = dict(model.named_modules())
+    check_menu_layers(modules, [name])
+    module = modules[name]
+    bn, activation = _followers(model, [name])[name]
+    scale, shift = _affine(bn, module.weight.shape[0])
+    channel_dim = -1 if isinstance(module, nn.Linear) else 1
+    errors = torch.zeros(len(weights), dtype=torch.float64)
+    norm = 0.0
+
+    def hook(m, args, out):
+        nonlocal norm
+        inp = args[0]
+        ref = _post(out, scale, shift, activation, channel_dim)
+        norm += float(ref.pow(2).sum())
+        for k, w in enumerate(weights):
+            w = w.reshape(m.weight.shape).to(inp.dtype)
+            z = F.linear(inp, w, m.bias) if isinstance(m, nn.Linear) else m._conv_forward(inp, w, m.bias)
+            errors[k] += (_post(z, scale, shift, activation, channel_dim) - ref).pow(2).sum()
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        for start in range(0, len(x), chunk):
+            with contextlib.suppress(_Stop):
+                model(x[start : start + chunk])
+    finally:
+        handle.remove()
+    return (errors / max(norm, 1e-30)).tolist()
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

@@ -49,10 +49,18 @@ from cetopt.analysis._common import progress_bar
 from cetopt.graph import Quantize, rewrite
 from cetopt.lowrank.decompose import factorize_decision, fit_layer
 from cetopt.lowrank.fit import LowRankSparse, fit_svd_ranks
-from cetopt.lowrank.layers import LayerData, collect, collect_each, supported_layers
+from cetopt.lowrank.layers import (
+    LayerData,
+    check_menu_layers,
+    collect,
+    collect_each,
+    layer_errors,
+    menu_layers,
+)
 from cetopt.lowrank.suffix import output_errors
 from cetopt.nn.factorized import FactorizedConv, FactorizedLinear
 from cetopt.nn.quantized import QuantizedMixin
+from cetopt.nn.unfold import is_matmul_layer
 from cetopt.quant import quantize_weight
 
 __all__ = [
@@ -472,6 +480,20 @@ def _layer_options(data: LayerData, bits, factor_bits, grids: dict, kinds: set, 
     return options
 
 
+def _quant_only_options(model: nn.Module, name: str, x: torch.Tensor, bits, groups) -> list[MenuOption]:
+    """``dense`` and the ``quant`` options of a layer that cannot be unfolded (a grouped conv)."""
+    module = dict(model.named_modules())[name]
+    weight = module.weight.detach().reshape(module.weight.shape[0], -1).to(torch.float64)
+    m, n = weight.shape
+    approx = [_dequantized(weight, b, g) for b, g in zip(bits, groups)]
+    errors = layer_errors(model, name, x, approx)
+    options = [MenuOption(name, "dense", 0, 0, None, m * n, 4 * m * n, 0.0, approx=weight)]
+    for (b, g), w, error in zip(zip(bits, groups), approx, errors):
+        size = _quant_bytes(m * n, m, b, g)
+        options.append(MenuOption(name, "quant", 0, 0, b, m * n, size, error, approx=w, group=g))
+    return options
+
+
 @in_eval_mode("model")
 def build_menu(
     model: nn.Module,
@@ -505,7 +527,10 @@ def build_menu(
         Never modified.
     calibration : Tensor or iterable of batches
     layers : sequence of str, optional
-        Default every Linear/Conv1d/Conv2d.
+        Default every Linear/Conv1d/Conv2d (:func:`cetopt.lowrank.menu_layers`). Layers that cannot
+        be decomposed (:func:`cetopt.lowrank.supported_layers` leaves them out: grouped or
+        depthwise convolutions, non-zero padding modes) get ``dense`` and ``quant`` options only,
+        their ``error`` measured on their own output (:func:`cetopt.lowrank.layer_errors`).
     kinds : sequence of str
         Which kinds to measure (``dense`` is always on the menu).
     bits : sequence of int
@@ -538,11 +563,15 @@ def build_menu(
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ValueError(f"unknown kinds {unknown}; known: {KINDS}")
-    names = list(layers) if layers is not None else supported_layers(model)
+    names = list(layers) if layers is not None else menu_layers(model)
+    modules = dict(model.named_modules())
+    check_menu_layers(modules, names)
+    whole = [n for n in names if is_matmul_layer(modules[n])]
     groups = [None] * len(bits) if groups is None else [g or None for g in groups]
     if len(groups) != len(bits):
         raise ValueError(f"groups has {len(groups)} entries for {len(bits)} bit widths; give one per width")
     pairs = list(zip(bits, groups))
+    quant = (list(bits), groups) if "quant" in kinds else ([], [])
     if len(set(pairs)) != len(pairs):
         raise ValueError(f"the (bits, group) quant options must be distinct, got {pairs}")
     grids = {
@@ -553,13 +582,17 @@ def build_menu(
     }
     x = _calibration_inputs(calibration, max_examples)
     options: dict[str, list[MenuOption]] = {}
-    each = collect_each(model, calibration, names, max_columns=max_columns, seed=seed)
+    each = iter(collect_each(model, calibration, whole, max_columns=max_columns, seed=seed))
     layer_bar = progress_bar(len(names), "menu: layers", progress)
     with layer_bar, progress_bar(0, "menu: L + S fits", progress) as fit_bar:
-        for i, data in enumerate(each):
-            layer_bar.set_description(f"menu: layer {i + 1}/{len(names)} {data.name}")
-            menu = _layer_options(data, bits, factor_bits, grids, set(kinds), iterations, fit_bar, groups)
-            options[data.name] = _with_output_errors(model, data.name, x, menu)
+        for i, name in enumerate(names):
+            layer_bar.set_description(f"menu: layer {i + 1}/{len(names)} {name}")
+            if is_matmul_layer(modules[name]):
+                data = next(each)
+                menu = _layer_options(data, bits, factor_bits, grids, set(kinds), iterations, fit_bar, groups)
+            else:
+                menu = _quant_only_options(model, name, x, *quant)
+            options[name] = _with_output_errors(model, name, x, menu)
             layer_bar.update()
     return Menu(names, options)
 

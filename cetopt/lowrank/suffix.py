@@ -85,9 +85,8 @@ def _each(module: nn.Module, inputs: torch.Tensor, weights: Sequence[torch.Tenso
         w = w.to(x.dtype).reshape(module.weight.shape)
         if isinstance(module, nn.Linear):
             outs.append(F.linear(x, w, module.bias))
-        else:
-            conv = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
-            outs.append(conv(x, w, module.bias, module.stride, module.padding, module.dilation))
+        else:  # the module's own convolution: groups, padding modes and "same" padding included
+            outs.append(module._conv_forward(x, w, module.bias))
     return torch.cat(outs)
 
 

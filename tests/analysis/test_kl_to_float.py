@@ -12,7 +12,7 @@ import cetopt
 from cetopt.allocation.costs import option_bytes
 from cetopt.analysis.objective import kl_to_float, resolve_loss
 from cetopt.analysis.table import SensitivityTable
-from cetopt.errors import CetoptError, DataShapeError, JointMenuError
+from cetopt.errors import CetoptError, DataShapeError
 from cetopt.pipeline import check_against_uniform
 
 
@@ -114,8 +114,26 @@ def test_check_against_uniform_compares_plans_by_their_divergence():
         bias_correction=False, holdout=holdout, progress=False,
     )  # fmt: skip
     assert result.check.loss == "kl_to_float" and result.table.meta["loss"] == "kl_to_float"
-    with pytest.raises(JointMenuError, match="kl_to_float"):
-        cetopt.compress(model, data, "4x", loss_fn="kl_to_float", joint=True, progress=False)
+
+
+def test_the_joint_menu_scores_and_compares_plans_by_kl_to_float():
+    model, data, _ = _model_and_data(3)
+    options = {"holdout": 0, "refine": 1, "menu_options": {"iterations": 4, "max_examples": 64}}
+    kw = {"bits": (2, 3, 4, 8), "method": "measured", "progress": False}
+    joint = cetopt.compress(model, data, "6x", loss_fn="kl_to_float", joint=True, joint_options=options, **kw)
+    plain = cetopt.compress(model, data, "6x", loss_fn="kl_to_float", **kw)
+    search = joint.joint
+    bits = search.candidate("bits")
+    assert {n: o.bits for n, o in bits.options.items()} == dict(plain.plan.bits)
+    assert search.base_loss == pytest.approx(0.0, abs=1e-9)  # the float model against itself
+    for candidate in search.candidates:
+        assert candidate.measured_loss >= -1e-9
+    assert bits.measured_loss == pytest.approx(_kl(model, plain.model, data), rel=1e-5)
+    assert search.best.measured_loss <= bits.measured_loss
+    assert search.best.measured_loss == pytest.approx(_kl(model, joint.model, data), rel=1e-5, abs=1e-9)
+    # the options were scored in the same units: every quant option's loss is a divergence
+    menu = search.menu
+    assert all(o.loss >= -1e-9 for n in menu.layers for o in menu.options[n] if o.kind == "quant")
 
 
 def _table(values, groups=(None, 8, None, 8, None)) -> SensitivityTable:

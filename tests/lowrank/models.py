@@ -35,6 +35,33 @@ class Tiny1d(nn.Module):
         return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
 
 
+class TinyDepthwise(nn.Module):
+    """A conformer-like 1-d stack: pointwise conv, depthwise conv → BN → ReLU, a "same" conv, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.pointwise = nn.Conv1d(3, 12, 1)
+        self.depthwise = nn.Conv1d(12, 12, 5, padding=2, groups=12)
+        self.bn = nn.BatchNorm1d(12)
+        self.same = nn.Conv1d(12, 8, 3, padding="same")
+        self.fc = nn.Linear(8 * 16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.pointwise(x))
+        x = torch.relu(self.bn(self.depthwise(x)))
+        return self.fc(torch.flatten(torch.tanh(self.same(x)), 1))
+
+
+def tiny_depthwise(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """:class:`TinyDepthwise` with non-trivial BatchNorm statistics, and inputs ``(64, 3, 16)``."""
+    torch.manual_seed(seed)
+    model = TinyDepthwise()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval(), torch.randn(64, 3, 16)
+
+
 def tiny_cnn(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
     model = TinyCNN()

@@ -1,0 +1,138 @@
+"""Layers the menu cannot decompose (grouped, depthwise, "same"-padded convs) get quantization options."""
+
+import copy
+
+import pytest
+import torch
+
+import cetopt
+from cetopt.errors import UnsupportedLayerError
+from cetopt.lowrank import (
+    build_menu,
+    collect,
+    joint_compress,
+    layer_errors,
+    menu_layers,
+    output_errors,
+    stored_bytes,
+    supported_layers,
+)
+from cetopt.lowrank.menu import option_matrix
+from tests.lowrank.models import same_state, state_copy, tiny_depthwise
+
+BITS = (2, 3, 4, 8)
+SMALL_MENU = {
+    "rank_fractions": (1 / 4, 1 / 2),
+    "prune_densities": (0.3,),
+    "ls_rank_fractions": (1 / 4,),
+    "ls_densities": (0.1,),
+    "iterations": 4,
+    "max_examples": 64,
+}
+
+
+def _with_weight(model, name, weight):
+    new = copy.deepcopy(model)
+    layer = new.get_submodule(name)
+    layer.weight.data = weight.reshape(layer.weight.shape).to(layer.weight.dtype)
+    return new
+
+
+@pytest.fixture(scope="module")
+def depthwise():
+    model, x = tiny_depthwise(0)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[::7] = (y[::7] + 1) % 5
+    return model, x, [(x[:32], y[:32]), (x[32:], y[32:])]
+
+
+def test_menu_holds_every_conv_and_quantizes_the_grouped_ones(depthwise):
+    model, x, _ = depthwise
+    assert menu_layers(model) == ["pointwise", "depthwise", "same", "fc"]
+    assert supported_layers(model) == ["pointwise", "fc"]
+    before = state_copy(model)
+    menu = build_menu(model, x, bits=BITS, progress=False, **SMALL_MENU)
+    assert same_state(model, before)
+    assert menu.layers == menu_layers(model)
+    for name in ("depthwise", "same"):
+        kinds = [o.kind for o in menu.options[name]]
+        assert kinds == ["dense"] + ["quant"] * len(BITS)
+        errors = [o.error for o in menu.options[name][1:]]
+        assert errors == sorted(errors, reverse=True) and errors[0] > 0  # 2 bits worst
+    assert {o.kind for o in menu.options["pointwise"]} > {"dense", "quant", "svd"}
+    plan = menu.choose(0.3 * menu.dense_bytes, resource="bytes")
+    compressed = menu.apply(model, plan)
+    assert stored_bytes(compressed, menu.layers) == plan.bytes
+
+
+def test_layer_errors_match_the_unfolded_layer_and_a_plain_forward(depthwise):
+    model, x, _ = depthwise
+    data = collect(model, x, ["pointwise"], max_columns=10**9)["pointwise"]
+    candidate = data.weight + 0.05 * torch.randn_like(data.weight)
+    (got,) = layer_errors(model, "pointwise", x, [candidate])
+    assert got == pytest.approx(data.relative_error(candidate), rel=1e-5)
+    # the depthwise conv, checked against its own module run through BatchNorm and ReLU
+    layer = model.depthwise
+    weight = layer.weight.detach().reshape(12, -1)
+    candidate = weight + 0.1 * torch.randn_like(weight)
+    seen = {}
+    handle = layer.register_forward_hook(lambda m, args, out: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    changed = _with_weight(model, "depthwise", candidate).depthwise
+    with torch.no_grad():
+        ref = torch.relu(model.bn(layer(seen["x"]))).double()
+        new = torch.relu(model.bn(changed(seen["x"]))).double()
+    want = float((new - ref).pow(2).sum() / ref.pow(2).sum())
+    (got,) = layer_errors(model, "depthwise", x, [candidate], chunk=10)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["depthwise", "same"])
+def test_output_errors_on_convs_that_do_not_unfold(depthwise, name):
+    model, x, _ = depthwise
+    weight = model.get_submodule(name).weight.detach().reshape(model.get_submodule(name).weight.shape[0], -1)
+    candidates = [weight * 0.9, weight + 0.05 * torch.randn_like(weight)]
+    got = output_errors(model, name, x, candidates)
+    with torch.no_grad():
+        ref = model(x).double()
+        want = [
+            float((_with_weight(model, name, w)(x).double() - ref).pow(2).sum() / ref.pow(2).sum())
+            for w in candidates
+        ]
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_a_layer_that_is_no_linear_or_conv_is_refused(depthwise):
+    model, x, _ = depthwise
+    with pytest.raises(UnsupportedLayerError, match="'bn'"):
+        build_menu(model, x, layers=["depthwise", "bn"], progress=False)
+    other = copy.deepcopy(model)
+    other.same.padding_mode = "replicate"  # the quantized convolutions pad with zeros only
+    assert "same" not in menu_layers(other)
+    with pytest.raises(UnsupportedLayerError, match="replicate"):
+        build_menu(other, x, layers=["same"], progress=False)
+
+
+def test_joint_menu_on_a_depthwise_model_is_never_above_bits_only(depthwise):
+    model, _, data = depthwise
+    table = cetopt.sensitivity(model, data, BITS, "measured", progress=False)
+    assert list(table.layers) == menu_layers(model)
+    budget = 4 * float(table.params.sum()) / 6
+    new, plan, res = joint_compress(
+        model, data, table, budget, progress=False, menu_options=SMALL_MENU, refine=1, holdout=0
+    )
+    bits = res.candidate("bits")
+    assert res.best.measured_loss <= bits.measured_loss
+    plain = cetopt.compress(model, data, budget, method="measured", bits=BITS, progress=False)
+    assert {n: o.bits for n, o in bits.options.items()} == dict(plain.plan.bits)
+    for name in ("depthwise", "same"):
+        assert plan.layer_bytes[name] == res.best.options[name].bytes
+        assert res.best.options[name].kind in ("dense", "quant")
+    assert stored_bytes(new, table.layers) == plan.bytes <= budget
+    weight = model.depthwise.weight.detach().reshape(12, -1)
+    chosen = res.best.options["depthwise"]
+    if chosen.kind == "quant":  # the menu measured the weight GPTQ rounds, the one written back
+        assert option_matrix(chosen, weight).shape == weight.shape
