@@ -664,7 +664,7 @@ if __name__ == "__main__":
     steps = [JOINT_STEP] if args.merge_joint else args.steps
     out = run(quick=args.quick, steps=steps, joint=not args.no_joint, on_row=save_partial, cache=args.cache)
     if args.merge_joint and "joint" in out:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text()) if path.exists() else {"benchmark": "fcpe", "quick": args.quick}
         doc["joint"] = {**out["joint"], "machine": machine_info()}
         atomic_write_json(path, doc)
     else:

@@ -134,20 +134,12 @@ def _store_table(path, sizes: dict, table, seconds: float) -> None:
     Path(path).write_text(json.dumps({"sizes": sizes, "cpu_seconds": seconds, "table": t}))
 
 
-def run(quick: bool = False, checkpoint=None, table_cache=None) -> dict:
-    """The measurements; ``checkpoint(partial_result)`` is called after each stage if given;
-    ``table_cache``: a JSON file that keeps the sensitivity table between runs (same sizes)."""
-    import cetopt
-    from cetopt.pipeline import check_against_uniform
+def _setup(sizes: dict):
+    """The zoo GPT and its disjoint windows: (model, calibration, scoring, holdout, test, layers)."""
     from cetopt.zoo import load_dataset, load_model
-    from cetopt.zoo.training import task_loss
 
-    sizes = {**(QUICK if quick else FULL), "loss": LOSS}
-    torch.set_num_threads(1)
-    t0 = time.process_time()
     model = load_model("stdlib-gpt", progress=False)
     data = load_dataset("stdlib-bytes")
-    train_info = dict(model.zoo_info)
     xv, yv = data.split("val")
     b = sizes["batch"]
     n_cal, n_score, n_hold = sizes["calibration"], sizes["scoring"], sizes["holdout"]
@@ -158,6 +150,148 @@ def run(quick: bool = False, checkpoint=None, table_cache=None) -> dict:
     if sizes["test"]:
         test = (test[0][: sizes["test"]], test[1][: sizes["test"]])
     layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return model, calib, scoring, holdout, test, layers
+
+
+def _table(model, calib, scoring, layers, sizes: dict, table_cache):
+    """One table for both widths: every (bits, group) option of every layer, each scored on the
+    weights GPTQ rounds it to (the layer alone, on the calibration windows). Returns the table,
+    its CPU seconds and whether it came from ``table_cache``."""
+    import cetopt
+
+    t = time.process_time()
+    cached = _cached_table(table_cache, sizes)
+    table = cached or cetopt.sensitivity(
+        model,
+        scoring,
+        bits=BITS,
+        method="measured",
+        group_sizes=GROUPS,
+        loss_fn=LOSS,
+        layers=layers,
+        gptq=calib,
+        progress=False,
+    )
+    seconds = table.meta["cpu_seconds"] if cached else time.process_time() - t
+    if table_cache and not cached:
+        _store_table(table_cache, sizes, table, seconds)
+    return table, seconds, cached is not None
+
+
+def _mean_kl(model, quantized, batches) -> float:
+    """Mean next-byte KL divergence of ``quantized`` from ``model`` over ``batches`` (windows)."""
+    from cetopt.analysis.objective import kl_to_float
+
+    total = sum(len(x) for x, _ in batches)
+    with torch.no_grad():
+        return sum(float(kl_to_float(quantized(x), model(x))) * len(x) / total for x, _ in batches)
+
+
+def _checked(model, quantized, test, holdout, fp32_ppl: float, fp32_bytes: float) -> dict:
+    row = _row(quantized, test, fp32_ppl, 0.0, fp32_bytes)
+    return {**row, "holdout_kl": _mean_kl(model, quantized, holdout)}
+
+
+#: The joint menu's grids on the GPT (:func:`cetopt.lowrank.build_menu`): fewer ranks and
+#: densities than the defaults (the menu is scored on 192 windows).
+JOINT_MENU = {
+    "rank_fractions": (1 / 16, 1 / 8, 1 / 4),
+    "prune_densities": (0.1, 0.3, 0.5),
+    "ls_rank_fractions": (1 / 16, 1 / 8),
+    "ls_densities": (0.03, 0.1),
+    "iterations": 10,
+}
+
+
+def run_joint(
+    quick: bool = False, table_cache=None, refine: int = 1, checkpoint=None, progress: bool = False
+) -> dict:
+    """The joint menu (issue 20) on the GPT at each width's ``gptq_g128`` bytes, with
+    ``loss_fn="kl_to_float"``: every candidate plan's test perplexity and its KL divergence from
+    the float model on the held-out windows (read only here, not by the selection).
+
+    The menu is built, GPTQ-rounded and scored on the calibration and scoring windows together
+    (``holdout=0``: the plans are compared on that data's divergence), once, and shared by the
+    two widths; the bits-only candidate is :func:`cetopt.allocate` on the table of :func:`run`.
+    """
+    import cetopt
+    from cetopt.lowrank import joint_compress
+
+    sizes = {**(QUICK if quick else FULL), "loss": LOSS}
+    torch.set_num_threads(1)
+    t0 = time.process_time()
+    model, calib, scoring, holdout, test, layers = _setup(sizes)
+    fp32_bytes = 4.0 * sum(dict(model.named_modules())[n].weight.numel() for n in layers)
+    fp32_ppl = _perplexity(model, *test)
+    table, seconds, cached = _table(model, calib, scoring, layers, sizes, table_cache)
+    data = calib + scoring
+    out: dict = {
+        "loss": LOSS,
+        "menu_data_windows": sum(len(x) for x, _ in data),
+        "holdout": 0,
+        "refine": refine,
+        "menu_options": {k: list(v) if isinstance(v, tuple) else v for k, v in JOINT_MENU.items()},
+        "table_cpu_seconds": seconds,
+        "from_table_cache": cached,
+        "fp32_perplexity": fp32_ppl,
+        "widths": {},
+    }
+    menu = None
+    for width in WIDTHS:
+        uniform = cetopt.quantize(
+            model, {n: width for n in layers}, group_size=128, gptq=calib, sequential=True
+        )
+        budget = _saved(uniform)["quantized_weight_bytes"]
+        t = time.process_time()
+        q, _, search = joint_compress(
+            model, data, table, budget, loss_fn=LOSS, holdout=0, refine=refine, keep_models=True,
+            menu=menu, menu_options=JOINT_MENU, progress=progress,
+        )  # fmt: skip
+        built_here, menu = menu is None, search.menu
+        cell = {
+            "budget_bytes": budget,
+            "gptq_g128": _checked(model, uniform, test, holdout, fp32_ppl, fp32_bytes),
+            "candidates": {},
+            "infeasible": dict(search.infeasible),
+            "chosen": search.chosen,
+            "fell_back_to_bits": search.fell_back,
+            "rank_correlation": search.rank_correlation,
+        }
+        for c in search.candidates:
+            kinds: dict[str, int] = {}
+            for o in c.options.values():
+                kinds[o.kind] = kinds.get(o.kind, 0) + 1
+            cell["candidates"][c.name] = {
+                "bytes": c.bytes,
+                "predicted_loss": c.predicted_loss,
+                "measured_loss": c.measured_loss,
+                "kinds": kinds,
+                "perplexity": _perplexity(c.model, *test),
+                "holdout_kl": _mean_kl(model, c.model, holdout),
+            }
+        cell["returned"] = _checked(model, q, test, holdout, fp32_ppl, fp32_bytes)
+        cell["cpu_seconds"] = {"joint": time.process_time() - t, "joint_includes_menu": built_here}
+        out["widths"][str(width)] = cell
+        print(width, {k: round(v["perplexity"], 4) for k, v in cell["candidates"].items()}, flush=True)
+        if checkpoint:
+            checkpoint(out)
+    out["total_cpu_seconds"] = time.process_time() - t0
+    return out
+
+
+def run(quick: bool = False, checkpoint=None, table_cache=None) -> dict:
+    """The measurements; ``checkpoint(partial_result)`` is called after each stage if given;
+    ``table_cache``: a JSON file that keeps the sensitivity table between runs (same sizes)."""
+    import cetopt
+    from cetopt.pipeline import check_against_uniform
+    from cetopt.zoo.training import task_loss
+
+    sizes = {**(QUICK if quick else FULL), "loss": LOSS}
+    torch.set_num_threads(1)
+    t0 = time.process_time()
+    model, calib, scoring, holdout, test, layers = _setup(sizes)
+    train_info = dict(model.zoo_info)
+    n_cal, n_score, n_hold = sizes["calibration"], sizes["scoring"], sizes["holdout"]
     fp32_bytes = 4.0 * sum(dict(model.named_modules())[n].weight.numel() for n in layers)
     fp32_ppl = _perplexity(model, *test)
     result = {
@@ -178,24 +312,7 @@ def run(quick: bool = False, checkpoint=None, table_cache=None) -> dict:
         "load_and_fp32_eval_cpu_seconds": time.process_time() - t0,
         "widths": {},
     }
-    # one table for both widths: every (bits, group) option of every layer, each scored on the
-    # weights GPTQ rounds it to (the layer alone, on the calibration windows)
-    t = time.process_time()
-    cached = _cached_table(table_cache, sizes)
-    table = cached or cetopt.sensitivity(
-        model,
-        scoring,
-        bits=BITS,
-        method="measured",
-        group_sizes=GROUPS,
-        loss_fn=LOSS,
-        layers=layers,
-        gptq=calib,
-        progress=False,
-    )
-    seconds = table.meta["cpu_seconds"] if cached else time.process_time() - t
-    if table_cache and not cached:
-        _store_table(table_cache, sizes, table, seconds)
+    table, seconds, cached = _table(model, calib, scoring, layers, sizes, table_cache)
     result["sensitivity"] = {
         "method": table.method,
         "loss": LOSS,
@@ -330,6 +447,11 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--joint",
+        action="store_true",
+        help="measure only the joint menu (issue 20) and write its section into the result file",
+    )
     parser.add_argument("--table-cache", help="JSON file keeping the sensitivity table between runs")
     args = parser.parse_args()
     path = RESULTS / ("quick/llm_quant.json" if args.quick else "llm_quant.json")
@@ -338,6 +460,16 @@ if __name__ == "__main__":
         head = {"benchmark": "llm_quant", "quick": args.quick, "partial": partial, "machine": machine_info()}
         atomic_write_json(path, {**head, **result})
 
-    out = run(quick=args.quick, checkpoint=write, table_cache=args.table_cache)
-    write(out, partial=False)
+    if args.joint:  # the joint section only, written into the existing result file
+        import json
+
+        def merge(section: dict) -> None:
+            doc = json.loads(path.read_text()) if path.exists() else {"benchmark": "llm_quant"}
+            doc["joint"] = {**section, "machine": machine_info()}
+            atomic_write_json(path, doc)
+
+        merge(run_joint(quick=args.quick, table_cache=args.table_cache, checkpoint=merge, progress=True))
+    else:
+        out = run(quick=args.quick, checkpoint=write, table_cache=args.table_cache)
+        write(out, partial=False)
     print(f"wrote {path}")

@@ -385,6 +385,15 @@ def prefer_candidate(
     }
 
 
+def _scoring(model: nn.Module, data, loss_fn) -> tuple[list, Callable]:
+    """The batches and loss callable for scoring on ``model`` (a float model): a reference loss
+    (``"kl_to_float"``) gets ``model``'s own logits as the targets."""
+    loss_fn = resolve_loss(loss_fn)
+    reference = is_reference_loss(loss_fn)
+    batches = _batches(data, None, self_targets=reference or loss_fn is next_token_loss)
+    return (reference_batches(model, batches) if reference else batches), loss_fn
+
+
 def _trial_weight(option: MenuOption, weight: torch.Tensor) -> torch.Tensor:
     """The layer weight (its own shape and dtype) that ``option`` stands for."""
     return (
@@ -427,12 +436,12 @@ def score_menu(
     table : SensitivityTable, optional
         If given, ``quant`` options take its values (the bits it has), so a bits-only plan from the
         menu is the plan :func:`cetopt.allocate` gives on it; options it lacks are measured.
-    loss_fn : callable, optional
-        ``loss_fn(outputs, targets)``; default cross-entropy.
+    loss_fn : callable or str, optional
+        ``loss_fn(outputs, targets)``, ``"next_token"`` or ``"kl_to_float"`` (against ``model``'s
+        own outputs), as in :func:`cetopt.sensitivity`; default cross-entropy.
     progress : bool
     """
-    batches = _batches(data, None)
-    loss_fn = loss_fn or torch.nn.functional.cross_entropy
+    batches, loss_fn = _scoring(model, data, loss_fn)
     rows = {} if table is None else {n: i for i, n in enumerate(table.layers)}
     cols = {} if table is None else _columns(table)
 
@@ -519,8 +528,7 @@ def rescore_sequential(
     dict
         Layer name → array of loss increases, one per option of ``menu.options[name]``.
     """
-    batches = _batches(data, None)
-    loss_fn = loss_fn or torch.nn.functional.cross_entropy
+    batches, loss_fn = _scoring(model, data, loss_fn)
     work = copy.deepcopy(model).eval()
     modules = dict(work.named_modules())
     originals = {n: modules[n].weight.detach().clone() for n in menu.layers}
@@ -966,11 +974,8 @@ def joint_compress(
         budget comes without ``table.macs``.
     """
     t0 = time.perf_counter()
-    loss_fn = resolve_loss(loss_fn)
-    reference = is_reference_loss(loss_fn)
-    everything = _batches(data, None, self_targets=reference or loss_fn is next_token_loss)
-    if reference:  # every plan is compared with the float model's own outputs, computed once
-        everything = reference_batches(model, everything)
+    # with a reference loss every plan is compared with the float model's outputs, computed once
+    everything, loss_fn = _scoring(model, data, loss_fn)
     budget_bytes = parse_budget(budget, table)
     unknown = sorted(set(singles) - set(SINGLE_KINDS))
     if unknown:

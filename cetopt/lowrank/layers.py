@@ -218,17 +218,22 @@ def _batches(calibration) -> Iterable[torch.Tensor]:
 
 
 def _check_batch(x, index: int) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+    if not isinstance(x, torch.Tensor) or not (x.is_floating_point() or _is_integer(x)):
         raise CalibrationShapeError(
-            f"calibration batch {index} must be a floating-point tensor, got "
+            f"calibration batch {index} must be a floating-point (or token id) tensor, got "
             f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}"
         )
     if x.dim() < 2 or x.shape[0] == 0:
         raise CalibrationShapeError(
             f"calibration batch {index} has shape {tuple(x.shape)}; expected (batch, *input_shape)"
         )
-    if not torch.isfinite(x).all():
+    if x.is_floating_point() and not torch.isfinite(x).all():
         raise NonFiniteError(f"calibration batch {index} holds NaN or infinity")
+
+
+def _is_integer(x: torch.Tensor) -> bool:
+    """Token ids (a language model's inputs): any integer dtype but bool."""
+    return not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
 
 
 def _follower(graph: fx.Graph, modules: Mapping[str, nn.Module], name: str):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -134,6 +136,15 @@ def test_the_joint_menu_scores_and_compares_plans_by_kl_to_float():
     # the options were scored in the same units: every quant option's loss is a divergence
     menu = search.menu
     assert all(o.loss >= -1e-9 for n in menu.layers for o in menu.options[n] if o.kind == "quant")
+    # score_menu takes the name too, with the float model's own outputs as the targets
+    from cetopt.lowrank import score_menu
+    from cetopt.lowrank.menu import option_matrix
+
+    rescored = score_menu(model, menu, data, loss_fn="kl_to_float")
+    option = next(o for o in rescored.options["2"] if o.kind == "svd")
+    changed = copy.deepcopy(model)
+    changed[2].weight.data = option_matrix(option, model[2].weight.detach()).float()
+    assert option.loss == pytest.approx(_kl(model, changed, data), rel=1e-4)
 
 
 def _table(values, groups=(None, 8, None, 8, None)) -> SensitivityTable:

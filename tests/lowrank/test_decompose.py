@@ -81,6 +81,9 @@ def test_wrong_calibration_data_raises_a_named_error():
     with pytest.raises(CalibrationShapeError, match=r"\(64, 3, 8, 8\)"):
         decompose(model, torch.randn(64, 3, 8, 8), rank=1)
     with pytest.raises(CalibrationShapeError, match="floating-point"):
+        decompose(model, torch.ones(4, 2, 8, 8, dtype=torch.bool), rank=1)
+    # token ids pass the check (a language model's inputs), but this CNN cannot run on them
+    with pytest.raises(CalibrationShapeError, match="does not fit the model"):
         decompose(model, torch.ones(4, 2, 8, 8, dtype=torch.int64), rank=1)
     with pytest.raises(CalibrationShapeError, match="shape"):
         decompose(model, torch.randn(128), rank=1)
