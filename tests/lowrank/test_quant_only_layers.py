@@ -136,3 +136,36 @@ def test_joint_menu_on_a_depthwise_model_is_never_above_bits_only(depthwise):
     chosen = res.best.options["depthwise"]
     if chosen.kind == "quant":  # the menu measured the weight GPTQ rounds, the one written back
         assert option_matrix(chosen, weight).shape == weight.shape
+
+
+class _TinyLM(torch.nn.Module):
+    """Token ids in, next-token logits out (an embedding kept float, two Linear layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 12)
+        self.hidden = torch.nn.Linear(12, 24)
+        self.head = torch.nn.Linear(24, 16)
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.hidden(self.embed(tokens))))
+
+
+def test_token_id_inputs_reach_the_menu_and_the_joint_search():
+    torch.manual_seed(0)
+    model = _TinyLM().eval()
+    tokens = torch.randint(0, 16, (48, 10))
+    data = [(tokens[:24], tokens[:24]), (tokens[24:], tokens[24:])]
+    layers = ["hidden", "head"]
+    menu = build_menu(model, tokens, layers=layers, bits=BITS, progress=False, **SMALL_MENU)
+    assert {o.kind for o in menu.options["hidden"]} >= {"quant", "svd", "admm"}
+    table = cetopt.sensitivity(
+        model, data, BITS, "measured", loss_fn="kl_to_float", layers=layers, progress=False
+    )
+    _, _, res = joint_compress(
+        model, data, table, "5x", loss_fn="kl_to_float", holdout=0, refine=0, progress=False,
+        menu_options=SMALL_MENU,
+    )  # fmt: skip
+    assert res.best.measured_loss <= res.candidate("bits").measured_loss
+    with pytest.raises(UnsupportedLayerError, match="'embed'"):  # an embedding is not on a menu
+        build_menu(model, tokens, layers=["embed", "head"], progress=False)
