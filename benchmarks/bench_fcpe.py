@@ -452,6 +452,7 @@ def run(
             fp32_bytes,
             score,
             lambda: on_row(result) if on_row is not None else None,
+            progress=True,
         )
     result["total_cpu_seconds"] = time.process_time() - t0
     return result
@@ -504,6 +505,7 @@ def joint_rows(
     menu_options=None,
     refine: int = 1,
     loss_fn=None,
+    progress: bool = False,
 ) -> None:
     """The joint menu (issue 20) at ``budgets`` via :func:`cetopt.lowrank.joint_compress` on every
     quantizable layer: ``score(model)`` (a dict with ``rpa_drop_pp``) of bits only as
@@ -516,6 +518,7 @@ def joint_rows(
     (a check split would need the sensitivity table measured again on the fit split).
     """
     import cetopt
+    from cetopt.errors import InfeasibleBudgetError
     from cetopt.lowrank import joint_compress, supported_layers
 
     loss_fn = bce if loss_fn is None else loss_fn
@@ -532,30 +535,38 @@ def joint_rows(
     menu = None
     for budget in budgets:
         t = time.process_time()
-        plan = cetopt.allocate(table, budget)
-        bits_only = cetopt.quantize(model, plan, **_apply(data))
-        cell: dict = {
-            "bits_only_as_compress": {
+        cell: dict = {}
+        try:
+            plan = cetopt.allocate(table, budget)
+        except InfeasibleBudgetError as exc:  # below 2 bits everywhere (scales included)
+            cell["bits_only_as_compress"] = {"infeasible": str(exc)}
+        else:
+            bits_only = cetopt.quantize(model, plan, **_apply(data))
+            cell["bits_only_as_compress"] = {
                 **score(bits_only),
                 **_plan_record(plan, layers),
                 **_saved(bits_only, fp32_bytes),
             }
-        }
         bits_seconds = time.process_time() - t
         t = time.process_time()
-        q, _, search = joint_compress(
-            model,
-            data,
-            table,
-            budget,
-            loss_fn=loss_fn,
-            progress=False,
-            keep_models=True,
-            holdout=0,
-            refine=refine,
-            menu=menu,
-            menu_options=menu_options,
-        )
+        try:
+            q, _, search = joint_compress(
+                model,
+                data,
+                table,
+                budget,
+                loss_fn=loss_fn,
+                progress=progress,
+                keep_models=True,
+                holdout=0,
+                refine=refine,
+                menu=menu,
+                menu_options=menu_options,
+            )
+        except InfeasibleBudgetError as exc:  # below the smallest plan of the whole menu
+            out["budgets"][budget] = {**cell, "joint_infeasible": str(exc)}
+            saved()
+            continue
         built_here, menu = menu is None, search.menu
         cell["candidates"] = {}
         for c in search.candidates:
@@ -587,7 +598,7 @@ def joint_rows(
             {
                 k: v.get("rpa_drop_pp")
                 for k, v in [
-                    ("bits", cell["bits_only_as_compress"]),
+                    ("bits_only_as_compress", cell["bits_only_as_compress"]),
                     ("returned", cell["returned"]),
                     *cell["candidates"].items(),
                 ]

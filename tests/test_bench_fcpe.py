@@ -85,10 +85,15 @@ def test_joint_rows_run_the_joint_menu_on_every_layer_of_a_depthwise_model():
     small = {"rank_fractions": (1 / 4,), "prune_densities": (0.3,), "ls_rank_fractions": (1 / 4,)}
     bench.joint_rows(
         out, model, data, table, layers, fp32, score, lambda: saves.append(1),
-        budgets=("5x", "7x"), menu_options={**small, "ls_densities": (0.1,), "iterations": 3},
+        budgets=("5x", "7x", "10x", "1000x"), menu_options={**small, "ls_densities": (0.1,), "iterations": 3},
         loss_fn=torch.nn.functional.cross_entropy,
     )  # fmt: skip
-    assert out["quantized_only"] == ["depthwise", "same"] and len(saves) == 2
+    assert out["quantized_only"] == ["depthwise", "same"] and len(saves) == 4
+    # at 10x bits only is infeasible (2-bit codes and their scales exceed it); the menu is not
+    tenfold = out["budgets"]["10x"]
+    assert "infeasible" in tenfold["bits_only_as_compress"] and "bits" in tenfold["infeasible"]
+    assert tenfold["returned"]["quantized_weight_bytes"] <= fp32 / 10
+    assert "joint_infeasible" in out["budgets"]["1000x"]
     for budget in ("5x", "7x"):
         cell = out["budgets"][budget]
         bits, joint = cell["candidates"]["bits"], cell["candidates"]["joint"]
