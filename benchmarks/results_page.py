@@ -447,7 +447,9 @@ RENDERERS: dict[str, Callable[[str, Any], list[str]]] = {
     ),
     "llm_quant": Known(
         "LLM quantization",
-        "Weight quantization of language models.",
+        "Weight quantization of the zoo's stdlib GPT: perplexity of uniform RTN / GPTQ g128 "
+        "against the ILP over (bits, group) options at equal bytes, and the joint menu "
+        "(section `joint`) at the same bytes, scored by the divergence from the float model.",
         None,
     ),
     "fcpe": Known(

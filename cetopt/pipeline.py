@@ -159,6 +159,11 @@ def compress(
     if (score_gptq or holdout is not None) and (per_channel or joint):
         what = "score_gptq" if score_gptq else "holdout"
         raise CetoptError(f"{what} works with per-layer bit plans only (not per_channel or joint)")
+    if joint:  # before measuring anything: every table row needs a menu
+        from cetopt.analysis import quantizable_layers
+        from cetopt.lowrank.joint import check_joint_layers
+
+        check_joint_layers(model, quantizable_layers(model))
     estimate = channel_sensitivity if per_channel else sensitivity
     options = {} if probes is None else {"probes": probes}
     if score_gptq:

@@ -69,6 +69,7 @@ from cetopt.analysis.table import SensitivityTable
 from cetopt.errors import InfeasibleBudgetError, JointMenuError, SolverFailedError
 from cetopt.graph import rewrite
 from cetopt.lowrank.decompose import factorize_decision
+from cetopt.lowrank.layers import menu_layers
 from cetopt.lowrank.menu import KINDS, Menu, MenuOption, build_menu, option_matrix
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "JointResult",
     "activation_options",
     "apply_options",
+    "check_joint_layers",
     "gptq_quant_options",
     "joint_compress",
     "option_bops",
@@ -421,7 +423,7 @@ def score_menu(
     data,
     table: SensitivityTable | None = None,
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str | None = None,
     progress: bool = False,
 ) -> Menu:
     """A copy of ``menu`` with every option's ``loss`` filled in (loss units).
@@ -512,7 +514,7 @@ def rescore_sequential(
     chosen: Mapping[str, MenuOption],
     data,
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str | None = None,
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
     """Every option's loss increase with the layers before it carrying ``chosen``: the interaction.
@@ -661,7 +663,7 @@ def activation_options(
     data,
     activation_bits: Sequence[int] = (8,),
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str | None = None,
     method: str = "minmax",
 ) -> Menu:
     """A copy of a scored ``menu`` in which every per-channel ``quant`` option of at most 8 bits
@@ -687,9 +689,10 @@ def activation_options(
         raise JointMenuError("activation_options needs a scored menu (score_menu first)")
     if any(o.act_bits for n in menu.layers for o in menu.options[n]):
         return Menu(list(menu.layers), {n: list(menu.options[n]) for n in menu.layers})
+    batches, loss_fn = _scoring(model, data, loss_fn)  # a reference loss: the float model's outputs
     eight = quantize(model, {n: 8 for n in menu.layers})
     values = activation_sensitivity(
-        eight, _batches(data, None), widths, layers=menu.layers, method=method, loss_fn=loss_fn
+        eight, batches, widths, layers=menu.layers, method=method, loss_fn=loss_fn
     )
     options = {}
     for i, name in enumerate(menu.layers):
@@ -845,6 +848,27 @@ def _fit_table(model: nn.Module, fit, table: SensitivityTable, loss_fn, seed: in
     )
 
 
+def check_joint_layers(model: nn.Module, layers: Sequence[str]) -> None:
+    """Raise :class:`JointMenuError` naming the ``layers`` a joint menu cannot hold.
+
+    The menu holds Linear/Conv1d/Conv2d layers (:func:`cetopt.lowrank.menu_layers`); an
+    embedding, say, is quantized by bit allocation but has no menu.
+    """
+    on_menu = set(menu_layers(model))
+    off_menu = [n for n in layers if n not in on_menu]
+    if not off_menu:
+        return
+    modules = dict(model.named_modules())
+    kinds = sorted({type(modules[n]).__name__ if n in modules else "missing" for n in off_menu})
+    raise JointMenuError(
+        f"the joint menu holds Linear/Conv1d/Conv2d layers only; the sensitivity table also has "
+        f"{off_menu[:4]}{'...' if len(off_menu) > 4 else ''} ({', '.join(kinds)}). Call "
+        "cetopt.lowrank.joint_compress(model, data, table.subset(on_menu), budget, ...) with "
+        "on_menu = [n for n in table.layers if n in cetopt.lowrank.menu_layers(model)] to "
+        "choose for those and keep the others float, or use joint=False"
+    )
+
+
 @in_eval_mode("model")
 def joint_compress(
     model: nn.Module,
@@ -852,7 +876,7 @@ def joint_compress(
     table: SensitivityTable,
     budget: float | str,
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str | None = None,
     kinds: Sequence[str] = KINDS,
     factor_bits: Sequence[int] = (4, 8),
     refine: int = 2,
@@ -977,6 +1001,8 @@ def joint_compress(
     # with a reference loss every plan is compared with the float model's outputs, computed once
     everything, loss_fn = _scoring(model, data, loss_fn)
     budget_bytes = parse_budget(budget, table)
+    if menu is None:
+        check_joint_layers(model, table.layers)
     unknown = sorted(set(singles) - set(SINGLE_KINDS))
     if unknown:
         raise JointMenuError(f"unknown single kinds {unknown}; known: {sorted(SINGLE_KINDS)}")

@@ -156,7 +156,7 @@ def layer_errors(
     The layer's post-activation output (its following BatchNorm and ReLU, as :func:`collect`
     reads them) with each weight against the original one, on the layer's inputs from ``x``;
     the network stops after the layer, ``chunk`` examples at a time. It works for the layers
-    :func:`collect` cannot unfold (grouped convolutions, other padding modes).
+    :func:`collect` cannot unfold (grouped convolutions, ``padding="same"``).
 
     Parameters
     ----------
@@ -171,6 +171,8 @@ def layer_errors(
     """
     modules = dict(model.named_modules())
     check_menu_layers(modules, [name])
+    if not weights:
+        return []
     module = modules[name]
     bn, activation = _followers(model, [name])[name]
     scale, shift = _affine(bn, module.weight.shape[0])
@@ -438,7 +440,8 @@ def collect(
     Raises
     ------
     CalibrationShapeError
-        A batch is not a float tensor of shape ``(batch, *input_shape)`` that the model accepts.
+        A batch is not a float (or token id) tensor of shape ``(batch, *input_shape)`` that
+        the model accepts.
     UnsupportedLayerError
         A name is not a supported layer.
     """

@@ -529,7 +529,7 @@ def build_menu(
     layers : sequence of str, optional
         Default every Linear/Conv1d/Conv2d (:func:`cetopt.lowrank.menu_layers`). Layers that cannot
         be decomposed (:func:`cetopt.lowrank.supported_layers` leaves them out: grouped or
-        depthwise convolutions, non-zero padding modes) get ``dense`` and ``quant`` options only,
+        depthwise convolutions, ``padding="same"``) get ``dense`` and ``quant`` options only,
         their ``error`` measured on their own output (:func:`cetopt.lowrank.layer_errors`).
     kinds : sequence of str
         Which kinds to measure (``dense`` is always on the menu).
@@ -551,7 +551,8 @@ def build_menu(
     max_columns, iterations, seed
         As in :func:`cetopt.lowrank.decompose` (``iterations``: the most ADMM iterations).
     max_examples : int
-        Calibration examples on which the output errors are measured.
+        Calibration examples on which the output errors (and the errors of the layers that
+        get ``quant`` options only) are measured.
     progress : bool
         Show progress bars on stderr (layers, and the (rank, sparsity) fits of the current layer).
 

@@ -1,12 +1,13 @@
 """Layers the menu cannot decompose (grouped, depthwise, "same"-padded convs) get quantization options."""
 
 import copy
+import math
 
 import pytest
 import torch
 
 import cetopt
-from cetopt.errors import UnsupportedLayerError
+from cetopt.errors import JointMenuError, UnsupportedLayerError
 from cetopt.lowrank import (
     build_menu,
     collect,
@@ -125,17 +126,30 @@ def test_joint_menu_on_a_depthwise_model_is_never_above_bits_only(depthwise):
         model, data, table, budget, progress=False, menu_options=SMALL_MENU, refine=1, holdout=0
     )
     bits = res.candidate("bits")
-    assert res.best.measured_loss <= bits.measured_loss
     plain = cetopt.compress(model, data, budget, method="measured", bits=BITS, progress=False)
     assert {n: o.bits for n, o in bits.options.items()} == dict(plain.plan.bits)
+    assert bits.measured_loss == pytest.approx(_loss(plain.model, data) - _loss(model, data), abs=1e-7)
+    assert _loss(new, data) - _loss(model, data) == pytest.approx(res.best.measured_loss, abs=1e-7)
     for name in ("depthwise", "same"):
         assert plan.layer_bytes[name] == res.best.options[name].bytes
         assert res.best.options[name].kind in ("dense", "quant")
+        scored = {o.bits: o.loss for o in res.menu.options[name] if o.kind == "quant"}
+        assert all(map(math.isfinite, scored.values())) and scored[2] > scored[8]
     assert stored_bytes(new, table.layers) == plan.bytes <= budget
+    # the menu scored the depthwise conv on the very weights GPTQ rounds it to (alone, on the
+    # float model): quantizing only that layer with GPTQ gives them back
+    option = next(o for o in res.menu.options["depthwise"] if o.kind == "quant" and o.bits == 3)
+    alone = cetopt.quantize(model, {"depthwise": 3}, gptq=data)
     weight = model.depthwise.weight.detach().reshape(12, -1)
-    chosen = res.best.options["depthwise"]
-    if chosen.kind == "quant":  # the menu measured the weight GPTQ rounds, the one written back
-        assert option_matrix(chosen, weight).shape == weight.shape
+    written = alone.depthwise.weight.detach().reshape(12, -1).double()  # dequantized codes
+    assert torch.allclose(written, option_matrix(option, weight), atol=1e-6)
+    assert not torch.allclose(written, weight.double(), atol=1e-3)  # 3 bits do change it
+
+
+def _loss(model, data) -> float:
+    total = sum(len(x) for x, _ in data)
+    with torch.no_grad():
+        return float(sum(torch.nn.functional.cross_entropy(model(x), y) * len(x) / total for x, y in data))
 
 
 class _TinyLM(torch.nn.Module):
@@ -169,3 +183,10 @@ def test_token_id_inputs_reach_the_menu_and_the_joint_search():
     assert res.best.measured_loss <= res.candidate("bits").measured_loss
     with pytest.raises(UnsupportedLayerError, match="'embed'"):  # an embedding is not on a menu
         build_menu(model, tokens, layers=["embed", "head"], progress=False)
+
+
+def test_compress_joint_names_the_layers_no_menu_holds():
+    model = _TinyLM().eval()
+    tokens = torch.randint(0, 16, (8, 10))
+    with pytest.raises(JointMenuError, match=r"'embed'.*Embedding"):
+        cetopt.compress(model, [(tokens, tokens)], "4x", loss_fn="kl_to_float", joint=True, progress=False)
