@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.harness import SMALL_JOINT_MENU
+
 SR = 16000
 DURATION = 0.4
 EDGE = 3  # frames left out at each end of a tone
@@ -479,16 +481,8 @@ def _write_table(cache: Path | None, name: str, quick: bool, table) -> None:
         atomic_write_json(_table_path(cache, name, quick), table.to_dict())
 
 
-#: The joint menu's grids on FCPE (:func:`cetopt.lowrank.build_menu`): fewer ranks and
-#: densities than the defaults, so that the menu (built and scored once, shared by the budgets)
-#: fits a shared CPU.
-JOINT_MENU = {
-    "rank_fractions": (1 / 16, 1 / 8, 1 / 4),
-    "prune_densities": (0.1, 0.3, 0.5),
-    "ls_rank_fractions": (1 / 16, 1 / 8),
-    "ls_densities": (0.03, 0.1),
-    "iterations": 10,
-}
+#: The joint menu's grids on FCPE: the menu is built and scored once, shared by the budgets.
+JOINT_MENU = SMALL_JOINT_MENU
 
 
 def joint_rows(

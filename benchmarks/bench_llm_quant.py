@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import SMALL_JOINT_MENU
+
 WIDTHS = (4, 3)
 GROUPS = (None, 128, 64, 32)
 BITS = (2, 3, 4, 5, 6, 8)
@@ -192,15 +194,8 @@ def _checked(model, quantized, test, holdout, fp32_ppl: float, fp32_bytes: float
     return {**row, "holdout_kl": _mean_kl(model, quantized, holdout)}
 
 
-#: The joint menu's grids on the GPT (:func:`cetopt.lowrank.build_menu`): fewer ranks and
-#: densities than the defaults (the menu is scored on 192 windows).
-JOINT_MENU = {
-    "rank_fractions": (1 / 16, 1 / 8, 1 / 4),
-    "prune_densities": (0.1, 0.3, 0.5),
-    "ls_rank_fractions": (1 / 16, 1 / 8),
-    "ls_densities": (0.03, 0.1),
-    "iterations": 10,
-}
+#: The joint menu's grids on the GPT (the menu is scored on 192 windows).
+JOINT_MENU = SMALL_JOINT_MENU
 
 
 def run_joint(

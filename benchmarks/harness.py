@@ -16,6 +16,16 @@ from cetopt._io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+#: The joint menu's grids on real-size models (:func:`cetopt.lowrank.build_menu`): fewer ranks
+#: and densities than the defaults, so that one menu fits a shared CPU.
+SMALL_JOINT_MENU = {
+    "rank_fractions": (1 / 16, 1 / 8, 1 / 4),
+    "prune_densities": (0.1, 0.3, 0.5),
+    "ls_rank_fractions": (1 / 16, 1 / 8),
+    "ls_densities": (0.03, 0.1),
+    "iterations": 10,
+}
+
 _PACKAGES = ("numpy", "scipy", "torch", "highspy", "PuLP", "cvxpy", "networkx", "scikit-learn")
 
 
