@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import SMALL_JOINT_MENU
+from benchmarks.harness import SMALL_JOINT_MENU, forward_backward_seconds, peak_rss_mb
 
 SR = 16000
 DURATION = 0.4
@@ -526,6 +526,9 @@ def joint_rows(
         refine=refine,
         menu_options={k: list(v) if isinstance(v, tuple) else v for k, v in menu_options.items()},
     )
+    # the unit of the cost figures: one forward+backward pass over the same calibration data
+    reference = forward_backward_seconds(model, data, loss_fn)
+    out["forward_backward_seconds"] = reference
     menu = None
     for budget in budgets:
         t = time.process_time()
@@ -586,6 +589,10 @@ def joint_rows(
             "joint": time.process_time() - t,
             "joint_includes_menu": built_here,
         }
+        kinds = ("joint",) if "infeasible" in cell["bits_only_as_compress"] else ("bits_only", "joint")
+        passes = {k: cell["cpu_seconds"][k] / reference["cpu"] for k in kinds}
+        cell["cost_in_forward_backward_passes"] = passes
+        cell["peak_rss_mb"] = peak_rss_mb()
         out["budgets"][budget] = cell
         print(
             budget,

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import SMALL_JOINT_MENU
+from benchmarks.harness import SMALL_JOINT_MENU, forward_backward_seconds, peak_rss_mb
 
 WIDTHS = (4, 3)
 GROUPS = (None, 128, 64, 32)
@@ -211,6 +211,7 @@ def run_joint(
     """
     import cetopt
     from cetopt.lowrank import joint_compress
+    from cetopt.zoo.training import task_loss
 
     sizes = {**(QUICK if quick else FULL), "loss": LOSS}
     torch.set_num_threads(1)
@@ -220,7 +221,9 @@ def run_joint(
     fp32_ppl = _perplexity(model, *test)
     table, seconds, cached = _table(model, calib, scoring, layers, sizes, table_cache)
     data = calib + scoring
+    reference = forward_backward_seconds(model, data, task_loss)  # the unit of the cost figures
     out: dict = {
+        "forward_backward_seconds": reference,
         "loss": LOSS,
         "menu_data_windows": sum(len(x) for x, _ in data),
         "holdout": 0,
@@ -266,6 +269,8 @@ def run_joint(
             }
         cell["returned"] = _checked(model, q, test, holdout, fp32_ppl, fp32_bytes)
         cell["cpu_seconds"] = {"joint": time.process_time() - t, "joint_includes_menu": built_here}
+        cell["cost_in_forward_backward_passes"] = cell["cpu_seconds"]["joint"] / reference["cpu"]
+        cell["peak_rss_mb"] = peak_rss_mb()
         out["widths"][str(width)] = cell
         print(width, {k: round(v["perplexity"], 4) for k, v in cell["candidates"].items()}, flush=True)
         if checkpoint:

@@ -51,6 +51,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.harness import forward_backward_seconds
+
 BITS = (2, 3, 4, 5, 6, 8)
 FULL = {  # images, side, batch, subprocess timeout (s)
     "resnet18": (256, 224, 32, 10800),
@@ -117,16 +119,6 @@ def forward_seconds(model: nn.Module, batches: list) -> dict:
         for x, _ in batches:
             model(x)
     return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
-
-
-def forward_backward_seconds(model: nn.Module, batches: list) -> dict:
-    """Wall and CPU seconds of one forward+backward pass over ``batches``."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    for x, y in batches:
-        nn.functional.cross_entropy(model(x), y).backward()
-    seconds = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
-    model.zero_grad(set_to_none=True)
-    return seconds
 
 
 def _mean_reference(*passes: dict) -> dict:

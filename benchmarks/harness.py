@@ -64,6 +64,27 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def forward_backward_seconds(model, batches: list, loss_fn=None) -> dict:
+    """Wall and CPU seconds of one forward+backward pass over ``batches`` of ``(inputs, targets)``
+    (``loss_fn(outputs, targets)``, default cross-entropy): the unit model work is counted in."""
+    import torch
+
+    loss_fn = loss_fn or torch.nn.functional.cross_entropy
+    t0, c0 = time.perf_counter(), time.process_time()
+    for x, y in batches:
+        loss_fn(model(x), y).backward()
+    seconds = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (``ru_maxrss``), in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     """Run ``fn`` once; return its value and the wall-clock seconds it took."""
     t0 = time.perf_counter()

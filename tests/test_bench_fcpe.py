@@ -106,5 +106,8 @@ def test_joint_rows_run_the_joint_menu_on_every_layer_of_a_depthwise_model():
         assert cell["returned"]["rpa_drop_pp"] == pytest.approx(chosen["rpa_drop_pp"])
         assert cell["returned"]["quantized_weight_bytes"] <= fp32 / float(budget[:-1])
         assert "rpa_drop_pp" in joint
+    assert out["forward_backward_seconds"]["cpu"] > 0
+    assert out["budgets"]["5x"]["cost_in_forward_backward_passes"]["joint"] > 1
+    assert out["budgets"]["5x"]["peak_rss_mb"] > 0
     assert out["budgets"]["5x"]["cpu_seconds"]["joint_includes_menu"]
     assert not out["budgets"]["7x"]["cpu_seconds"]["joint_includes_menu"]
